@@ -1,0 +1,61 @@
+"""The short demo: a GluonCV net on the bundled digits, float vs simulated int8 / int4.
+
+Until the recipe trainer lands this is the README's main job: train a float
+cifar_resnet20_v1 briefly, convert it, calibrate on a few batches, and compare accuracies.
+"""
+import mxnet as mx
+
+from .benchmarks import format_table
+from .calibrate import calibrate
+from .config import QuantConfig
+from .convert import (convert_model, first_layer, freeze_bn, freeze_ranges,
+                      save_parameters)
+from .data import batches, digits
+from .train import evaluate, fit
+
+
+def build_float_net(model, seed):
+    from gluoncv.model_zoo import get_model
+    mx.random.seed(seed)
+    net = get_model(model, classes=10, pretrained=False)
+    net.initialize(mx.init.Xavier())
+    net.hybridize()
+    return net
+
+
+def run(model='cifar_resnet20_v1', size=16, epochs=6, calib_batches=8, seed=0,
+        bits=(8, 4), qat_epochs=2, out=print):
+    """Train float; then per bit width: post-training quantization (calibrate only) and
+    quantization-aware fine-tuning for ``qat_epochs``. Returns the table rows."""
+    (x_train, y_train), (x_test, y_test) = digits(size=size)
+    out(f"digits: {len(y_train)} train / {len(y_test)} test images, {size}x{size}")
+    net = build_float_net(model, seed)
+    fit(net, x_train, y_train, epochs, seed=seed, progress=out)
+    float_file = 'checkpoints/demo-float.params'
+    save_parameters(net, float_file)
+    rows = [('float32', f"{evaluate(net, x_test, y_test):.2f}")]
+    for b in bits:
+        qnet = build_float_net(model, seed)
+        qnet.load_parameters(float_file)
+        config = QuantConfig(weight_bits=b, input_bits=b)
+        # The first conv sees the raw image; it stays at 8 bits, as usual.
+        convert_model(qnet, config=config, layer_configs={first_layer(qnet): QuantConfig()})
+        calibrate(qnet, batches(x_train, y_train, 64, shuffle=True, seed=seed),
+                  method='ema', num_batches=calib_batches)
+        freeze_bn(qnet)
+        freeze_ranges(qnet)
+        rows.append((f"W{b}A{b} per-channel, PTQ (simulated)",
+                     f"{evaluate(qnet, x_test, y_test):.2f}"))
+        if qat_epochs:
+            freeze_bn(qnet, False)
+            freeze_ranges(qnet, False)
+            out(f"QAT fine-tuning at W{b}A{b}:")
+            fit(qnet, x_train, y_train, qat_epochs, seed=seed, progress=out,
+                optimizer_params={'learning_rate': 0.005, 'momentum': 0.9, 'wd': 1e-4})
+            freeze_bn(qnet)
+            freeze_ranges(qnet)
+            rows.append((f"W{b}A{b} per-channel, QAT {qat_epochs} epochs (simulated)",
+                         f"{evaluate(qnet, x_test, y_test):.2f}"))
+    table = format_table(rows, [f"{model} on digits", 'top-1 (%)'])
+    out(table)
+    return rows

@@ -1,0 +1,338 @@
+"""Fake-quantized blocks: Conv2D, Dense, and Conv2D+BatchNorm with fake batchnorm.
+
+Each block shares its Parameters with the float block(s) it replaces, keeps the float block's
+prefix (so parameter and op names do not change), computes exactly the float block's function
+while quantization is disabled, and returns to float with ``to_float()``.
+
+The quantized forward is written in ncnn's own form (contract §3.2): integer codes of the
+input and of the weights, a convolution of the codes (exact integers in float32), then one
+per-channel multiply by ``1 / (s_in * s_w)`` and the float bias.
+"""
+import logging
+import warnings
+
+import mxnet as mx
+import numpy as np
+from mxnet.gluon import HybridBlock, nn
+
+from . import ops, ranges
+from .config import QuantConfig
+
+log = logging.getLogger(__name__)
+
+# Mode flags, in the order they are saved in each block's ``qmode`` parameter.
+MODE_FLAGS = ('quantize', 'quantize_input', 'online', 'bn_frozen', 'ranges_frozen')
+DEFAULT_MODE = {'quantize': True, 'quantize_input': True, 'online': False,
+                'bn_frozen': False, 'ranges_frozen': False}
+
+# Mode and range parameters are deliberately absent from the float graph; Gluon's notice
+# about unused parameters is silenced for exactly these names and no others.
+warnings.filterwarnings(
+    'ignore', message=r'Parameter (\S+_(qmode|range_ema|range_ema_var)(, )?)+ is not used')
+
+
+class _Originals:
+    """Holds the replaced float blocks without registering them as children (which a list
+    attribute would invite Gluon to warn about)."""
+    __slots__ = ('blocks',)
+
+    def __init__(self, *blocks):
+        self.blocks = blocks
+
+
+def _share(block, param, attr):
+    """Register an existing Parameter of another block on ``block`` under ``attr``."""
+    block.params.update({param.name: param})
+    setattr(block, attr, param)
+
+
+class QuantBlock(HybridBlock):
+    """Base of the fake-quantized blocks: configuration, modes and the input range tracker.
+
+    Parameters added to the float block's: ``range_ema`` (2,) tracker state (see
+    ``qat.ranges``), ``range_ema_var`` (2,) unused BatchNorm companion, ``qmode`` (5,) the
+    mode flags (saved with the parameters; read back by ``qat.load_parameters``).
+    """
+
+    def __init__(self, float_block, config):
+        super().__init__(prefix=float_block.prefix, params=float_block.params)
+        if not isinstance(config, QuantConfig):
+            raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+        self.config = config
+        self._mode = dict(DEFAULT_MODE)
+        # Kept as plain attributes (not children) so the float block is not registered twice.
+        self._originals = _Originals(float_block)
+        self.weight = self.params.get('weight')
+        if float_block.bias is not None:
+            self.bias = self.params.get('bias')
+        self.range_ema = self.params.get('range_ema', shape=(2,), init='zeros',
+                                         grad_req='null', differentiable=False)
+        self.range_ema_var = self.params.get('range_ema_var', shape=(2,), init='ones',
+                                             grad_req='null', differentiable=False)
+        self.qmode = self.params.get('qmode', shape=(len(MODE_FLAGS),), grad_req='null',
+                                     differentiable=False,
+                                     init=mx.init.Constant(self._mode_vector()))
+        if float_block.act is not None:
+            self.act = float_block.act
+
+    # ----- modes -------------------------------------------------------------------------
+    @property
+    def mode(self):
+        """The current mode flags (a copy)."""
+        return dict(self._mode)
+
+    def _mode_vector(self):
+        return np.array([float(self._mode[name]) for name in MODE_FLAGS], np.float32)
+
+    def set_mode(self, **flags):
+        """Change mode flags; the graph is rebuilt on the next call."""
+        unknown = set(flags) - set(MODE_FLAGS)
+        if unknown:
+            raise ValueError(f"unknown mode flag(s) {sorted(unknown)}; valid: {MODE_FLAGS}")
+        self._mode.update({k: bool(v) for k, v in flags.items()})
+        self.qmode.init = mx.init.Constant(self._mode_vector())
+        if self.qmode._data is not None:
+            self.qmode.set_data(mx.nd.array(self._mode_vector()))
+        self._clear_cached_op()
+
+    def load_mode(self):
+        """Take the mode flags from the (loaded) ``qmode`` parameter."""
+        values = self.qmode.data().asnumpy()
+        self._mode = {name: bool(values[i] > 0.5) for i, name in enumerate(MODE_FLAGS)}
+        self._clear_cached_op()
+
+    # ----- ranges ------------------------------------------------------------------------
+    def input_threshold(self):
+        """Tracked input range (float) or None when it was never set."""
+        m_x, m_1 = self.range_ema.data().asnumpy()
+        return float(m_x / m_1) if m_1 > 0 else None
+
+    def set_input_threshold(self, threshold):
+        """Set the tracked input range (as calibration does)."""
+        self.range_ema.set_data(mx.nd.array([threshold, 1.0]))
+
+    def _quantized_input(self, F, x, range_ema, range_ema_var):
+        """(codes of x, s_in) when input quantization is on, else (x, None)."""
+        if not self._mode['quantize_input']:
+            return x, None
+        cfg = self.config
+        tracking = not self._mode['ranges_frozen']
+        online = self._mode['online']
+        batch = ops.batch_threshold(F, x, cfg.input_signed) if tracking or online else None
+        if online:
+            threshold = batch
+        else:
+            fallback = batch if batch is not None else F.zeros_like(range_ema)
+            threshold = ranges.ema_value(F, range_ema, F.slice_axis(fallback, 0, 0, 1))
+        if tracking and cfg.range_tracker == 'ema':
+            threshold = threshold + ranges.ema_update(F, batch, range_ema, range_ema_var,
+                                                      cfg.range_momentum)
+        s_in = ops.scale_from_threshold(F, threshold, cfg.input_bits, cfg.input_signed)
+        return ops.quantize_activation(F, x, s_in, cfg.input_bits, cfg.input_signed), s_in
+
+    def _quantized_weight(self, F, weight, channels, groups):
+        """(codes of the weight, per-output-channel scale (O,))."""
+        cfg = self.config
+        threshold = ops.weight_threshold(F, weight, channels, groups, cfg.weight_granularity)
+        s_w = ops.scale_from_threshold(F, threshold, cfg.weight_bits)
+        shape = (-1,) + (1,) * (3 if self._weight_ndim == 4 else 1)
+        return ops.quantize(F, weight, F.reshape(s_w, shape), cfg.weight_bits), s_w
+
+    @staticmethod
+    def output_multiplier(F, s_in, s_w):
+        """ncnn's per-channel dequantization ``1 / (s_in * s_w)`` (float32)."""
+        return 1.0 / F.broadcast_mul(s_in, s_w)
+
+    def _apply_act(self, out):
+        return self.act(out) if getattr(self, 'act', None) is not None else out
+
+    # ----- back to float -----------------------------------------------------------------
+    def to_float(self):
+        """The float block(s) this block replaced, sharing the (trained) parameters."""
+        blocks = self._originals.blocks
+        if len(blocks) == 1:
+            return blocks[0]
+        seq = nn.HybridSequential(prefix='')
+        seq.add(*blocks)
+        return seq
+
+    def __repr__(self):
+        flags = ', '.join(name for name in MODE_FLAGS if self._mode[name])
+        return (f"{type(self).__name__}({self.name}, w{self.config.weight_bits}"
+                f"a{self.config.input_bits}, {self.config.weight_granularity}; {flags})")
+
+
+class QConv2D(QuantBlock):
+    """Fake-quantized ``nn.Conv2D`` (NCHW)."""
+    _weight_ndim = 4
+
+    def __init__(self, conv, config):
+        if not isinstance(conv, nn.Conv2D) or conv._kwargs.get('layout', 'NCHW') != 'NCHW':
+            raise TypeError(f"{conv.name}: QConv2D needs an NCHW nn.Conv2D, "
+                            f"got {type(conv).__name__}")
+        super().__init__(conv, config)
+        self._conv_kwargs = dict(conv._kwargs)
+        self._channels = conv._channels
+
+    @classmethod
+    def from_float(cls, block, config):
+        return cls(block, config)
+
+    @property
+    def groups(self):
+        return self._conv_kwargs['num_group']
+
+    def _conv(self, F, x, weight, bias=None):
+        kwargs = dict(self._conv_kwargs, no_bias=bias is None)
+        if bias is None:
+            return F.Convolution(x, weight, name='fwd', **kwargs)
+        return F.Convolution(x, weight, bias, name='fwd', **kwargs)
+
+    def _quantized_conv(self, F, x, weight, bias, range_ema, range_ema_var,
+                        extra_multiplier=None):
+        """``(conv(x_q, w_q) * (1 / (s_in * s_w)) * extra_multiplier + bias``; with input
+        quantization off, ``conv(x, w_q / s_w)`` instead."""
+        w_q, s_w = self._quantized_weight(F, weight, self._channels, self.groups)
+        x_q, s_in = self._quantized_input(F, x, range_ema, range_ema_var)
+        if s_in is None and extra_multiplier is None:
+            return self._conv(F, x, F.broadcast_div(w_q, F.reshape(s_w, (-1, 1, 1, 1))), bias)
+        if s_in is None:
+            multiplier = 1.0 / s_w
+            out = self._conv(F, x, w_q)
+        else:
+            multiplier = self.output_multiplier(F, s_in, s_w)
+            out = self._conv(F, x_q, w_q)
+        if extra_multiplier is not None:
+            multiplier = multiplier * extra_multiplier
+        return self._scale_channels(F, out, multiplier, bias)
+
+    def _scale_channels(self, F, out, multiplier, bias):
+        """``out * multiplier[c] + bias[c]`` as a 1x1 depthwise convolution: one float32
+        multiply (and add) per element, the cheapest per-channel op of MXNet on CPU
+        (broadcast arithmetic costs several times more)."""
+        channels = self._channels
+        kwargs = dict(kernel=(1, 1), num_filter=channels, num_group=channels,
+                      no_bias=bias is None, name='dequantize')
+        weight = F.reshape(multiplier, (-1, 1, 1, 1))
+        if bias is None:
+            return F.Convolution(out, weight, **kwargs)
+        return F.Convolution(out, weight, bias, **kwargs)
+
+    def hybrid_forward(self, F, x, weight, bias=None, range_ema=None, range_ema_var=None,
+                       qmode=None):
+        if not self._mode['quantize']:
+            return self._apply_act(self._conv(F, x, weight, bias))
+        out = self._quantized_conv(F, x, weight, bias, range_ema, range_ema_var)
+        return self._apply_act(out)
+
+
+class QConv2DBatchNorm(QConv2D):
+    """Fake-quantized ``Conv2D`` followed by its ``BatchNorm``, with fake batchnorm.
+
+    Training (BN not frozen), after Jacob et al. 2018 / Krishnamoorthi 2018: the weights are
+    folded with the *running* statistics, ``w' = w * gamma / sqrt(var_r + eps)``, and
+    quantized; the conv of the quantized folded weights is divided back by the fold factor and
+    passed through the real BatchNorm op, which normalizes with the batch statistics and keeps
+    the running ones up to date. The output is ``conv(x, Q(w')) * sigma_r / sigma_B + ...``,
+    the batch-statistics correction, with no extra convolution.
+    After ``freeze_bn``: ``conv(x, Q(w')) + b'`` with running statistics, which is exactly what
+    the deployed, BN-fused layer computes.
+    """
+
+    def __init__(self, conv, bn, config):
+        if conv.act is not None:
+            raise TypeError(f"{conv.name}: a conv with a built-in activation cannot absorb "
+                            f"{bn.name}")
+        super().__init__(conv, config)
+        self._originals = _Originals(conv, bn)
+        self._bn_kwargs = dict(bn._kwargs)
+        if self._bn_kwargs.get('axis', 1) != 1:
+            raise TypeError(f"{bn.name}: fake batchnorm needs BatchNorm(axis=1)")
+        for attr in ('gamma', 'beta', 'running_mean', 'running_var'):
+            _share(self, getattr(bn, attr), attr)
+
+    @classmethod
+    def from_float(cls, conv, bn, config):
+        return cls(conv, bn, config)
+
+    def _batchnorm(self, F, x, gamma, beta, running_mean, running_var):
+        with self._originals.blocks[1].name_scope():
+            return F.BatchNorm(x, gamma, beta, running_mean, running_var, name='fwd',
+                               **self._bn_kwargs)
+
+    def folded_weight_bias(self, F, weight, bias, gamma, beta, running_mean, running_var):
+        """The conv with this BN folded in (running statistics): (w', b')."""
+        return ops.fold_bn(F, weight, bias, gamma, beta, running_mean, running_var,
+                           self._bn_kwargs['eps'], self._bn_kwargs['fix_gamma'])
+
+    def hybrid_forward(self, F, x, weight, bias=None, gamma=None, beta=None,
+                       running_mean=None, running_var=None, range_ema=None,
+                       range_ema_var=None, qmode=None):
+        bn_params = (gamma, beta, running_mean, running_var)
+        if not self._mode['quantize']:
+            return self._batchnorm(F, self._conv(F, x, weight, bias), *bn_params)
+        folded_weight, folded_bias = self.folded_weight_bias(F, weight, bias, *bn_params)
+        if self._mode['bn_frozen']:
+            return self._quantized_conv(F, x, folded_weight, folded_bias, range_ema,
+                                        range_ema_var)
+        factor = ops.bn_factor(F, gamma, running_var, self._bn_kwargs['eps'],
+                               self._bn_kwargs['fix_gamma'])
+        # A zero gamma gives zero folded weights and output beta; avoid 0/0 there.
+        safe_factor = F.where(factor == 0, F.ones_like(factor), factor)
+        unfolded = self._quantized_conv(F, x, folded_weight, bias, range_ema, range_ema_var,
+                                        extra_multiplier=1.0 / safe_factor)
+        return self._batchnorm(F, unfolded, *bn_params)
+
+
+class QDense(QuantBlock):
+    """Fake-quantized ``nn.Dense`` (any ``flatten``); one weight scale per output unit."""
+    _weight_ndim = 2
+
+    def __init__(self, dense, config):
+        if not isinstance(dense, nn.Dense):
+            raise TypeError(f"{dense.name}: QDense needs an nn.Dense, got {type(dense).__name__}")
+        super().__init__(dense, config)
+        self._units = dense._units
+        self._flatten = dense._flatten
+
+    @classmethod
+    def from_float(cls, block, config):
+        return cls(block, config)
+
+    groups = 1
+
+    def _fc(self, F, x, weight, bias=None):
+        return F.FullyConnected(x, weight, bias, no_bias=bias is None, num_hidden=self._units,
+                                flatten=self._flatten, name='fwd')
+
+    def hybrid_forward(self, F, x, weight, bias=None, range_ema=None, range_ema_var=None,
+                       qmode=None):
+        if not self._mode['quantize']:
+            return self._apply_act(self._fc(F, x, weight, bias))
+        w_q, s_w = self._quantized_weight(F, weight, self._units, 1)
+        x_q, s_in = self._quantized_input(F, x, range_ema, range_ema_var)
+        if s_in is None:
+            multiplier, out = 1.0 / s_w, self._fc(F, x, w_q)
+        else:
+            multiplier, out = self.output_multiplier(F, s_in, s_w), self._fc(F, x_q, w_q)
+        flat = F.reshape(out, (-1, self._units))
+        flat = F.broadcast_mul(flat, F.reshape(multiplier, (1, -1)))
+        if bias is not None:
+            flat = F.broadcast_add(flat, F.reshape(bias, (1, -1)))
+        out = flat if self._flatten else F.reshape_like(flat, out)
+        return self._apply_act(out)
+
+
+class FoldedBatchNorm(HybridBlock):
+    """Stands where a BatchNorm was after it moved into the preceding conv: identity."""
+
+    def __init__(self, bn, into):
+        super().__init__(prefix=bn.prefix + 'folded_')
+        self._originals = _Originals(bn)
+        self._into = into.name
+
+    def hybrid_forward(self, F, x):
+        return x
+
+    def __repr__(self):
+        return f"FoldedBatchNorm(into {self._into})"

@@ -1,0 +1,112 @@
+"""The quantization formulas, each written once as a pure function.
+
+Every function takes the array namespace ``F`` first (``mx.nd`` or ``mx.sym``), so the same
+code runs imperatively and inside a hybridized graph. ``qat.reference`` is the numpy oracle of
+the same math; tests hold the two against each other.
+
+Conventions (ncnn's, see the ncnn int8 contract §3):
+  * a range is a threshold ``T > 0``; the scale is the multiplier ``s = qmax / T``;
+  * codes are ``q = saturate(round_half_away_from_zero(float32(x * s)))``;
+  * signed codes lie in ``[-qmax, qmax]`` with ``qmax = 2^(bits-1) - 1`` (-128 is never used).
+"""
+
+# Ranges are clamped into [MIN_THRESHOLD, MAX_THRESHOLD] so that a zero, tiny, huge or NaN
+# range still gives a finite, non-zero scale (and products of two scales stay finite).
+MIN_THRESHOLD = 1e-12
+MAX_THRESHOLD = 1e12
+
+
+def qrange(bits, signed=True):
+    """(lowest, highest) integer code for ``bits``: signed (-(2^(b-1)-1), 2^(b-1)-1), or
+    unsigned (0, 2^b - 1)."""
+    if signed:
+        high = 2 ** (bits - 1) - 1
+        return -high, high
+    return 0, 2 ** bits - 1
+
+
+def safe_threshold(F, threshold):
+    """``threshold`` with NaN replaced by MIN_THRESHOLD and clamped into
+    [MIN_THRESHOLD, MAX_THRESHOLD]; same shape."""
+    not_nan = threshold == threshold
+    threshold = F.where(not_nan, threshold, F.ones_like(threshold) * MIN_THRESHOLD)
+    return F.clip(threshold, MIN_THRESHOLD, MAX_THRESHOLD)
+
+
+def scale_from_threshold(F, threshold, bits, signed=True):
+    """Multiplier ``s = qmax / T`` (float32) for a range ``T`` of any shape; no gradient."""
+    _, high = qrange(bits, signed)
+    return F.BlockGrad(high / safe_threshold(F, threshold))
+
+
+def round_half_away(F, v):
+    """ncnn's float2int8 rounding (x86 SIMD form): ``trunc(v + copysign(0.5, v))`` in float32.
+    Ties go away from zero (0.5 -> 1, 2.5 -> 3, -2.5 -> -3). No gradient."""
+    return F.trunc(v + 0.5 * F.sign(v))
+
+
+def quantize(F, x, scale, bits, signed=True):
+    """Integer codes of ``x`` (as float32), exactly ncnn's rule, identity gradient.
+
+    ``q = clip(round_half_away(x * scale), lo, hi)``; ``scale`` broadcasts against ``x``.
+    The gradient is ``scale`` everywhere (straight through, no clipping mask): used for
+    weights, whose range is their own max, so nothing is clipped by more than rounding.
+    The forward value is exactly the integer code: ``y + (q - y)`` is exact in float32
+    because |q - y| <= 0.5 and |y| <= 2^8.
+    """
+    low, high = qrange(bits, signed)
+    y = F.broadcast_mul(x, scale)
+    return y + F.BlockGrad(F.clip(round_half_away(F, y), low, high) - y)
+
+
+def quantize_activation(F, x, scale, bits, signed=True):
+    """Integer codes of an activation ``x`` (any shape) for a scalar ``scale`` of shape (1,).
+
+    ``q = clip(round(x * scale), lo, hi)`` with MXNet's fused ``round_ste`` (half away from
+    zero, identity gradient); gradient ``scale`` inside [lo, hi] and 0 outside (a clipped
+    input cannot move its code). Built from MXNet's fastest CPU ops (no broadcast arithmetic,
+    which costs several times an elementwise op in MXNet 1.9). ``round`` equals ncnn's
+    ``float2int8`` on every float32 except +-0.49999997 (the float just below 0.5), which
+    ncnn's SIMD path sends to +-1 and ``round`` to 0.
+    """
+    low, high = qrange(bits, signed)
+    full_scale = F.broadcast_like(F.reshape(scale, (1, 1)), F.reshape(x, (1, -1)))
+    y = F.contrib.round_ste(F.elemwise_mul(F.reshape(x, (1, -1)), full_scale))
+    return F.reshape_like(F.maximum(F.minimum(y, float(high)), float(low)), x)
+
+
+def batch_threshold(F, x, signed=True):
+    """Per-batch range of ``x``: max |x| (signed) or max x (unsigned), shape (1,), no gradient."""
+    reduced = F.max(F.abs(x)) if signed else F.max(x)
+    return F.BlockGrad(F.reshape(reduced, (1,)))
+
+
+def weight_threshold(F, weight, channels, groups, granularity):
+    """Range of a weight (O, ...) expanded to one value per output channel, shape (O,).
+
+    'channel': max |w| per output channel when ``groups == 1``, per group otherwise (ncnn
+    keeps one scale per group in ConvolutionDepthWise); 'tensor': one max for all."""
+    magnitude = F.abs(F.BlockGrad(weight))
+    if granularity == 'tensor':
+        return F.broadcast_to(F.reshape(F.max(magnitude), (1,)), (channels,))
+    if groups == 1:
+        return F.max(F.reshape(magnitude, (0, -1)), axis=1)
+    per_group = F.max(F.reshape(magnitude, (groups, -1)), axis=1)
+    return F.repeat(per_group, repeats=channels // groups)
+
+
+def bn_factor(F, gamma, var, eps, fix_gamma=False):
+    """Per-channel BN multiplier ``gamma / sqrt(var + eps)`` (gamma taken as 1 if fixed)."""
+    inv_std = F.rsqrt(var + eps)
+    return inv_std if fix_gamma else gamma * inv_std
+
+
+def fold_bn(F, weight, bias, gamma, beta, mean, var, eps, fix_gamma=False):
+    """Fold ``BN(conv(x, w) + b)`` (running statistics) into one conv, with the BN's own eps.
+
+    ``w' = w * f`` per output channel, ``b' = beta + (b - mean) * f``, ``f = gamma/sqrt(var+eps)``.
+    ``weight`` is (O, I/g, kh, kw); ``bias`` may be None. Returns (w', b')."""
+    factor = bn_factor(F, gamma, var, eps, fix_gamma)
+    folded_weight = F.broadcast_mul(weight, F.reshape(factor, (-1, 1, 1, 1)))
+    centered = -mean if bias is None else bias - mean
+    return folded_weight, beta + centered * factor

@@ -1,0 +1,30 @@
+"""Range trackers: a bias-corrected EMA of the per-batch range, kept inside the graph.
+
+The state of one tracker is a pair ``ema = [m_x, m_1]``: the EMA of the batch ranges and the
+EMA of a constant 1, both started at 0. ``m_1 = 1 - momentum^n`` after n updates, so
+``m_x / m_1`` is the bias-corrected average (Adam-style warm-up: the first value is the first
+batch range, never 0), and ``m_1 == 0`` means "never updated".
+
+The update runs in the training graph with no host synchronisation: MXNet's own BatchNorm op
+keeps running means as auxiliary states and updates them in training mode only; fed the
+(1, 2) tensor ``[batch_range, 1]`` it performs exactly ``ema <- momentum*ema + (1-momentum)*v``.
+A second auxiliary array (the running variance BatchNorm insists on) is carried unused.
+"""
+
+
+def ema_update(F, batch_range, ema, ema_var, momentum):
+    """Push ``batch_range`` (shape (1,)) into the tracker in training mode (nothing in
+    inference). Returns a (1,) zero that must be added to something the output depends on,
+    so that the update is kept in the graph."""
+    stats = F.reshape(F.concat(batch_range, F.ones_like(batch_range), dim=0), (1, 2))
+    normalized = F.BatchNorm(stats, F.ones_like(ema), F.zeros_like(ema), ema, ema_var,
+                             momentum=momentum, fix_gamma=True, eps=1e-5, axis=1)
+    return F.BlockGrad(F.reshape(F.sum(normalized), (1,)) * 0)
+
+
+def ema_value(F, ema, fallback):
+    """Bias-corrected tracked range ``m_x / m_1``, or ``fallback`` (1,) if never updated."""
+    m_x = F.slice_axis(ema, axis=0, begin=0, end=1)
+    m_1 = F.slice_axis(ema, axis=0, begin=1, end=2)
+    updated = m_1 > 0
+    return F.where(updated, m_x / F.where(updated, m_1, F.ones_like(m_1)), fallback)
