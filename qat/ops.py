@@ -9,6 +9,7 @@ Conventions (ncnn's, see the ncnn int8 contract §3):
   * codes are ``q = saturate(round_half_away_from_zero(float32(x * s)))``;
   * signed codes lie in ``[-qmax, qmax]`` with ``qmax = 2^(bits-1) - 1`` (-128 is never used).
 """
+from . import native
 
 # Ranges are clamped into [MIN_THRESHOLD, MAX_THRESHOLD] so that a zero, tiny, huge or NaN
 # range still gives a finite, non-zero scale (and products of two scales stay finite).
@@ -62,21 +63,21 @@ def quantize(F, x, scale, bits, signed=True):
 def quantize_activation(F, x, scale, bits, signed=True):
     """Integer codes of an activation ``x`` (any shape) for a scalar ``scale`` of shape (1,).
 
-    ``q = clip(round(x * scale), lo, hi)`` with MXNet's fused ``round_ste`` (half away from
-    zero, identity gradient); gradient ``scale`` inside [lo, hi] and 0 outside (a clipped
-    input cannot move its code). Built from MXNet's fastest CPU ops (no broadcast arithmetic,
-    which costs several times an elementwise op in MXNet 1.9). ``round`` equals ncnn's
-    ``float2int8`` on every float32 except +-0.49999997 (the float just below 0.5), which
-    ncnn's SIMD path sends to +-1 and ``round`` to 0.
+    The same codes as ``quantize``, but the gradient is ``scale`` inside [lo, hi] and 0 outside
+    (a clipped input cannot move its code). Runs as one fused operator (``qat.native``) when
+    it could be compiled, else as the equivalent MXNet ops.
     """
     low, high = qrange(bits, signed)
-    full_scale = F.broadcast_like(F.reshape(scale, (1, 1)), F.reshape(x, (1, -1)))
-    y = F.contrib.round_ste(F.elemwise_mul(F.reshape(x, (1, -1)), full_scale))
-    return F.reshape_like(F.maximum(F.minimum(y, float(high)), float(low)), x)
+    if native.available():
+        return F.qat_quantize_act(x, scale, low=low, high=high)
+    y = F.clip(F.broadcast_mul(x, scale), low, high)
+    return y + F.BlockGrad(round_half_away(F, y) - y)
 
 
 def batch_threshold(F, x, signed=True):
     """Per-batch range of ``x``: max |x| (signed) or max x (unsigned), shape (1,), no gradient."""
+    if signed and native.available():
+        return F.BlockGrad(F.qat_absmax(x))
     reduced = F.max(F.abs(x)) if signed else F.max(x)
     return F.BlockGrad(F.reshape(reduced, (1,)))
 

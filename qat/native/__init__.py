@@ -1,0 +1,69 @@
+"""Fused activation operators, compiled on first use against the installed MXNet.
+
+``fakequant.cc`` implements, in one pass each way, what ``qat.ops.quantize_activation`` would
+otherwise build from six elementwise MXNet ops (MXNet 1.9 has no operator fusion on CPU).
+It is compiled with the C++ compiler found as ``$CXX`` (default ``g++``) into a cache folder
+(``$QAT_CACHE_DIR``, default ``~/.cache/gluon-qat``) keyed by a hash of the source and the MXNet
+version, then loaded with ``mx.library.load``. Without a compiler everything still works, on
+the slower pure-MXNet path, after one warning. ``QAT_NATIVE=0`` forces that path.
+"""
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+
+import mxnet as mx
+
+log = logging.getLogger(__name__)
+SOURCE = os.path.join(os.path.dirname(__file__), 'fakequant.cc')
+_state = {}
+
+
+def _library_path():
+    with open(SOURCE, 'rb') as handle:
+        digest = hashlib.sha256(handle.read() + mx.__version__.encode()).hexdigest()[:16]
+    cache = os.environ.get('QAT_CACHE_DIR') or os.path.join(
+        os.path.expanduser('~'), '.cache', 'gluon-qat')
+    return os.path.join(cache, f'libqat-{digest}.so')
+
+
+def _compile(target):
+    mxnet_dir = os.path.dirname(mx.__file__)
+    compiler = os.environ.get('CXX', 'g++')
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler ({compiler!r}) on PATH")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=os.path.dirname(target), suffix='.so')
+    os.close(handle)
+    try:
+        subprocess.run([compiler, '-shared', '-fPIC', '-std=c++17', '-O3', '-fopenmp', SOURCE,
+                        os.path.join(mxnet_dir, 'src', 'lib_api.cc'),
+                        '-I', os.path.join(mxnet_dir, 'include'), '-o', tmp],
+                       check=True, capture_output=True, text=True)
+        os.replace(tmp, target)
+    except subprocess.CalledProcessError as err:
+        raise RuntimeError(f"{compiler} failed on {SOURCE}:\n{err.stderr[-2000:]}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def available():
+    """True when the fused operators are loaded (compiling them once if needed)."""
+    if 'ok' not in _state:
+        _state['ok'] = False
+        if os.environ.get('QAT_NATIVE', '1') == '0':
+            return False
+        try:
+            path = _library_path()
+            if not os.path.exists(path):
+                log.info("compiling the fused quantization operators into %s", path)
+                _compile(path)
+            mx.library.load(path, False)
+            _state['ok'] = True
+        except Exception as err:  # any failure leaves the slower, equivalent MXNet path
+            log.warning("fused quantization operators unavailable (%s); using plain MXNet "
+                        "ops (same results, slower training)", err)
+    return _state['ok']

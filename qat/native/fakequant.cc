@@ -1,0 +1,126 @@
+// Fused operators for the activation path of gluon-qat (MXNet custom-operator library).
+//
+//   qat_quantize_act(x, scale; low, high) -> codes
+//       codes = clamp(trunc(x*scale + copysign(0.5, x*scale)), low, high)   (ncnn float2int8)
+//       d codes / d x = scale where low <= x*scale <= high, else 0   (straight-through)
+//   qat_absmax(x) -> (1,) max |x|                                     (no gradient)
+//
+// One pass over the tensor each way instead of the six elementwise MXNet ops they replace.
+#include <cmath>
+#include <cstdlib>
+#include <string>
+#include "mxnet/lib_api.h"
+
+using namespace mxnet::ext;
+
+static float attr_float(const std::unordered_map<std::string, std::string>& attrs,
+                        const char* key) {
+  auto it = attrs.find(key);
+  return it == attrs.end() ? 0.f : std::strtof(it->second.c_str(), nullptr);
+}
+
+static MXReturnValue quantize_forward(const std::unordered_map<std::string, std::string>& attrs,
+                                      std::vector<MXTensor>* inputs,
+                                      std::vector<MXTensor>* outputs, const OpResource& res) {
+  const float* x = inputs->at(0).data<float>();
+  const float scale = inputs->at(1).data<float>()[0];
+  float* q = outputs->at(0).data<float>();
+  const float low = attr_float(attrs, "low"), high = attr_float(attrs, "high");
+  const int64_t n = inputs->at(0).size();
+#pragma omp parallel for
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i] * scale;
+    float r = std::trunc(v + std::copysign(0.5f, v));
+    q[i] = r < low ? low : (r > high ? high : r);
+  }
+  return MX_SUCCESS;
+}
+
+// inputs: out_grad, x, scale, codes ; outputs: grad_x, grad_scale
+static MXReturnValue quantize_backward(const std::unordered_map<std::string, std::string>& attrs,
+                                       std::vector<MXTensor>* inputs,
+                                       std::vector<MXTensor>* outputs, const OpResource& res) {
+  const float* grad = inputs->at(0).data<float>();
+  const float* x = inputs->at(1).data<float>();
+  const float scale = inputs->at(2).data<float>()[0];
+  float* grad_x = outputs->at(0).data<float>();
+  const float low = attr_float(attrs, "low"), high = attr_float(attrs, "high");
+  const int64_t n = inputs->at(1).size();
+#pragma omp parallel for
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i] * scale;
+    grad_x[i] = (v >= low && v <= high) ? grad[i] * scale : 0.f;
+  }
+  outputs->at(1).data<float>()[0] = 0.f;
+  return MX_SUCCESS;
+}
+
+static MXReturnValue quantize_attrs(const std::unordered_map<std::string, std::string>& attrs,
+                                    int* num_in, int* num_out) {
+  *num_in = 2;
+  *num_out = 1;
+  return MX_SUCCESS;
+}
+
+static MXReturnValue float_types(const std::unordered_map<std::string, std::string>& attrs,
+                                 std::vector<int>* in_types, std::vector<int>* out_types) {
+  for (int t : *in_types)
+    if (t != kFloat32) return MX_FAIL;
+  for (auto& t : *out_types) t = kFloat32;
+  return MX_SUCCESS;
+}
+
+static MXReturnValue quantize_shape(const std::unordered_map<std::string, std::string>& attrs,
+                                    std::vector<std::vector<unsigned int>>* in_shapes,
+                                    std::vector<std::vector<unsigned int>>* out_shapes) {
+  out_shapes->at(0) = in_shapes->at(0);
+  return MX_SUCCESS;
+}
+
+REGISTER_OP(qat_quantize_act)
+.setParseAttrs(quantize_attrs)
+.setInferType(float_types)
+.setInferShape(quantize_shape)
+.setForward(quantize_forward, "cpu")
+.setBackward(quantize_backward, "cpu");
+
+static MXReturnValue absmax_forward(const std::unordered_map<std::string, std::string>& attrs,
+                                    std::vector<MXTensor>* inputs,
+                                    std::vector<MXTensor>* outputs, const OpResource& res) {
+  const float* x = inputs->at(0).data<float>();
+  const int64_t n = inputs->at(0).size();
+  float m = 0.f;
+  bool nan = false;
+#pragma omp parallel for reduction(max : m) reduction(|| : nan)
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = std::fabs(x[i]);
+    nan = nan || (a != a);
+    m = a > m ? a : m;
+  }
+  outputs->at(0).data<float>()[0] = nan ? NAN : m;
+  return MX_SUCCESS;
+}
+
+static MXReturnValue absmax_attrs(const std::unordered_map<std::string, std::string>& attrs,
+                                  int* num_in, int* num_out) {
+  *num_in = 1;
+  *num_out = 1;
+  return MX_SUCCESS;
+}
+
+static MXReturnValue absmax_shape(const std::unordered_map<std::string, std::string>& attrs,
+                                  std::vector<std::vector<unsigned int>>* in_shapes,
+                                  std::vector<std::vector<unsigned int>>* out_shapes) {
+  out_shapes->at(0) = std::vector<unsigned int>{1};
+  return MX_SUCCESS;
+}
+
+REGISTER_OP(qat_absmax)
+.setParseAttrs(absmax_attrs)
+.setInferType(float_types)
+.setInferShape(absmax_shape)
+.setForward(absmax_forward, "cpu");
+
+MXReturnValue initialize(int version) {
+  return version >= 10900 ? MX_SUCCESS : MX_FAIL;
+}
