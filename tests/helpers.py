@@ -1,0 +1,79 @@
+"""Shared helpers of the test suite: independent float64 arithmetic and small networks.
+
+Nothing here uses ``qat``'s own formulas: these are the independent side of the comparisons.
+"""
+import mxnet as mx
+import numpy as np
+from mxnet.gluon import nn
+
+F32_EPS = float(np.finfo(np.float32).eps)  # 2^-23, the float32 unit roundoff times 2
+
+
+def naive_conv2d_f64(x, w, bias=None, stride=(1, 1), pad=(0, 0), dilate=(1, 1), groups=1):
+    """Direct-definition convolution in float64, NCHW x OIHW, with explicit loops over the
+    output positions and the groups (independent of reference.conv2d_int's einsum form)."""
+    x = np.asarray(x, np.float64)
+    w = np.asarray(w, np.float64)
+    n, c, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    assert c == cg * groups and o % groups == 0
+    (sh, sw), (ph, pw), (dh, dw) = stride, pad, dilate
+    xp = np.zeros((n, c, h + 2 * ph, wd + 2 * pw))
+    xp[:, :, ph:ph + h, pw:pw + wd] = x
+    out_h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    out_w = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    og = o // groups
+    out = np.zeros((n, o, out_h, out_w))
+    for oc in range(o):
+        g = oc // og
+        for r in range(out_h):
+            for s in range(out_w):
+                window = xp[:, g * cg:(g + 1) * cg,
+                            r * sh:r * sh + dh * (kh - 1) + 1:dh,
+                            s * sw:s * sw + dw * (kw - 1) + 1:dw]
+                out[:, oc, r, s] = (window * w[oc]).sum(axis=(1, 2, 3))
+    if bias is not None:
+        out += np.asarray(bias, np.float64).reshape(1, -1, 1, 1)
+    return out
+
+
+def params_numpy(net):
+    """{structural name: numpy copy} of every parameter of ``net``."""
+    return {name: p.data().asnumpy().copy()
+            for name, p in net._collect_params_with_prefix().items()}
+
+
+def small_net(seed=0, prefix='small_', conv_bias=True):
+    """conv -> BN -> relu -> GAP -> Dense, initialized from ``seed`` with non-trivial BN
+    parameters and statistics (so BN folding is not an identity)."""
+    mx.random.seed(seed)
+    net = nn.HybridSequential(prefix=prefix)
+    with net.name_scope():
+        net.add(nn.Conv2D(8, 3, padding=1, in_channels=3, use_bias=conv_bias),
+                nn.BatchNorm(in_channels=8),
+                nn.Activation('relu'),
+                nn.GlobalAvgPool2D(),
+                nn.Dense(5, in_units=8))
+    net.initialize(mx.init.Xavier())
+    randomize_bn(net, np.random.RandomState(seed))
+    return net
+
+
+def randomize_bn(net, rs):
+    """Give every BatchNorm of ``net`` random gamma, beta and running statistics."""
+    for name, p in sorted(net.collect_params().items()):
+        if name.endswith(('running_mean', 'beta')):
+            p.set_data(mx.nd.array(rs.uniform(-0.5, 0.5, p.shape)))
+        elif name.endswith(('running_var', 'gamma')):
+            p.set_data(mx.nd.array(rs.uniform(0.5, 1.5, p.shape)))
+
+
+def sgd_step(net, trainer, x, labels, loss_fn=None):
+    """One training step (forward under autograd, backward, SGD update); returns the output."""
+    loss_fn = loss_fn or mx.gluon.loss.SoftmaxCrossEntropyLoss()
+    with mx.autograd.record():
+        out = net(x)
+        loss = loss_fn(out, labels)
+    loss.backward()
+    trainer.step(x.shape[0])
+    return out.asnumpy()
