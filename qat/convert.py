@@ -134,7 +134,11 @@ def convert_model(net, exclude=(), convert_fn=None, config=None, layer_configs=N
     Returns ``net``, with the mode functions of this module also bound as methods
     (``net.enable_quantize()`` ...).
     """
-    config = config or QuantConfig()
+    config = QuantConfig() if config is None else config
+    for value in [config] + list((layer_configs or {}).values()):
+        if not isinstance(value, QuantConfig):
+            raise TypeError(f"config and layer_configs values must be QuantConfig, "
+                            f"got {type(value).__name__}")
     converters = dict(CONVERTERS)
     for block_type, fn in (convert_fn or {}).items():
         if fn is None:
@@ -144,6 +148,7 @@ def convert_model(net, exclude=(), convert_fn=None, config=None, layer_configs=N
     exclude = tuple(exclude) if isinstance(exclude, (list, tuple, set)) else (exclude,)
     pairs = conv_bn_pairs(net, input_names) if isinstance(net, HybridBlock) else {}
     folded = {}  # bn block -> the QConv2DBatchNorm that absorbed it
+    paths = {child: path for path, _, _, child in walk(net)}
 
     def convert_children(block, path):
         for key, child in _children(block):
@@ -159,10 +164,14 @@ def convert_model(net, exclude=(), convert_fn=None, config=None, layer_configs=N
                              type(child).__name__)
                 convert_children(child, child_path)
                 continue
+            if isinstance(child, nn.Conv2D) and child._kwargs.get('layout') != 'NCHW':
+                log.info("%s: layout %s is not supported: left float", child.name,
+                         child._kwargs.get('layout'))
+                continue
             layer_config = _config_for(child, child_path, config, layer_configs)
             bn = pairs.get(child)
             if bn is not None and layer_config.fake_bn and convert is CONVERTERS[nn.Conv2D] \
-                    and not _matches(bn, '', exclude):
+                    and not _matches(bn, paths.get(bn, ''), exclude):
                 new = CONV_BN_CONVERTER(child, bn, layer_config)
                 folded[bn] = new
             else:
@@ -184,8 +193,8 @@ def convert_model(net, exclude=(), convert_fn=None, config=None, layer_configs=N
 
 def _init_like(new, old):
     """Initialize the quantization parameters on the float block's devices, if it has any."""
-    weight = old.weight
-    if weight._data is None:
+    weight = getattr(old, 'weight', None)
+    if weight is None or weight._data is None:
         return
     for param in new.collect_params().values():
         if param._data is None and param._deferred_init == ():

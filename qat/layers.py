@@ -111,10 +111,11 @@ class QuantBlock(HybridBlock):
         """Set the tracked input range (as calibration does)."""
         self.range_ema.set_data(mx.nd.array([threshold, 1.0]))
 
-    def _quantized_input(self, F, x, range_ema, range_ema_var):
-        """(codes of x, s_in) when input quantization is on, else (x, None)."""
+    def _quantized_input(self, F, x, range_ema, range_ema_var, anchor):
+        """(codes of x, s_in, token) when input quantization is on, else (x, None, None).
+        ``token`` is a (1,) zero to add on ``anchor``'s gradient path (see qat.ranges)."""
         if not self._mode['quantize_input']:
-            return x, None
+            return x, None, None
         cfg = self.config
         tracking = not self._mode['ranges_frozen']
         online = self._mode['online']
@@ -124,11 +125,13 @@ class QuantBlock(HybridBlock):
         else:
             fallback = batch if batch is not None else F.zeros_like(range_ema)
             threshold = ranges.ema_value(F, range_ema, F.slice_axis(fallback, 0, 0, 1))
+        token = None
         if tracking and cfg.range_tracker == 'ema':
-            threshold = threshold + ranges.ema_update(F, batch, range_ema, range_ema_var,
-                                                      cfg.range_momentum)
+            token = ranges.ema_update(F, batch, range_ema, range_ema_var, cfg.range_momentum,
+                                      anchor)
         s_in = ops.scale_from_threshold(F, threshold, cfg.input_bits, cfg.input_signed)
-        return ops.quantize_activation(F, x, s_in, cfg.input_bits, cfg.input_signed), s_in
+        codes = ops.quantize_activation(F, x, s_in, cfg.input_bits, cfg.input_signed)
+        return codes, s_in, token
 
     def _quantized_weight(self, F, weight, channels, groups):
         """(codes of the weight, per-output-channel scale (O,))."""
@@ -193,7 +196,9 @@ class QConv2D(QuantBlock):
         """``(conv(x_q, w_q) * (1 / (s_in * s_w)) * extra_multiplier + bias``; with input
         quantization off, ``conv(x, w_q / s_w)`` instead."""
         w_q, s_w = self._quantized_weight(F, weight, self._channels, self.groups)
-        x_q, s_in = self._quantized_input(F, x, range_ema, range_ema_var)
+        x_q, s_in, token = self._quantized_input(F, x, range_ema, range_ema_var, weight)
+        if token is not None:
+            w_q = F.broadcast_add(w_q, F.reshape(token, (1, 1, 1, 1)))
         if s_in is None and extra_multiplier is None:
             return self._conv(F, x, F.broadcast_div(w_q, F.reshape(s_w, (-1, 1, 1, 1))), bias)
         if s_in is None:
@@ -232,8 +237,8 @@ class QConv2DBatchNorm(QConv2D):
     Training (BN not frozen), after Jacob et al. 2018 / Krishnamoorthi 2018: the weights are
     folded with the *running* statistics, ``w' = w * gamma / sqrt(var_r + eps)``, and
     quantized; the conv of the quantized folded weights is divided back by the fold factor and
-    passed through the real BatchNorm op, which normalizes with the batch statistics and keeps
-    the running ones up to date. The output is ``conv(x, Q(w')) * sigma_r / sigma_B + ...``,
+    passed through the real BatchNorm op, which normalizes with the batch statistics and updates
+    the running ones (in the backward pass, as MXNet 1.9 does). The output is ``conv(x, Q(w')) * sigma_r / sigma_B + ...``,
     the batch-statistics correction, with no extra convolution.
     After ``freeze_bn``: ``conv(x, Q(w')) + b'`` with running statistics, which is exactly what
     the deployed, BN-fused layer computes.
@@ -310,7 +315,9 @@ class QDense(QuantBlock):
         if not self._mode['quantize']:
             return self._apply_act(self._fc(F, x, weight, bias))
         w_q, s_w = self._quantized_weight(F, weight, self._units, 1)
-        x_q, s_in = self._quantized_input(F, x, range_ema, range_ema_var)
+        x_q, s_in, token = self._quantized_input(F, x, range_ema, range_ema_var, weight)
+        if token is not None:
+            w_q = F.broadcast_add(w_q, F.reshape(token, (1, 1)))
         if s_in is None:
             multiplier, out = 1.0 / s_w, self._fc(F, x, w_q)
         else:

@@ -50,14 +50,17 @@ def quantize(F, x, scale, bits, signed=True):
     """Integer codes of ``x`` (as float32), exactly ncnn's rule, identity gradient.
 
     ``q = clip(round_half_away(x * scale), lo, hi)``; ``scale`` broadcasts against ``x``.
-    The gradient is ``scale`` everywhere (straight through, no clipping mask): used for
-    weights, whose range is their own max, so nothing is clipped by more than rounding.
-    The forward value is exactly the integer code: ``y + (q - y)`` is exact in float32
-    because |q - y| <= 0.5 and |y| <= 2^8.
+    ``scale`` must have the same number of dimensions as ``x``. The gradient is ``scale``
+    everywhere (straight through, no clipping mask): used for weights, whose range is their
+    own max, so nothing is clipped by more than rounding. The forward value is exactly the
+    integer code: ``q + (y - y)`` adds an exact 0 (for finite y).
     """
     low, high = qrange(bits, signed)
-    y = F.broadcast_mul(x, scale)
-    return y + F.BlockGrad(F.clip(round_half_away(F, y), low, high) - y)
+    # Elementwise (not broadcast) ops, so MXNet can infer a deferred weight's shape backwards
+    # from the convolution.
+    y = F.elemwise_mul(x, F.broadcast_like(scale, x))
+    codes = F.BlockGrad(F.clip(round_half_away(F, y), low, high))
+    return codes + (y - F.BlockGrad(y))
 
 
 def quantize_activation(F, x, scale, bits, signed=True):
@@ -108,6 +111,7 @@ def fold_bn(F, weight, bias, gamma, beta, mean, var, eps, fix_gamma=False):
     ``w' = w * f`` per output channel, ``b' = beta + (b - mean) * f``, ``f = gamma/sqrt(var+eps)``.
     ``weight`` is (O, I/g, kh, kw); ``bias`` may be None. Returns (w', b')."""
     factor = bn_factor(F, gamma, var, eps, fix_gamma)
-    folded_weight = F.broadcast_mul(weight, F.reshape(factor, (-1, 1, 1, 1)))
+    factor_full = F.broadcast_like(F.reshape(factor, (-1, 1, 1, 1)), weight)
+    folded_weight = F.elemwise_mul(weight, factor_full)  # elementwise: shape-inferable
     centered = -mean if bias is None else bias - mean
     return folded_weight, beta + centered * factor

@@ -8,18 +8,22 @@ batch range, never 0), and ``m_1 == 0`` means "never updated".
 The update runs in the training graph with no host synchronisation: MXNet's own BatchNorm op
 keeps running means as auxiliary states and updates them in training mode only; fed the
 (1, 2) tensor ``[batch_range, 1]`` it performs exactly ``ema <- momentum*ema + (1-momentum)*v``.
+MXNet 1.9 performs that update in BatchNorm's *backward* pass, so the op must sit on a
+gradient path: its input is tied to an ``anchor`` that receives gradients (the layer's
+weight) and its output, times 0, is added back onto that anchor's path.
 A second auxiliary array (the running variance BatchNorm insists on) is carried unused.
 """
 
 
-def ema_update(F, batch_range, ema, ema_var, momentum):
+def ema_update(F, batch_range, ema, ema_var, momentum, anchor):
     """Push ``batch_range`` (shape (1,)) into the tracker in training mode (nothing in
-    inference). Returns a (1,) zero that must be added to something the output depends on,
-    so that the update is kept in the graph."""
-    stats = F.reshape(F.concat(batch_range, F.ones_like(batch_range), dim=0), (1, 2))
+    inference). ``anchor`` is a tensor that gets a gradient. Returns a (1,) zero that must be
+    added to something on ``anchor``'s gradient path, so the update runs in backward."""
+    tie = F.reshape(F.sum(anchor), (1,)) * 0
+    stats = F.reshape(F.concat(batch_range + tie, F.ones_like(batch_range), dim=0), (1, 2))
     normalized = F.BatchNorm(stats, F.ones_like(ema), F.zeros_like(ema), ema, ema_var,
                              momentum=momentum, fix_gamma=True, eps=1e-5, axis=1)
-    return F.BlockGrad(F.reshape(F.sum(normalized), (1,)) * 0)
+    return F.reshape(F.sum(normalized), (1,)) * 0
 
 
 def ema_value(F, ema, fallback):

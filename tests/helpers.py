@@ -43,6 +43,13 @@ def params_numpy(net):
             for name, p in net._collect_params_with_prefix().items()}
 
 
+def params_by_name(net):
+    """{parameter name without the net's prefix: numpy copy}: stable across conversion (a
+    folded BN's parameters move to the conv's structural path but keep their names)."""
+    return {name[len(net.prefix):] if name.startswith(net.prefix) else name:
+            p.data().asnumpy().copy() for name, p in net.collect_params().items()}
+
+
 def small_net(seed=0, prefix='small_', conv_bias=True):
     """conv -> BN -> relu -> GAP -> Dense, initialized from ``seed`` with non-trivial BN
     parameters and statistics (so BN folding is not an identity)."""
