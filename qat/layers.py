@@ -238,7 +238,8 @@ class QConv2DBatchNorm(QConv2D):
     folded with the *running* statistics, ``w' = w * gamma / sqrt(var_r + eps)``, and
     quantized; the conv of the quantized folded weights is divided back by the fold factor and
     passed through the real BatchNorm op, which normalizes with the batch statistics and updates
-    the running ones (in the backward pass, as MXNet 1.9 does). The output is ``conv(x, Q(w')) * sigma_r / sigma_B + ...``,
+    the running ones (in the backward pass, as MXNet 1.9 does). The output is
+    ``conv(x, Q(w')) * sigma_r / sigma_B + ...``,
     the batch-statistics correction, with no extra convolution.
     After ``freeze_bn``: ``conv(x, Q(w')) + b'`` with running statistics, which is exactly what
     the deployed, BN-fused layer computes.
