@@ -6,7 +6,6 @@ are restored afterwards. Methods are reductions of the per-batch ranges, in one 
 """
 import logging
 
-import numpy as np
 from mxnet import nd
 
 from . import ops

@@ -8,7 +8,6 @@ The quantized forward is written in ncnn's own form (contract §3.2): integer co
 input and of the weights, a convolution of the codes (exact integers in float32), then one
 per-channel multiply by ``1 / (s_in * s_w)`` and the float bias.
 """
-import logging
 import warnings
 
 import mxnet as mx
@@ -18,7 +17,6 @@ from mxnet.gluon import HybridBlock, nn
 from . import ops, ranges
 from .config import QuantConfig
 
-log = logging.getLogger(__name__)
 
 # Mode flags, in the order they are saved in each block's ``qmode`` parameter.
 MODE_FLAGS = ('quantize', 'quantize_input', 'online', 'bn_frozen', 'ranges_frozen')

@@ -2,8 +2,6 @@
 import logging
 import time
 
-import mxnet as mx
-import numpy as np
 from mxnet import autograd, gluon
 
 from .data import batches
