@@ -1,0 +1,94 @@
+"""The deployment graph: a flat list of layers that every writer (Caffe, ncnn, table) and the
+numpy runtime read. It is built by ``qat.deploy.graph.trace`` from a converted Gluon net.
+
+A ``Layer``'s name is also the name of the blob it produces (one output per layer). Layers
+are in topological order; the first is the ``Input``. Weights are float32 numpy arrays with
+BN already folded; an int8 layer also carries its integer weight codes and scales (``Quant``).
+
+Kinds and their ``params`` (shapes are per sample, without the batch axis):
+
+=============  =====================================================================
+Input          shape (C, H, W)
+Convolution    num_output, kernel (kh, kw), stride (sh, sw), pad (ph, pw),
+               dilate (dh, dw), groups, activation; weights: weight (O, I/g, kh, kw),
+               bias (O,) [optional]
+InnerProduct   num_output, activation; weights: weight (O, I), bias (O,) [optional];
+               the input is flattened (c, h, w order)
+BatchNorm      channels, eps; weights: gamma, beta, mean, var (gamma = 1 when fixed)
+ReLU           slope (0.0 = plain ReLU, else leaky)
+Clip           low, high
+Sigmoid        -
+Pooling        pool ('max' | 'avg'), kernel, stride, pad, global_pool (bool),
+               full (bool: MXNet 'full' = ceil convention), count_include_pad (bool)
+Eltwise        op ('sum' | 'prod' | 'max'); two or more inputs of the same shape
+Concat         axis (MXNet axis of the NCHW tensor: 1 = channels)
+Flatten        -
+Softmax        axis (MXNet axis of the batched tensor)
+=============  =====================================================================
+
+``activation`` (fused into Convolution / InnerProduct) is None or one of
+``('relu',)``, ``('leaky', slope)``, ``('clip', low, high)``, ``('sigmoid',)``.
+"""
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+KINDS = ('Input', 'Convolution', 'InnerProduct', 'BatchNorm', 'ReLU', 'Clip', 'Sigmoid',
+         'Pooling', 'Eltwise', 'Concat', 'Flatten', 'Softmax')
+ACTIVATIONS = ('relu', 'leaky', 'clip', 'sigmoid')
+
+
+@dataclass
+class Quant:
+    """What makes a Convolution / InnerProduct int8 in ncnn (contract §3.2).
+
+    input_scale: s_in = qmax / threshold (float32) of the layer's input blob.
+    weight_scales: (O,) float32, one per output channel; for a grouped convolution all the
+        channels of a group carry the same value (ncnn keeps one per group).
+    weight_codes: int8 array shaped like the weight: float2int8(w * s_w) as trained.
+    """
+    input_scale: np.float32
+    weight_scales: np.ndarray
+    weight_codes: np.ndarray
+    input_bits: int = 8
+    weight_bits: int = 8
+
+
+@dataclass
+class Layer:
+    kind: str
+    name: str
+    inputs: list
+    params: dict = field(default_factory=dict)
+    weights: dict = field(default_factory=dict)
+    quant: Optional[Quant] = None
+    source: str = ''  # the MXNet graph node whose output this layer's output equals
+
+    def group_scales(self):
+        """Weight scales as ncnn stores them: per output channel, or per group when grouped."""
+        scales = self.quant.weight_scales
+        groups = self.params.get('groups', 1)
+        if groups == 1:
+            return scales
+        return scales.reshape(groups, -1)[:, 0]
+
+
+@dataclass
+class Graph:
+    layers: list
+    outputs: list
+
+    def __getitem__(self, name):
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    def consumers(self, name):
+        """Layers that read blob ``name``, in order."""
+        return [layer for layer in self.layers if name in layer.inputs]
+
+    @property
+    def input(self):
+        return self.layers[0]
