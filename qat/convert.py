@@ -3,6 +3,7 @@
 Conv -> BatchNorm pairs are found from the network's dataflow (a symbolic trace), not from
 block names: a Conv2D whose output feeds exactly one op, a BatchNorm, absorbs that BatchNorm.
 """
+import contextlib
 import fnmatch
 import json
 import logging
@@ -229,6 +230,23 @@ def _set_mode(net, **flags):
         block.set_mode(**flags)
     _clear_all_cached_ops(net)
     return net
+
+
+@contextlib.contextmanager
+def temporary_mode(net, **flags):
+    """Set mode flags on every quantized block for the duration of a ``with`` block, then
+    restore each block's own modes (and clear the cached graphs both ways)."""
+    blocks = [block for _, block in quant_blocks(net)]
+    saved = [block.mode for block in blocks]
+    try:
+        for block in blocks:
+            block.set_mode(**flags)
+        _clear_all_cached_ops(net)
+        yield net
+    finally:
+        for block, mode in zip(blocks, saved):
+            block.set_mode(**mode)
+        _clear_all_cached_ops(net)
 
 
 # ----- the modes: explicit, saved state ----------------------------------------------------

@@ -210,16 +210,8 @@ class QConv2D(QuantBlock):
         return self._scale_channels(F, out, multiplier, bias)
 
     def _scale_channels(self, F, out, multiplier, bias):
-        """``out * multiplier[c] + bias[c]`` as a 1x1 depthwise convolution: one float32
-        multiply (and add) per element, the cheapest per-channel op of MXNet on CPU
-        (broadcast arithmetic costs several times more)."""
-        channels = self._channels
-        kwargs = dict(kernel=(1, 1), num_filter=channels, num_group=channels,
-                      no_bias=bias is None, name='dequantize')
-        weight = F.reshape(multiplier, (-1, 1, 1, 1))
-        if bias is None:
-            return F.Convolution(out, weight, **kwargs)
-        return F.Convolution(out, weight, bias, **kwargs)
+        """``fma(out, multiplier[c], bias[c])``: ncnn's dequantization, one rounding."""
+        return ops.dequantize(F, out, multiplier, bias, 4, name='dequantize')
 
     def hybrid_forward(self, F, x, weight, bias=None, range_ema=None, range_ema_var=None,
                        qmode=None):
@@ -318,14 +310,14 @@ class QDense(QuantBlock):
         if token is not None:
             w_q = F.broadcast_add(w_q, F.reshape(token, (1, 1)))
         if s_in is None:
-            multiplier, out = 1.0 / s_w, self._fc(F, x, w_q)
+            multiplier, acc = 1.0 / s_w, self._fc(F, x, w_q)
         else:
-            multiplier, out = self.output_multiplier(F, s_in, s_w), self._fc(F, x_q, w_q)
-        flat = F.reshape(out, (-1, self._units))
-        flat = F.broadcast_mul(flat, F.reshape(multiplier, (1, -1)))
-        if bias is not None:
-            flat = F.broadcast_add(flat, F.reshape(bias, (1, -1)))
-        out = flat if self._flatten else F.reshape_like(flat, out)
+            multiplier, acc = self.output_multiplier(F, s_in, s_w), self._fc(F, x_q, w_q)
+        # Named, so the deployed layer's output can be found in the traced graph.
+        out = ops.dequantize(F, F.reshape(acc, (-1, self._units)), multiplier, bias, 2,
+                             name='dequantize' if self._flatten else None)
+        if not self._flatten:
+            out = F.reshape_like(out, acc, name='dequantize')
         return self._apply_act(out)
 
 

@@ -77,6 +77,22 @@ def quantize_activation(F, x, scale, bits, signed=True):
     return y + F.BlockGrad(round_half_away(F, y) - y)
 
 
+def dequantize(F, acc, multiplier, bias=None, ndim=4, name=None):
+    """ncnn's output of an int8 layer: ``fma(acc, multiplier[c], bias[c])`` per channel ``c``
+    (axis 1), rounded once to float32 as ncnn's fused multiply-add does (two roundings would
+    differ from ncnn in the last bit of ~1/4 of the values). ``acc`` (N, C, ...);
+    ``multiplier``, ``bias`` (C,); ``ndim`` = acc's rank (2 or 4). Without the native
+    operator: in float64, then float32. ``name`` names the resulting graph node."""
+    if bias is None:
+        bias = F.zeros_like(multiplier)
+    if native.available():
+        return F.qat_dequantize(acc, multiplier, bias, name=name)
+    shape = (1, -1, 1, 1) if ndim == 4 else (1, -1)
+    wide = F.broadcast_mul(F.Cast(acc, 'float64'), F.reshape(F.Cast(multiplier, 'float64'), shape))
+    wide = F.broadcast_add(wide, F.reshape(F.Cast(bias, 'float64'), shape))
+    return F.Cast(wide, 'float32', name=name)
+
+
 def batch_threshold(F, x, signed=True):
     """Per-batch range of ``x``: max |x| (signed) or max x (unsigned), shape (1,), no gradient."""
     if signed and native.available():

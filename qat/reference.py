@@ -78,16 +78,24 @@ def conv2d_int(x_q, w_q, stride=(1, 1), pad=(0, 0), dilate=(1, 1), groups=1):
     return out.astype(np.int32)
 
 
+def fma(a, b, c):
+    """float32 fused multiply-add ``round(a * b + c)`` (one rounding). The product of two
+    float32 is exact in extended precision, so only the sum is rounded before float32
+    (a double rounding that differs from a true FMA with probability ~2^-40)."""
+    wide = np.longdouble
+    return (np.asarray(a, np.float32).astype(wide) * np.asarray(b, np.float32).astype(wide)
+            + np.asarray(c, np.float32).astype(wide)).astype(np.float32)
+
+
 def dequantize(acc, s_in, s_w, bias=None, channel_axis=1):
-    """ncnn's output of an int8 layer: ``float32(acc) * (1 / (s_in * s_w[p])) + bias[p]``."""
+    """ncnn's output of an int8 layer: ``fma(float32(acc), 1 / (s_in * s_w[p]), bias[p])``
+    (x86 ncnn uses a fused multiply-add; with no bias, a plain product)."""
     s_w = np.asarray(s_w, np.float32)
     multiplier = (np.float32(1) / (np.float32(s_in) * s_w).astype(np.float32)).astype(np.float32)
     shape = [1] * np.ndim(acc)
     shape[channel_axis] = -1
-    y = (np.asarray(acc, np.float32) * multiplier.reshape(shape)).astype(np.float32)
-    if bias is not None:
-        y = (y + np.asarray(bias, np.float32).reshape(shape)).astype(np.float32)
-    return y
+    bias = np.zeros_like(s_w) if bias is None else np.asarray(bias, np.float32)
+    return fma(np.asarray(acc, np.float32), multiplier.reshape(shape), bias.reshape(shape))
 
 
 def int8_conv2d(x, weight, bias, s_in, s_w, stride=(1, 1), pad=(0, 0), dilate=(1, 1),

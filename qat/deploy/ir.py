@@ -43,16 +43,22 @@ ACTIVATIONS = ('relu', 'leaky', 'clip', 'sigmoid')
 class Quant:
     """What makes a Convolution / InnerProduct int8 in ncnn (contract §3.2).
 
-    input_scale: s_in = qmax / threshold (float32) of the layer's input blob.
+    input_scale: s_in = qmax / threshold (float32) of the layer's input blob; None for
+        weight-only quantization, which ncnn runs in fp32 with the weights codes / s_w.
     weight_scales: (O,) float32, one per output channel; for a grouped convolution all the
         channels of a group carry the same value (ncnn keeps one per group).
     weight_codes: int8 array shaped like the weight: float2int8(w * s_w) as trained.
     """
-    input_scale: np.float32
+    input_scale: Optional[np.float32]
     weight_scales: np.ndarray
     weight_codes: np.ndarray
-    input_bits: int = 8
+    input_bits: Optional[int] = 8
     weight_bits: int = 8
+
+    @property
+    def int8(self):
+        """True when ncnn runs the layer in int8 (input and weights quantized)."""
+        return self.input_scale is not None
 
 
 @dataclass

@@ -4,6 +4,8 @@
 //       codes = clamp(trunc(x*scale + copysign(0.5, x*scale)), low, high)   (ncnn float2int8)
 //       d codes / d x = scale where low <= x*scale <= high, else 0   (straight-through)
 //   qat_absmax(x) -> (1,) max |x|                                     (no gradient)
+//   qat_dequantize(acc, multiplier, bias) -> fma(acc, multiplier[c], bias[c])  (c = axis 1)
+//       one rounding, as ncnn's int8 layers compute acc * scale_in + bias with FMA
 //
 // One pass over the tensor each way instead of the six elementwise MXNet ops they replace.
 #include <cmath>
@@ -120,6 +122,89 @@ REGISTER_OP(qat_absmax)
 .setInferType(float_types)
 .setInferShape(absmax_shape)
 .setForward(absmax_forward, "cpu");
+
+// Size of the channel axis (1) and of everything after it, for a tensor of rank >= 2.
+static void channel_layout(const MXTensor& t, int64_t* outer, int64_t* channels,
+                           int64_t* inner) {
+  *outer = t.shape[0];
+  *channels = t.shape.size() > 1 ? t.shape[1] : 1;
+  *inner = 1;
+  for (size_t d = 2; d < t.shape.size(); ++d) *inner *= t.shape[d];
+}
+
+static MXReturnValue dequantize_forward(const std::unordered_map<std::string, std::string>& attrs,
+                                        std::vector<MXTensor>* inputs,
+                                        std::vector<MXTensor>* outputs, const OpResource& res) {
+  const float* acc = inputs->at(0).data<float>();
+  const float* m = inputs->at(1).data<float>();
+  const float* b = inputs->at(2).data<float>();
+  float* y = outputs->at(0).data<float>();
+  int64_t outer, channels, inner;
+  channel_layout(inputs->at(0), &outer, &channels, &inner);
+#pragma omp parallel for collapse(2)
+  for (int64_t n = 0; n < outer; ++n)
+    for (int64_t c = 0; c < channels; ++c) {
+      const int64_t base = (n * channels + c) * inner;
+      for (int64_t i = 0; i < inner; ++i) y[base + i] = std::fma(acc[base + i], m[c], b[c]);
+    }
+  return MX_SUCCESS;
+}
+
+// inputs: out_grad, acc, multiplier, bias, y ; outputs: grad_acc, grad_multiplier, grad_bias
+static MXReturnValue dequantize_backward(const std::unordered_map<std::string, std::string>& attrs,
+                                         std::vector<MXTensor>* inputs,
+                                         std::vector<MXTensor>* outputs, const OpResource& res) {
+  const float* grad = inputs->at(0).data<float>();
+  const float* acc = inputs->at(1).data<float>();
+  const float* m = inputs->at(2).data<float>();
+  float* grad_acc = outputs->at(0).data<float>();
+  float* grad_m = outputs->at(1).data<float>();
+  float* grad_b = outputs->at(2).data<float>();
+  int64_t outer, channels, inner;
+  channel_layout(inputs->at(1), &outer, &channels, &inner);
+#pragma omp parallel for
+  for (int64_t c = 0; c < channels; ++c) {
+    double sum_m = 0, sum_b = 0;  // double: sums over many elements
+    for (int64_t n = 0; n < outer; ++n) {
+      const int64_t base = (n * channels + c) * inner;
+      for (int64_t i = 0; i < inner; ++i) {
+        const float g = grad[base + i];
+        grad_acc[base + i] = g * m[c];
+        sum_m += static_cast<double>(g) * acc[base + i];
+        sum_b += g;
+      }
+    }
+    grad_m[c] = static_cast<float>(sum_m);
+    grad_b[c] = static_cast<float>(sum_b);
+  }
+  return MX_SUCCESS;
+}
+
+static MXReturnValue dequantize_attrs(const std::unordered_map<std::string, std::string>& attrs,
+                                      int* num_in, int* num_out) {
+  *num_in = 3;
+  *num_out = 1;
+  return MX_SUCCESS;
+}
+
+static MXReturnValue dequantize_shape(const std::unordered_map<std::string, std::string>& attrs,
+                                      std::vector<std::vector<unsigned int>>* in_shapes,
+                                      std::vector<std::vector<unsigned int>>* out_shapes) {
+  const auto& x = in_shapes->at(0);
+  const unsigned int channels = x.size() > 1 ? x[1] : 1;
+  if (in_shapes->at(1).size() != 1 || in_shapes->at(1)[0] != channels ||
+      in_shapes->at(2).size() != 1 || in_shapes->at(2)[0] != channels)
+    return MX_FAIL;
+  out_shapes->at(0) = x;
+  return MX_SUCCESS;
+}
+
+REGISTER_OP(qat_dequantize)
+.setParseAttrs(dequantize_attrs)
+.setInferType(float_types)
+.setInferShape(dequantize_shape)
+.setForward(dequantize_forward, "cpu")
+.setBackward(dequantize_backward, "cpu");
 
 MXReturnValue initialize(int version) {
   return version >= 10900 ? MX_SUCCESS : MX_FAIL;

@@ -1,0 +1,526 @@
+"""Write the deployment graph as a Caffe model (``.prototxt`` text + ``.caffemodel`` binary), and
+read such files back with the ``google.protobuf`` package.
+
+Mapping (one IR layer -> one or two Caffe layers; every IR name is a Caffe layer and blob name):
+
+============  ===============================================================================
+IR kind       Caffe layer(s) and fields
+============  ===============================================================================
+Input         Input: input_param { shape { dim: 1 dim: C dim: H dim: W } }
+Convolution   Convolution: num_output, bias_term, pad_h/pad_w, kernel_h/kernel_w,
+              stride_h/stride_w, group, dilation (once if dh == dw, else dh then dw);
+              blobs weight (O, I/g, kh, kw), [bias (O,)]
+InnerProduct  InnerProduct: num_output, bias_term; blobs weight (O, I), [bias (O,)]
+BatchNorm     BatchNorm (use_global_stats true, eps; blobs mean, var, scale_factor [1.0])
+              then Scale ``<name>_scale`` in place (bias_term true; blobs gamma, beta):
+              Caffe's BatchNorm has no affine part
+ReLU          ReLU, relu_param { negative_slope } when the slope is not 0
+Clip          Clip, clip_param { min max } (BVLC Caffe's ClipLayer, LayerParameter field 148)
+Sigmoid       Sigmoid
+Pooling       Pooling: pool MAX | AVE, kernel_h/kernel_w, stride_h/stride_w, pad_h/pad_w,
+              [round_mode FLOOR]; a global pool is pool + global_pooling true only
+Eltwise       Eltwise: eltwise_param { operation SUM | PROD | MAX }, any number of bottoms
+Concat        Concat: concat_param { axis } (the same NCHW axis number as MXNet's)
+Flatten       Flatten (default axis 1: (N, C*H*W))
+Softmax       Softmax: softmax_param { axis }
+============  ===============================================================================
+
+A fused ``activation`` of a Convolution / InnerProduct becomes a separate in-place layer after
+it (bottom == top == the layer's blob) named ``<layer>_relu`` / ``_leaky`` / ``_clip`` /
+``_sigmoid``, so consumers still read the blob named after the layer. Added layer names that
+would collide with an IR name get a ``_1``, ``_2``... suffix. Weights are written as float32;
+``Quant`` (int8 codes and scales) is not part of a Caffe model.
+
+Clip: written as BVLC Caffe's ``Clip`` for every (low, high), including (0, 6), because that is
+what standard Caffe reads (it has no ReLU6 layer). ncnn's caffe2ncnn knows only the fork-style
+``ReLU6`` and its caffe.proto has no ``clip_param`` (148 is roi_align_param there), so it
+rejects a prototxt with a Clip; for ncnn use the direct ncnn writer.
+
+Pooling: Caffe computes ``ceil((H + 2p - k) / s) + 1`` (CEIL; FLOOR with ``round_mode``) and then
+drops the last window if it starts at or beyond ``H + p``. The writer keeps MXNet's output shape
+(floor for ``full=False``, ceil for ``full=True``): it writes no round_mode when Caffe's default
+CEIL gives that shape (portable to every Caffe fork and to caffe2ncnn), ``round_mode: FLOOR``
+(BVLC Caffe >= 2018; caffe2ncnn's caffe.proto lacks the field and rejects the file rather than
+mis-shape it) when only FLOOR does, e.g. GluonCV ResNet's 3x3/2 pad-1 max pool, and raises
+ValueError naming the layer when neither does. The windows start at ``r * s - p`` in both, and an average divides by the window clipped to
+the padded input in both, so values match; MXNet's ``count_include_pad=False`` with padding has
+no Caffe equivalent (ValueError), and neither has ``pad >= kernel`` (Caffe checks pad < kernel).
+
+Unsupported IR kinds raise ValueError naming the kind and the layer. Nothing is written unless
+the whole model converts; each file is written to a temporary file next to it and renamed.
+
+The ``.caffemodel`` is encoded by hand (protobuf wire format): NetParameter { name = 1,
+layer = 100 } with one LayerParameter { name = 1, type = 2, blobs = 7 } per layer that has
+weights, BlobProto { data = 5 (packed float), shape = 7 } and BlobShape { dim = 1 (packed
+int64) }, fields in number order, i.e. the bytes protobuf itself would serialize.
+"""
+import functools
+import os
+import secrets
+from collections import namedtuple
+
+import numpy as np
+
+from .ir import ACTIVATIONS
+
+# One Caffe layer as written. params: [(param message name, [(field, value), ...])] where a
+# value is a scalar or, for a sub-message, again a list of (field, value).
+_CaffeLayer = namedtuple('_CaffeLayer', 'name type bottoms tops params blobs')
+
+# A layer of a parsed .prototxt: params is {param message name: {field: value}}.
+CaffeLayer = namedtuple('CaffeLayer', 'name type bottoms tops params')
+
+
+class _Enum(str):
+    """An enum value: written bare in text format."""
+
+
+POOL_METHODS = {'max': _Enum('MAX'), 'avg': _Enum('AVE')}
+ELTWISE_OPS = {'sum': _Enum('SUM'), 'prod': _Enum('PROD'), 'max': _Enum('MAX')}
+
+
+def write_caffe(graph, prototxt_path, caffemodel_path, net_name):
+    """Write ``graph`` (``qat.deploy.ir.Graph``) as a Caffe deploy prototxt and caffemodel."""
+    layers = _caffe_layers(graph)
+    text = _prototxt(net_name, layers)
+    model = _caffemodel(net_name, layers)
+    _write_atomic(prototxt_path, text.encode('utf-8'))
+    _write_atomic(caffemodel_path, model)
+
+
+# ---------------------------------------------------------------------------------------------
+# IR -> Caffe layers
+
+def _caffe_layers(graph):
+    taken = {layer.name for layer in graph.layers}
+    shapes, out = {}, []
+    for layer in graph.layers:
+        build = _BUILDERS.get(layer.kind)
+        if build is None:
+            raise ValueError(f"cannot write IR kind {layer.kind!r} (layer {layer.name!r}) "
+                             f"to Caffe")
+        inputs = [shapes[name] for name in layer.inputs]
+        shapes[layer.name] = _out_shape(layer, inputs)
+        out += build(layer, inputs, taken)
+    return out
+
+
+def _unique(name, taken):
+    """``name``, or ``name_1``, ``name_2``... if taken; marks the result taken."""
+    candidate, k = name, 0
+    while candidate in taken:
+        k += 1
+        candidate = f'{name}_{k}'
+    taken.add(candidate)
+    return candidate
+
+
+def _input(layer, inputs, taken):
+    shape = [('dim', d) for d in (1, *layer.params['shape'])]
+    return [_CaffeLayer(layer.name, 'Input', [], [layer.name],
+                        [('input_param', [('shape', shape)])], [])]
+
+
+def _convolution(layer, inputs, taken):
+    p = layer.params
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = p['kernel'], p['stride'], p['pad'], p['dilate']
+    bias = layer.weights.get('bias')
+    fields = [('num_output', p['num_output']), ('bias_term', bias is not None),
+              ('pad_h', ph), ('pad_w', pw), ('kernel_h', kh), ('kernel_w', kw),
+              ('stride_h', sh), ('stride_w', sw), ('group', p.get('groups', 1))]
+    # caffe2ncnn reads only dilation(0): one value when both axes agree
+    fields += [('dilation', d) for d in ((dh,) if dh == dw else (dh, dw))]
+    return _weighted(layer, 'Convolution', ('convolution_param', fields), taken)
+
+
+def _inner_product(layer, inputs, taken):
+    fields = [('num_output', layer.params['num_output']),
+              ('bias_term', layer.weights.get('bias') is not None)]
+    return _weighted(layer, 'InnerProduct', ('inner_product_param', fields), taken)
+
+
+def _weighted(layer, kind, param, taken):
+    """A Convolution / InnerProduct and its fused activation as an in-place layer."""
+    blobs = [layer.weights['weight']]
+    if layer.weights.get('bias') is not None:
+        blobs.append(layer.weights['bias'])
+    out = [_CaffeLayer(layer.name, kind, list(layer.inputs), [layer.name], [param], blobs)]
+    act = layer.params.get('activation')
+    if act is not None:
+        if act[0] not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {act!r} of layer {layer.name!r}")
+        name = _unique(f'{layer.name}_{act[0]}', taken)
+        out.append(_activation(name, layer.name, layer.name, act))
+    return out
+
+
+def _activation(name, bottom, top, act):
+    """The Caffe layer of an IR activation tuple ('relu',) / ('leaky', slope) / ..."""
+    if act[0] == 'sigmoid':
+        return _CaffeLayer(name, 'Sigmoid', [bottom], [top], [], [])
+    if act[0] == 'clip':
+        param = ('clip_param', [('min', float(act[1])), ('max', float(act[2]))])
+        return _CaffeLayer(name, 'Clip', [bottom], [top], [param], [])
+    slope = float(act[1]) if act[0] == 'leaky' else 0.0
+    params = [('relu_param', [('negative_slope', slope)])] if slope != 0 else []
+    return _CaffeLayer(name, 'ReLU', [bottom], [top], params, [])
+
+
+def _relu(layer, inputs, taken):
+    return [_activation(layer.name, layer.inputs[0], layer.name,
+                        ('leaky', layer.params.get('slope', 0.0)))]
+
+
+def _clip(layer, inputs, taken):
+    act = ('clip', layer.params['low'], layer.params['high'])
+    return [_activation(layer.name, layer.inputs[0], layer.name, act)]
+
+
+def _sigmoid(layer, inputs, taken):
+    return [_activation(layer.name, layer.inputs[0], layer.name, ('sigmoid',))]
+
+
+def _batch_norm(layer, inputs, taken):
+    w = layer.weights
+    bn = _CaffeLayer(layer.name, 'BatchNorm', list(layer.inputs), [layer.name],
+                     [('batch_norm_param', [('use_global_stats', True),
+                                            ('eps', float(layer.params['eps']))])],
+                     [w['mean'], w['var'], np.ones(1, np.float32)])
+    scale = _CaffeLayer(_unique(f'{layer.name}_scale', taken), 'Scale', [layer.name],
+                        [layer.name], [('scale_param', [('bias_term', True)])],
+                        [w['gamma'], w['beta']])
+    return [bn, scale]
+
+
+def _pooling(layer, inputs, taken):
+    p = layer.params
+    method = POOL_METHODS[p['pool']]
+    if p['global_pool']:
+        fields = [('pool', method), ('global_pooling', True)]
+    else:
+        (kh, kw), (sh, sw), (ph, pw) = p['kernel'], p['stride'], p['pad']
+        fields = [('pool', method), ('kernel_h', kh), ('kernel_w', kw),
+                  ('stride_h', sh), ('stride_w', sw), ('pad_h', ph), ('pad_w', pw)]
+        if _round_mode(layer, inputs[0]) == 'FLOOR':
+            fields.append(('round_mode', _Enum('FLOOR')))
+    return [_CaffeLayer(layer.name, 'Pooling', list(layer.inputs), [layer.name],
+                        [('pooling_param', fields)], [])]
+
+
+def _round_mode(layer, in_shape):
+    """'CEIL' or 'FLOOR': the Caffe rounding that gives MXNet's output shape, checked."""
+    p = layer.params
+    if any(pad >= k for pad, k in zip(p['pad'], p['kernel'])):
+        raise ValueError(f"Pooling layer {layer.name!r}: Caffe needs pad < kernel, got "
+                         f"pad {tuple(p['pad'])} kernel {tuple(p['kernel'])}")
+    if p['pool'] == 'avg' and any(p['pad']) and not p['count_include_pad']:
+        raise ValueError(f"Pooling layer {layer.name!r}: Caffe's average pooling counts the "
+                         f"padding (count_include_pad=False has no Caffe equivalent)")
+    axes = list(zip(in_shape[1:], p['kernel'], p['stride'], p['pad']))
+    want = [_mxnet_pool_len(*axis, p['full']) for axis in axes]
+    for mode in ('CEIL', 'FLOOR'):
+        if [_caffe_pool_len(*axis, mode == 'CEIL') for axis in axes] == want:
+            return mode
+    raise ValueError(f"Pooling layer {layer.name!r}: no Caffe rounding gives MXNet's output "
+                     f"size {tuple(want)} (input {tuple(in_shape[1:])}, "
+                     f"{'full' if p['full'] else 'valid'} convention)")
+
+
+def _mxnet_pool_len(n, k, s, pad, full):
+    return (n + 2 * pad - k + (s - 1 if full else 0)) // s + 1
+
+
+def _caffe_pool_len(n, k, s, pad, ceil):
+    size = (n + 2 * pad - k + (s - 1 if ceil else 0)) // s + 1
+    # Caffe drops a last window that starts inside the right padding
+    return size - 1 if pad and (size - 1) * s >= n + pad else size
+
+
+def _eltwise(layer, inputs, taken):
+    return [_CaffeLayer(layer.name, 'Eltwise', list(layer.inputs), [layer.name],
+                        [('eltwise_param', [('operation', ELTWISE_OPS[layer.params['op']])])],
+                        [])]
+
+
+def _concat(layer, inputs, taken):
+    return [_CaffeLayer(layer.name, 'Concat', list(layer.inputs), [layer.name],
+                        [('concat_param', [('axis', layer.params['axis'])])], [])]
+
+
+def _flatten(layer, inputs, taken):
+    return [_CaffeLayer(layer.name, 'Flatten', list(layer.inputs), [layer.name], [], [])]
+
+
+def _softmax(layer, inputs, taken):
+    return [_CaffeLayer(layer.name, 'Softmax', list(layer.inputs), [layer.name],
+                        [('softmax_param', [('axis', layer.params['axis'])])], [])]
+
+
+_BUILDERS = {'Input': _input, 'Convolution': _convolution, 'InnerProduct': _inner_product,
+             'BatchNorm': _batch_norm, 'ReLU': _relu, 'Clip': _clip, 'Sigmoid': _sigmoid,
+             'Pooling': _pooling, 'Eltwise': _eltwise, 'Concat': _concat, 'Flatten': _flatten,
+             'Softmax': _softmax}
+
+
+def _out_shape(layer, inputs):
+    """Per-sample output shape, needed to choose the pooling rounding."""
+    p = layer.params
+    if layer.kind == 'Input':
+        return tuple(p['shape'])
+    x = inputs[0]
+    if layer.kind == 'Convolution':
+        hw = [(n + 2 * pad - d * (k - 1) - 1) // s + 1 for n, k, s, pad, d in
+              zip(x[1:], p['kernel'], p['stride'], p['pad'], p['dilate'])]
+        return (p['num_output'], *hw)
+    if layer.kind == 'InnerProduct':
+        return (p['num_output'],)
+    if layer.kind == 'Pooling':
+        if p['global_pool']:
+            return (x[0], 1, 1)
+        return (x[0], *[_mxnet_pool_len(*axis, p['full']) for axis in
+                        zip(x[1:], p['kernel'], p['stride'], p['pad'])])
+    if layer.kind == 'Concat':
+        axis = p['axis'] % (len(x) + 1) - 1  # MXNet's axis counts the batch
+        if axis < 0:
+            raise ValueError(f"Concat layer {layer.name!r}: cannot concatenate the batch axis")
+        return (*x[:axis], sum(shape[axis] for shape in inputs), *x[axis + 1:])
+    if layer.kind == 'Flatten':
+        return (int(np.prod(x)),)
+    return x  # BatchNorm, activations, Eltwise, Softmax
+
+
+# ---------------------------------------------------------------------------------------------
+# .prototxt (protobuf text format)
+
+def _prototxt(net_name, layers):
+    lines = [f'name: {_quote(net_name)}']
+    for layer in layers:
+        fields = [('name', layer.name), ('type', layer.type)]
+        fields += [('bottom', b) for b in layer.bottoms] + [('top', t) for t in layer.tops]
+        lines += ['layer {', *_text_fields(fields + layer.params, 1), '}']
+    return '\n'.join(lines) + '\n'
+
+
+def _text_fields(fields, depth):
+    indent = '  ' * depth
+    lines = []
+    for key, value in fields:
+        if isinstance(value, list):
+            lines += [f'{indent}{key} {{', *_text_fields(value, depth + 1), f'{indent}}}']
+        else:
+            lines.append(f'{indent}{key}: {_text_scalar(value)}')
+    return lines
+
+
+def _text_scalar(value):
+    if isinstance(value, _Enum):
+        return str(value)
+    if isinstance(value, str):
+        return _quote(value)
+    if isinstance(value, (bool, np.bool_)):
+        return 'true' if value else 'false'
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    return str(np.float32(value))  # shortest text that reads back as the same float32
+
+
+def _quote(text):
+    escaped = text.replace('\\', '\\\\').replace('"', '\\"').replace('\n', '\\n')
+    return f'"{escaped}"'
+
+
+# ---------------------------------------------------------------------------------------------
+# .caffemodel (protobuf wire format)
+
+_LEN = 2  # wire type of length-delimited fields (strings, messages, packed arrays)
+
+
+def _caffemodel(net_name, layers):
+    parts = [_bytes_field(1, net_name.encode('utf-8'))]
+    parts += [_bytes_field(100, _layer_message(layer)) for layer in layers if layer.blobs]
+    return b''.join(parts)
+
+
+def _layer_message(layer):
+    out = _bytes_field(1, layer.name.encode('utf-8')) + _bytes_field(2, layer.type.encode())
+    return out + b''.join(_bytes_field(7, _blob_message(blob)) for blob in layer.blobs)
+
+
+def _blob_message(array):
+    array = np.asarray(array, dtype=np.float32)
+    shape = _bytes_field(1, b''.join(_varint(int(d)) for d in array.shape))
+    return _bytes_field(5, array.astype('<f4').tobytes()) + _bytes_field(7, shape)
+
+
+def _bytes_field(number, payload):
+    return _varint(number << 3 | _LEN) + _varint(len(payload)) + payload
+
+
+def _varint(value):
+    """Base-128 varint of a non-negative int, least significant group first."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _write_atomic(path, data):
+    """Write to a new temporary file in the target's folder, then rename it over the target."""
+    folder, base = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f'.{base}.{secrets.token_hex(4)}.tmp')
+    try:
+        with open(tmp, 'xb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading back with protobuf (descriptors built at run time: no .proto file, no protoc)
+
+# The caffe.proto (BVLC, proto2) messages and fields written here, with their numbers.
+# Enum types are declared in _ENUMS under their message; values are numbered by position.
+_MESSAGES = {
+    'BlobShape': 'repeated int64 dim = 1 packed',
+    'BlobProto': 'optional BlobShape shape = 7; repeated float data = 5 packed; '
+                 'optional int32 num = 1; optional int32 channels = 2; '
+                 'optional int32 height = 3; optional int32 width = 4',
+    'NetParameter': 'optional string name = 1; repeated LayerParameter layer = 100',
+    'LayerParameter': 'optional string name = 1; optional string type = 2; '
+                      'repeated string bottom = 3; repeated string top = 4; '
+                      'repeated BlobProto blobs = 7; '
+                      'optional ConcatParameter concat_param = 104; '
+                      'optional ConvolutionParameter convolution_param = 106; '
+                      'optional EltwiseParameter eltwise_param = 110; '
+                      'optional InnerProductParameter inner_product_param = 117; '
+                      'optional PoolingParameter pooling_param = 121; '
+                      'optional ReLUParameter relu_param = 123; '
+                      'optional SoftmaxParameter softmax_param = 125; '
+                      'optional FlattenParameter flatten_param = 135; '
+                      'optional BatchNormParameter batch_norm_param = 139; '
+                      'optional ScaleParameter scale_param = 142; '
+                      'optional InputParameter input_param = 143; '
+                      'optional ClipParameter clip_param = 148',
+    'InputParameter': 'repeated BlobShape shape = 1',
+    'ConvolutionParameter': 'optional uint32 num_output = 1; optional bool bias_term = 2; '
+                            'repeated uint32 pad = 3; repeated uint32 kernel_size = 4; '
+                            'optional uint32 group = 5; repeated uint32 stride = 6; '
+                            'optional uint32 pad_h = 9; optional uint32 pad_w = 10; '
+                            'optional uint32 kernel_h = 11; optional uint32 kernel_w = 12; '
+                            'optional uint32 stride_h = 13; optional uint32 stride_w = 14; '
+                            'repeated uint32 dilation = 18',
+    'PoolingParameter': 'optional PoolMethod pool = 1; optional uint32 kernel_size = 2; '
+                        'optional uint32 stride = 3; optional uint32 pad = 4; '
+                        'optional uint32 kernel_h = 5; optional uint32 kernel_w = 6; '
+                        'optional uint32 stride_h = 7; optional uint32 stride_w = 8; '
+                        'optional uint32 pad_h = 9; optional uint32 pad_w = 10; '
+                        'optional bool global_pooling = 12; optional RoundMode round_mode = 13',
+    'InnerProductParameter': 'optional uint32 num_output = 1; optional bool bias_term = 2; '
+                             'optional int32 axis = 5',
+    'BatchNormParameter': 'optional bool use_global_stats = 1; '
+                          'optional float moving_average_fraction = 2; optional float eps = 3',
+    'ScaleParameter': 'optional int32 axis = 1; optional int32 num_axes = 2; '
+                      'optional bool bias_term = 4',
+    'ReLUParameter': 'optional float negative_slope = 1',
+    'ClipParameter': 'required float min = 1; required float max = 2',
+    'EltwiseParameter': 'optional EltwiseOp operation = 1; repeated float coeff = 2',
+    'ConcatParameter': 'optional uint32 concat_dim = 1; optional int32 axis = 2',
+    'SoftmaxParameter': 'optional int32 axis = 2',
+    'FlattenParameter': 'optional int32 axis = 1; optional int32 end_axis = 2',
+}
+_ENUMS = {'PoolingParameter': {'PoolMethod': ('MAX', 'AVE', 'STOCHASTIC'),
+                               'RoundMode': ('CEIL', 'FLOOR')},
+          'EltwiseParameter': {'EltwiseOp': ('PROD', 'SUM', 'MAX')}}
+
+
+@functools.lru_cache(maxsize=None)
+def caffe_messages():
+    """{message name: protobuf message class} for the caffe.proto subset above (package
+    ``caffe``, BVLC field numbers), built at run time. Needs ``google.protobuf``."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    file_proto = descriptor_pb2.FileDescriptorProto(name='qat_caffe_subset.proto',
+                                                    package='caffe', syntax='proto2')
+    for message, spec in _MESSAGES.items():
+        _add_message(file_proto.message_type.add(name=message), spec, _ENUMS.get(message, {}))
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file_proto)
+    return {message: message_factory.GetMessageClass(
+        pool.FindMessageTypeByName(f'caffe.{message}')) for message in _MESSAGES}
+
+
+def _add_message(proto, spec, enums):
+    from google.protobuf import descriptor_pb2
+    fdp = descriptor_pb2.FieldDescriptorProto
+    for enum, values in enums.items():
+        enum_proto = proto.enum_type.add(name=enum)
+        for number, value in enumerate(values):
+            enum_proto.value.add(name=value, number=number)
+    for field in spec.split(';'):
+        label, type_name, name, _, number, *packed = field.split()
+        entry = proto.field.add(name=name, number=int(number),
+                                label=getattr(fdp, f'LABEL_{label.upper()}'))
+        if hasattr(fdp, f'TYPE_{type_name.upper()}'):
+            entry.type = getattr(fdp, f'TYPE_{type_name.upper()}')
+        elif type_name in enums:
+            entry.type, entry.type_name = fdp.TYPE_ENUM, f'.caffe.{proto.name}.{type_name}'
+        else:
+            entry.type, entry.type_name = fdp.TYPE_MESSAGE, f'.caffe.{type_name}'
+        if packed:
+            entry.options.packed = True
+
+
+def read_caffemodel(path):
+    """{layer name: (type, [float32 arrays shaped as their BlobShape])} of a binary
+    ``.caffemodel`` (legacy num/channels/height/width blobs are read as 4-D)."""
+    with open(path, 'rb') as f:
+        net = caffe_messages()['NetParameter'].FromString(f.read())
+    return {layer.name: (layer.type, [_blob_array(blob) for blob in layer.blobs])
+            for layer in net.layer}
+
+
+def _blob_array(blob):
+    if blob.HasField('shape'):
+        shape = tuple(blob.shape.dim)
+    else:
+        shape = (blob.num, blob.channels, blob.height, blob.width)
+    return np.array(blob.data, dtype=np.float32).reshape(shape)
+
+
+def read_prototxt(path):
+    """The layers of a text ``.prototxt`` as ``CaffeLayer(name, type, bottoms, tops, params)``;
+    params holds the ``*_param`` messages that are set, as dicts of the fields that are set
+    (repeated fields as lists, enums by name)."""
+    from google.protobuf import text_format
+    with open(path, encoding='utf-8') as f:
+        net = text_format.Parse(f.read(), caffe_messages()['NetParameter']())
+    return [CaffeLayer(layer.name, layer.type, list(layer.bottom), list(layer.top),
+                       {fd.name: _message_dict(value) for fd, value in layer.ListFields()
+                        if fd.name.endswith('_param')})
+            for layer in net.layer]
+
+
+def _message_dict(message):
+    return {fd.name: _field_value(fd, value) for fd, value in message.ListFields()}
+
+
+def _field_value(fd, value):
+    # protobuf >= 6 has is_repeated instead of label
+    if fd.is_repeated if hasattr(fd, 'is_repeated') else fd.label == fd.LABEL_REPEATED:
+        return [_field_value_one(fd, v) for v in value]
+    return _field_value_one(fd, value)
+
+
+def _field_value_one(fd, value):
+    if fd.type == fd.TYPE_MESSAGE:
+        return _message_dict(value)
+    if fd.type == fd.TYPE_ENUM:
+        return fd.enum_type.values_by_number[value].name
+    return value

@@ -1,0 +1,129 @@
+"""export: a converted, calibrated or trained net -> one folder of deployable files.
+
+Written, all or nothing, into ``folder``::
+
+    <name>.prototxt, <name>.caffemodel   Caffe, fp32, BN fused
+    <name>.table                         ncnn calibration table (int8 layers only)
+    <name>.param, <name>.bin             ncnn fp32
+    <name>-int8.param, <name>-int8.bin   ncnn int8 (mixed precision: layers without scales stay fp32)
+    <name>.json                          manifest: input, layers, scales, Winograd guards
+
+Every file is rendered into a temporary folder next to the destination first; only when all
+of them exist are they moved into place, so a failure leaves no partial files.
+"""
+import json
+import logging
+import os
+import shutil
+import tempfile
+
+from . import caffe, ncnn, winograd
+from .graph import ExportError, trace
+from .table import render_table
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+
+
+def _winograd_layers(graph):
+    """(layer, codes) of every int8 convolution ncnn may run with int8 Winograd."""
+    for layer in graph.layers:
+        quant, p = layer.quant, layer.params
+        if layer.kind != 'Convolution' or quant is None or not quant.int8:
+            continue
+        num_input = layer.weights['weight'].shape[1] * p['groups']
+        if winograd.uses_winograd(p['kernel'], p['stride'], p['dilate'], p['groups'],
+                                  num_input, p['num_output']):
+            yield layer, quant.weight_codes
+
+
+# Winograd overflow policy (contract §4.1) -> the int8 convs that get 31=64 (no Winograd).
+WINOGRAD_POLICIES = {
+    # Guard only the layers whose worst-case int32 accumulation the bound cannot prove safe.
+    'bound': lambda graph: {layer.name for layer, codes in _winograd_layers(graph)
+                            if not winograd.is_safe(codes, groups=layer.params['groups'])},
+    # Guard every int8 conv that could run with Winograd (exact, slowest).
+    'off': lambda graph: {layer.name for layer, _ in _winograd_layers(graph)},
+    # Guard nothing: may overflow on adversarial inputs; for speed comparisons only.
+    'unsafe': lambda graph: set(),
+}
+
+
+def winograd_guards(graph, policy='bound'):
+    if policy not in WINOGRAD_POLICIES:
+        raise ValueError(f"unknown winograd policy {policy!r}; valid: {sorted(WINOGRAD_POLICIES)}")
+    return WINOGRAD_POLICIES[policy](graph)
+
+
+def manifest(graph, name, guarded, input_names):
+    """The export's description, read back by verify."""
+    layers = []
+    for layer in graph.layers:
+        entry = {'name': layer.name, 'kind': layer.kind, 'inputs': layer.inputs,
+                 'source': layer.source, 'int8': bool(layer.quant is not None and layer.quant.int8)}
+        if entry['int8']:
+            top = ncnn.requantized_scale(graph, layer)
+            entry.update(input_scale=float(layer.quant.input_scale),
+                         input_bits=layer.quant.input_bits,
+                         weight_bits=layer.quant.weight_bits,
+                         requantized=top is not None, winograd_guard=layer.name in guarded)
+        layers.append(entry)
+    return {'format_version': FORMAT_VERSION, 'name': name, 'inputs': list(input_names),
+            'input_shape': list(graph.input.params['shape']), 'outputs': graph.outputs,
+            'files': file_names(name), 'layers': layers}
+
+
+def file_names(name):
+    return {'prototxt': f'{name}.prototxt', 'caffemodel': f'{name}.caffemodel',
+            'table': f'{name}.table', 'param': f'{name}.param', 'bin': f'{name}.bin',
+            'int8_param': f'{name}-int8.param', 'int8_bin': f'{name}-int8.bin',
+            'manifest': f'{name}.json'}
+
+
+def _prepare_folder(folder):
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=folder, prefix='.probe-')
+        probe.close()
+    except OSError as err:
+        raise ExportError(f"cannot write to output folder {folder}: {err.strerror or err}") \
+            from err
+
+
+def export(net, folder, input_shape, name='model', input_names=('data',), winograd='bound'):
+    """Export ``net`` (converted; calibrated or trained) into ``folder``.
+
+    input_shape: (C, H, W). winograd: a key of WINOGRAD_POLICIES. Returns {kind: path}.
+    Raises ExportError (nothing written) for an op that cannot be exported, a layer whose
+    input range is unset, or a folder that cannot be written."""
+    graph = trace(net, input_shape, input_names)
+    guarded = winograd_guards(graph, winograd)
+    fp32_param, fp32_bin = ncnn.render(graph, int8=False)
+    int8_param, int8_bin = ncnn.render(graph, int8=True, guarded=guarded)
+    contents = {'table': render_table(graph).encode(), 'param': fp32_param.encode(),
+                'bin': fp32_bin, 'int8_param': int8_param.encode(), 'int8_bin': int8_bin,
+                'manifest': json.dumps(manifest(graph, name, guarded, input_names),
+                                       indent=1).encode()}
+    _prepare_folder(folder)
+    names = file_names(name)
+    staging = tempfile.mkdtemp(dir=folder, prefix='.export-')
+    try:
+        for kind, data in contents.items():
+            with open(os.path.join(staging, names[kind]), 'wb') as handle:
+                handle.write(data)
+        caffe.write_caffe(graph, os.path.join(staging, names['prototxt']),
+                          os.path.join(staging, names['caffemodel']), name)
+        for kind, file_name in names.items():
+            os.replace(os.path.join(staging, file_name), os.path.join(folder, file_name))
+    except OSError as err:
+        raise ExportError(f"writing the export into {folder} failed: {err}") from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    int8_layers = sum(1 for layer in graph.layers if layer.quant is not None
+                      and layer.quant.int8)
+    log.info("exported %s: %d layers (%d int8, %d Winograd-guarded) into %s", name,
+             len(graph.layers), int8_layers, len(guarded), folder)
+    if int8_layers == 0:
+        log.warning("%s: no int8 layer (quantization disabled?): the int8 model is fp32", name)
+    return {kind: os.path.join(folder, file_name) for kind, file_name in names.items()}
+

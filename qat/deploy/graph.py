@@ -1,0 +1,432 @@
+"""trace: a converted Gluon net -> the deployment graph (``qat.deploy.ir``).
+
+The net is traced symbolically in float mode, where every quantized block computes exactly
+its float op under the float block's name (``<prefix>fwd``); each Convolution/FullyConnected
+node is then matched to its quantized block by that name and gets the block's integer
+weight codes and scales, computed by the same functions the training graph uses. Patterns
+folded on the way: Convolution -> BatchNorm (the fold of ``qat.ops.fold_bn``), and a
+Convolution/InnerProduct's only consumer being an activation (fused, as ncnn runs it).
+Dropout and identities disappear. Any other op is an error naming the op and its block.
+"""
+import json
+import re
+
+import mxnet as mx
+import numpy as np
+from mxnet import nd
+
+from .. import ops, ranges
+from ..convert import quant_blocks, temporary_mode
+from ..layers import QConv2DBatchNorm
+from .ir import Graph, Layer, Quant
+
+# MXNet op -> how it maps (the one table of supported ops; the handlers are below).
+ELTWISE_OPS = {'elemwise_add': 'sum', '_Plus': 'sum', '_plus': 'sum', 'broadcast_add': 'sum',
+               'add_n': 'sum', 'ElementWiseSum': 'sum', 'elemwise_mul': 'prod', '_Mul': 'prod',
+               '_mul': 'prod', 'broadcast_mul': 'prod', '_maximum': 'max',
+               'broadcast_maximum': 'max'}
+PASS_THROUGH_OPS = ('Dropout', '_copy', 'identity')
+SOFTMAX_OPS = ('softmax', 'SoftmaxActivation', 'SoftmaxOutput')
+
+
+class ExportError(ValueError):
+    """The net cannot be exported as it is; the message names the op, layer or value."""
+
+
+def _tuple(text, default):
+    if text is None:
+        return default
+    return tuple(int(v) for v in re.findall(r'-?\d+', text))
+
+
+def _bool(text, default=False):
+    return default if text is None else text.strip() in ('True', 'true', '1')
+
+
+def _activation(node):
+    """The fused-activation tuple for an activation node, or None if it is not one."""
+    op, attrs = node['op'], node.get('attrs', {})
+    if op == 'Activation' and attrs.get('act_type') == 'relu':
+        return ('relu',)
+    if op == 'Activation' and attrs.get('act_type') == 'sigmoid':
+        return ('sigmoid',)
+    if op == 'sigmoid':
+        return ('sigmoid',)
+    if op == 'relu':
+        return ('relu',)
+    if op == 'LeakyReLU' and attrs.get('act_type', 'leaky') == 'leaky':
+        return ('leaky', float(attrs.get('slope', 0.25)))
+    if op == 'clip':
+        return ('clip', float(attrs['a_min']), float(attrs['a_max']))
+    return None
+
+
+def _standalone_activation(act):
+    """IR kind and params of an activation that stands alone."""
+    kind = act[0]
+    if kind == 'relu':
+        return 'ReLU', {'slope': 0.0}
+    if kind == 'leaky':
+        return 'ReLU', {'slope': act[1]}
+    if kind == 'clip':
+        return 'Clip', {'low': act[1], 'high': act[2]}
+    return 'Sigmoid', {}
+
+
+def _layer_name(node_name, taken):
+    """Readable, unique layer name: the node name without MXNet's op suffix."""
+    name = re.sub(r'_(fwd|output)$', '', node_name) or node_name
+    base, k = name, 1
+    while name in taken:
+        name = f"{base}_{k}"
+        k += 1
+    taken.add(name)
+    return name
+
+
+def _float_trace(net, input_names):
+    """Symbol of ``net`` computed in float mode (modes restored afterwards)."""
+    with temporary_mode(net, quantize=False):
+        inputs = [mx.sym.var(name) for name in input_names]
+        try:
+            out = net(*inputs)
+        except Exception as err:
+            raise ExportError(f"{net.name} cannot be traced symbolically ({type(err).__name__}: "
+                              f"{err}); only HybridBlocks can be exported") from err
+    if isinstance(out, (list, tuple)):
+        out = mx.sym.Group(list(out))
+    return out
+
+
+def _block_index(net):
+    """{float op node name: (quantized block, role)} for every quantized block."""
+    index = {}
+    for _, block in quant_blocks(net):
+        index[block.prefix + 'fwd'] = (block, 'layer')
+        if isinstance(block, QConv2DBatchNorm):
+            index[block._originals.blocks[1].prefix + 'fwd'] = (block, 'bn')
+    return index
+
+
+def _values(net):
+    return {name: param.data(param.list_ctx()[0])
+            for name, param in net.collect_params().items() if param._data is not None}
+
+
+def _quant(block, weight, bias):
+    """Integer codes and scales of a quantized block for its (folded) float weight, computed
+    with the training graph's own functions. Returns (Quant or None, weight, bias) where
+    weight/bias are what the simulation computes with in float for a layer that ncnn runs
+    in fp32."""
+    mode, cfg = block.mode, block.config
+    if not mode['quantize']:
+        return None, weight, bias
+    channels = weight.shape[0]
+    codes, s_w = block._quantized_weight(nd, weight, channels, block.groups)
+    if not mode['quantize_input']:
+        # Weight-only quantization: ncnn runs it in fp32 with the dequantized weights.
+        return Quant(None, s_w.asnumpy().astype(np.float32), codes.asnumpy().astype(np.int8),
+                     None, cfg.weight_bits), weight, bias
+    if not cfg.input_signed:
+        raise ExportError(f"{block.name}: unsigned input quantization cannot run in ncnn "
+                          f"(int8 is signed, -127..127); use QuantConfig(input_signed=True)")
+    if block.input_threshold() is None:
+        raise ExportError(f"{block.name}: input range is unset (never calibrated or trained "
+                          f"with input quantization); run qat.calibrate first")
+    threshold = ranges.ema_value(nd, block.range_ema.data(), nd.zeros((1,)))
+    s_in = ops.scale_from_threshold(nd, threshold, cfg.input_bits)
+    quant = Quant(input_scale=np.float32(s_in.asnumpy()[0]),
+                  weight_scales=s_w.asnumpy().astype(np.float32),
+                  weight_codes=codes.asnumpy().astype(np.int8),
+                  input_bits=cfg.input_bits, weight_bits=cfg.weight_bits)
+    return quant, weight, bias
+
+
+def _fold_real_bn(quant, weight, bias, bn_node, values, groups, name):
+    """Fold a BatchNorm the converter left in place into the preceding conv (same fold
+    function). The int8 codes stay as trained; their scales absorb the BN factor."""
+    attrs = bn_node.get('attrs', {})
+    inputs = bn_node['inputs']
+    gamma, beta, mean, var = (values[input_name] for input_name in inputs[1:5])
+    eps, fix_gamma = float(attrs.get('eps', 1e-3)), _bool(attrs.get('fix_gamma'), True)
+    if bias is None:
+        bias = nd.zeros((weight.shape[0],))
+    folded_w, folded_b = ops.fold_bn(nd, weight, bias, gamma, beta, mean, var, eps, fix_gamma)
+    if quant is not None:
+        factor = ops.bn_factor(nd, gamma, var, eps, fix_gamma).asnumpy()
+        if groups > 1 and weight.shape[0] != groups:
+            raise ExportError(f"{name}: a BatchNorm after a grouped int8 conv needs fake BN "
+                              f"(ncnn keeps one weight scale per group)")
+        sign = np.where(factor < 0, -1, 1).astype(np.int8)
+        magnitude = np.where(factor == 0, 1, np.abs(factor)).astype(np.float32)
+        codes = quant.weight_codes * np.where(factor == 0, 0, sign).reshape(-1, 1, 1, 1)
+        quant.weight_codes = codes.astype(np.int8)
+        quant.weight_scales = (quant.weight_scales / magnitude).astype(np.float32)
+    return quant, folded_w, folded_b
+
+
+class _Tracer:
+    def __init__(self, net, input_shape, input_names):
+        self.net = net
+        sym = _float_trace(net, input_names)
+        self.nodes = json.loads(sym.tojson())['nodes']
+        self.heads = [head[0] for head in json.loads(sym.tojson())['heads']]
+        internals = sym.get_internals()
+        shapes = {name: tuple(input_shape) for name in input_names}
+        _, out_shapes, _ = internals.infer_shape(**{n: (1,) + tuple(s) for n, s in shapes.items()})
+        self.shapes = dict(zip(internals.list_outputs(), out_shapes))
+        self.input_names, self.input_shape = input_names, tuple(input_shape)
+        self.blocks = _block_index(net)
+        self.values = _values(net)
+        self.consumers = {}
+        for index, node in enumerate(self.nodes):
+            for source, *_ in node.get('inputs', []):
+                self.consumers.setdefault(source, []).append(index)
+        self.blob = {}        # node index -> IR layer name holding its output
+        self.absorbed = set()  # node indices folded into an earlier layer
+        self.layers, self.taken = [], set()
+
+    # ----- helpers -----------------------------------------------------------------------
+    def shape(self, index):
+        node = self.nodes[index]
+        return self.shapes[node['name'] + ('' if node['op'] == 'null' else '_output')]
+
+    def only_consumer(self, index):
+        users = self.consumers.get(index, [])
+        if len(users) == 1 and index not in self.heads:
+            return users[0]
+        return None
+
+    def data_inputs(self, node):
+        return [source for source, *_ in node['inputs'] if self.nodes[source]['op'] != 'null'
+                or self.nodes[source]['name'] in self.input_names]
+
+    def param(self, node, position):
+        return self.values[self.nodes[node['inputs'][position][0]]['name']]
+
+    def describe(self, node):
+        owner = self.blocks.get(node['name'], (None,))[0]
+        where = f" in block {owner.name}" if owner is not None else ''
+        return f"op {node['op']!r} (node {node['name']!r}{where})"
+
+    def add(self, kind, index, inputs, params=None, weights=None, quant=None, name=None,
+            source=None):
+        node = self.nodes[index]
+        layer = Layer(kind, _layer_name(name or node['name'], self.taken),
+                      [self.blob[i] for i in inputs], params or {},
+                      {k: v for k, v in (weights or {}).items() if v is not None}, quant,
+                      source or node['name'])
+        self.layers.append(layer)
+        self.blob[index] = layer.name
+        return layer
+
+    def fuse_activation(self, index, layer):
+        """Absorb the only consumer of node ``index`` into ``layer`` if it is an activation."""
+        user = self.only_consumer(index)
+        if user is None:
+            return index
+        act = _activation(self.nodes[user])
+        if act is None:
+            return index
+        layer.params['activation'] = act
+        layer.source = self.nodes[user]['name']
+        self.absorbed.add(user)
+        self.blob[user] = layer.name
+        return user
+
+    # ----- the ops -----------------------------------------------------------------------
+    def run(self):
+        for index, node in enumerate(self.nodes):
+            if index in self.absorbed:
+                continue
+            op = node['op']
+            if op == 'null':
+                if node['name'] in self.input_names:
+                    self.add('Input', index, [], {'shape': self.input_shape})
+                continue
+            handler = getattr(self, 'op_' + op, None)
+            if handler is not None:
+                handler(index, node)
+            elif op in ELTWISE_OPS:
+                self.op_eltwise(index, node)
+            elif op in PASS_THROUGH_OPS:
+                self.blob[index] = self.blob[self.data_inputs(node)[0]]
+            elif op in SOFTMAX_OPS:
+                self.op_softmax(index, node)
+            elif _activation(node) is not None:
+                kind, params = _standalone_activation(_activation(node))
+                self.add(kind, index, self.data_inputs(node)[:1], params)
+            else:
+                raise ExportError(f"cannot export {self.describe(node)}: not supported by the "
+                                  f"exporter (see qat.deploy.ir for the supported layers)")
+        outputs = [self.blob[index] for index in self.heads]
+        return Graph(self.layers, outputs)
+
+    def _weighted(self, index, node, kind, params):
+        """Convolution / FullyConnected with its quantized block, BN fold and activation."""
+        attrs = node.get('attrs', {})
+        no_bias = _bool(attrs.get('no_bias'))
+        weight = self.param(node, 1)
+        bias = None if no_bias else self.param(node, 2)
+        block, _ = self.blocks.get(node['name'], (None, None))
+        groups = params.get('groups', 1)
+        end, name = index, (block.name if block is not None else node['name'])
+        quant = None
+        user = self.only_consumer(index) if kind == 'Convolution' else None
+        bn_node = self.nodes[user] if user is not None else None
+        folds_bn = bn_node is not None and bn_node['op'] == 'BatchNorm' \
+            and int(bn_node.get('attrs', {}).get('axis', 1)) == 1
+        if isinstance(block, QConv2DBatchNorm):
+            bn_params = [self.param(bn_node, i) for i in range(1, 5)]
+            weight, bias = block.folded_weight_bias(nd, weight, bias, *bn_params)
+            quant, weight, bias = _quant(block, weight, bias)
+            end = user
+        else:
+            if block is not None:
+                quant, weight, bias = _quant(block, weight, bias)
+            if folds_bn:
+                quant, weight, bias = _fold_real_bn(quant, weight, bias, bn_node, self.values,
+                                                    groups, name)
+                end = user
+        if end != index:
+            self.absorbed.add(end)
+        params['bias_term'] = bias is not None
+        params['activation'] = None
+        layer = self.add(kind, index, self.data_inputs(node)[:1], params,
+                         {'weight': weight.asnumpy().astype(np.float32),
+                          'bias': None if bias is None else bias.asnumpy().astype(np.float32)},
+                         quant, name=name, source=self.nodes[end]['name'])
+        self.blob[end] = layer.name
+        self.fuse_activation(end, layer)
+        return layer
+
+    def op_Convolution(self, index, node):
+        attrs = node.get('attrs', {})
+        if attrs.get('layout', 'NCHW') != 'NCHW' or len(_tuple(attrs['kernel'], ())) != 2:
+            raise ExportError(f"cannot export {self.describe(node)}: only 2-D NCHW "
+                              f"convolutions are supported")
+        params = {'num_output': int(attrs['num_filter']),
+                  'kernel': _tuple(attrs['kernel'], None),
+                  'stride': _tuple(attrs.get('stride'), (1, 1)) or (1, 1),
+                  'pad': _tuple(attrs.get('pad'), (0, 0)) or (0, 0),
+                  'dilate': _tuple(attrs.get('dilate'), (1, 1)) or (1, 1),
+                  'groups': int(attrs.get('num_group', 1))}
+        source = self.data_inputs(node)[0]
+        if self.shape(source)[2:] == (1, 1) and params['kernel'] == (1, 1) \
+                and params['pad'] == (0, 0) and params['groups'] == 1:
+            # A 1x1 conv on a 1x1 map (a classifier after global pooling, whose ncnn output
+            # is a 1-D blob) is an InnerProduct.
+            layer = self._weighted(index, node, 'InnerProduct',
+                                   {'num_output': params['num_output']})
+            layer.weights['weight'] = layer.weights['weight'].reshape(params['num_output'], -1)
+            if layer.quant is not None:
+                codes = layer.quant.weight_codes
+                layer.quant.weight_codes = codes.reshape(len(codes), -1)
+            return
+        self._weighted(index, node, 'Convolution', params)
+
+    def op_FullyConnected(self, index, node):
+        attrs = node.get('attrs', {})
+        source = self.data_inputs(node)[0]
+        if not _bool(attrs.get('flatten'), True) and len(self.shape(source)) > 2:
+            raise ExportError(f"cannot export {self.describe(node)}: Dense(flatten=False) on "
+                              f"a {len(self.shape(source))}-D input")
+        self._weighted(index, node, 'InnerProduct', {'num_output': int(attrs['num_hidden'])})
+
+    def op_BatchNorm(self, index, node):
+        attrs = node.get('attrs', {})
+        if int(attrs.get('axis', 1)) != 1:
+            raise ExportError(f"cannot export {self.describe(node)}: BatchNorm axis must be 1")
+        gamma, beta, mean, var = (self.param(node, i).asnumpy() for i in range(1, 5))
+        if _bool(attrs.get('fix_gamma'), True):
+            gamma = np.ones_like(gamma)
+        self.add('BatchNorm', index, self.data_inputs(node)[:1],
+                 {'channels': len(mean), 'eps': float(attrs.get('eps', 1e-3))},
+                 {'gamma': gamma, 'beta': beta, 'mean': mean, 'var': var})
+
+    def op_Pooling(self, index, node):
+        attrs = node.get('attrs', {})
+        pool = attrs.get('pool_type', 'max')
+        if pool not in ('max', 'avg') or attrs.get('layout', 'NCHW') != 'NCHW':
+            raise ExportError(f"cannot export {self.describe(node)}: pool_type {pool!r} "
+                              f"(only max and avg, NCHW)")
+        params = {'pool': pool, 'kernel': _tuple(attrs.get('kernel'), (1, 1)),
+                  'stride': _tuple(attrs.get('stride'), (1, 1)) or (1, 1),
+                  'pad': _tuple(attrs.get('pad'), (0, 0)) or (0, 0),
+                  'global_pool': _bool(attrs.get('global_pool')),
+                  'full': attrs.get('pooling_convention', 'valid') == 'full',
+                  'count_include_pad': _bool(attrs.get('count_include_pad'), True)}
+        source = self.data_inputs(node)[0]
+        if pool == 'avg' and params['full'] and not params['global_pool'] \
+                and any(params['pad']) and _has_tail(self.shape(source), params):
+            raise ExportError(f"cannot export {self.describe(node)}: average pooling with "
+                              f"padding and a ceil-mode tail has no exact ncnn equivalent")
+        self.add('Pooling', index, [source], params)
+
+    def op_eltwise(self, index, node):
+        sources = self.data_inputs(node)
+        shapes = {self.shape(s) for s in sources}
+        if len(sources) < 2 or len(shapes) != 1:
+            raise ExportError(f"cannot export {self.describe(node)}: elementwise ops need "
+                              f"inputs of one shape, got {sorted(shapes)}")
+        self.add('Eltwise', index, sources, {'op': ELTWISE_OPS[node['op']]})
+
+    def op_Concat(self, index, node):
+        attrs = node.get('attrs', {})
+        self.add('Concat', index, self.data_inputs(node), {'axis': int(attrs.get('dim', 1))})
+
+    op_concat = op_Concat
+
+    def op_Flatten(self, index, node):
+        self.add('Flatten', index, self.data_inputs(node)[:1])
+
+    op_flatten = op_Flatten
+
+    def op_softmax(self, index, node):
+        attrs = node.get('attrs', {})
+        ndim = len(self.shape(index))
+        if node['op'] == 'softmax':
+            axis = int(attrs.get('axis', -1)) % ndim
+        else:  # SoftmaxActivation / SoftmaxOutput: over the channel axis
+            axis = 1
+        self.add('Softmax', index, self.data_inputs(node)[:1], {'axis': axis})
+
+
+def _has_tail(shape, params):
+    """True if the 'full' (ceil) convention gives a larger output than 'valid' (floor)."""
+    for size, k, s, p in zip(shape[2:], params['kernel'], params['stride'], params['pad']):
+        if (size + 2 * p - k) % s:
+            return True
+    return False
+
+
+def trace(net, input_shape, input_names=('data',)):
+    """The deployment graph of a converted (calibrated or trained) net.
+
+    input_shape: (C, H, W) of one sample. Raises ExportError naming the op and block for
+    anything that cannot be exported, and for an int8 layer whose input range is unset."""
+    if len(input_shape) != 3:
+        raise ExportError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
+    if not quant_blocks(net):
+        raise ExportError(f"{net.name} has no quantized blocks: call qat.convert_model first")
+    graph = _Tracer(net, input_shape, tuple(input_names)).run()
+    _clip_narrow_inputs(graph)
+    return graph
+
+
+def _clip_narrow_inputs(graph):
+    """ncnn saturates every int8 input at +-127; a layer simulated with fewer input bits
+    saturates at qmax, so it gets a Clip to [-qmax/s_in, qmax/s_in] in front (exact: the
+    clipped value times s_in rounds to qmax)."""
+    for position in range(len(graph.layers) - 1, -1, -1):
+        layer = graph.layers[position]
+        quant = layer.quant
+        if quant is None or quant.input_scale is None or quant.input_bits == 8:
+            continue
+        _, high = ops.qrange(quant.input_bits)
+        limit = float(np.float32(high) / quant.input_scale)
+        clip = Layer('Clip', layer.name + '_clip_input', [layer.inputs[0]],
+                     {'low': -limit, 'high': limit})
+        layer.inputs = [clip.name] + layer.inputs[1:]
+        graph.layers.insert(position, clip)
+

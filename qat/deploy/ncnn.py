@@ -1,0 +1,217 @@
+"""Write ncnn models (.param text + .bin weights), fp32 or int8, from the deployment graph.
+
+Formats and arithmetic follow the ncnn int8 contract (``shared/docs/ncnn-int8-contract.md``):
+the int8 model is what ``ncnn2int8`` would write from the fp32 model and our table, with the
+trained integer weight codes stored as int8 (tag 0x000D4B38), raw float32 scales, fused
+activations, and requantization (8=10x) between consecutive int8 convolutions.
+"""
+import struct
+
+import numpy as np
+
+from .ir import ACTIVATIONS
+
+MAGIC = 7767517
+TAG_FP32 = 0x00000000
+TAG_INT8 = 0x000D4B38
+# Fused activation ids (9=) of Convolution / InnerProduct.
+ACTIVATION_TYPES = {None: 0, 'relu': 1, 'leaky': 2, 'clip': 3, 'sigmoid': 4}
+assert set(ACTIVATION_TYPES) - {None} == set(ACTIVATIONS)
+NO_WINOGRAD = 64  # 31= feature mask bit 6: this layer never runs Winograd
+
+
+def _float(value):
+    """9 significant digits: exact float32 round trip, at most 15 characters (the longest
+    token ncnn's param reader accepts)."""
+    return '%.8e' % float(np.float32(value))
+
+
+def _params(pairs):
+    """``id=value`` tokens; float values formatted exactly, lists as ``-233NN=n,v,...``."""
+    tokens = []
+    for key, value in pairs:
+        if isinstance(value, (list, tuple)):
+            tokens.append(f"-233{key:02d}={len(value)}," + ','.join(_float(v) for v in value))
+        elif isinstance(value, float):
+            tokens.append(f"{key}={_float(value)}")
+        else:
+            tokens.append(f"{key}={int(value)}")
+    return tokens
+
+
+class _Bin:
+    """The .bin: concatenated blobs, each padded to 4 bytes."""
+
+    def __init__(self):
+        self.parts = []
+
+    def raw(self, values):
+        self.parts.append(np.ascontiguousarray(values, '<f4').tobytes())
+
+    def tagged(self, values, int8=False):
+        if int8:
+            data = np.ascontiguousarray(values, np.int8).tobytes()
+            data += b'\0' * (-len(data) % 4)
+            self.parts.append(struct.pack('<I', TAG_INT8) + data)
+        else:
+            self.parts.append(struct.pack('<I', TAG_FP32) + np.ascontiguousarray(
+                values, '<f4').tobytes())
+
+    def bytes(self):
+        return b''.join(self.parts)
+
+
+def _activation_params(activation):
+    if activation is None:
+        return []
+    pairs = [(9, ACTIVATION_TYPES[activation[0]])]
+    if activation[0] == 'leaky':
+        pairs.append((10, [activation[1]]))
+    elif activation[0] == 'clip':
+        pairs.append((10, [activation[1], activation[2]]))
+    return pairs
+
+
+def requantized_scale(graph, layer):
+    """The top scale ncnn fuses into an int8 conv (8=10x), or None.
+
+    Fused when every consumer of the conv's output is an int8 Convolution with the same input
+    scale (through a Split all consumers get one scale, so they must agree), and the output
+    is not a network output: the consumers then read int8 codes directly (contract §3.4)."""
+    quant = layer.quant
+    if layer.kind != 'Convolution' or quant is None or not quant.int8 \
+            or layer.name in graph.outputs:
+        return None
+    users = graph.consumers(layer.name)
+    if not users or any(u.kind != 'Convolution' or u.quant is None or not u.quant.int8
+                        for u in users):
+        return None
+    scales = {float(u.quant.input_scale) for u in users}
+    return users[0].quant.input_scale if len(scales) == 1 else None
+
+
+def _conv(layer, graph, int8, guarded, out):
+    p, quant = layer.params, layer.quant
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = p['kernel'], p['stride'], p['pad'], p['dilate']
+    weight = layer.weights['weight']
+    grouped = p['groups'] > 1
+    pairs = [(0, p['num_output']), (1, kw), (11, kh), (2, dw), (12, dh), (3, sw), (13, sh),
+             (4, pw), (14, ph), (5, int(p['bias_term'])), (6, weight.size)]
+    if grouped:
+        pairs.append((7, p['groups']))
+    use_int8 = int8 and quant is not None and quant.int8
+    top_scale = requantized_scale(graph, layer) if use_int8 else None
+    if use_int8:
+        pairs.append((8, (1 if grouped else 2) + (100 if top_scale is not None else 0)))
+    pairs += _activation_params(p['activation'])
+    if use_int8 and layer.name in guarded:
+        pairs.append((31, NO_WINOGRAD))
+    _weights(layer, int8, use_int8, out)
+    if use_int8:
+        out.raw(layer.group_scales() if grouped else quant.weight_scales)
+        out.raw([quant.input_scale])
+        if top_scale is not None:
+            out.raw([top_scale])
+    return ('ConvolutionDepthWise' if grouped else 'Convolution'), pairs
+
+
+def _weights(layer, int8, use_int8, out):
+    """Weight blob (int8 codes, dequantized weight-only codes, or float) and raw bias."""
+    quant = layer.quant
+    if use_int8:
+        out.tagged(quant.weight_codes, int8=True)
+    elif int8 and quant is not None:  # weight-only: the simulation's dequantized weights
+        shape = (-1,) + (1,) * (quant.weight_codes.ndim - 1)
+        out.tagged(quant.weight_codes.astype(np.float32)
+                   / quant.weight_scales.reshape(shape))
+    else:
+        out.tagged(layer.weights['weight'])
+    if layer.params['bias_term']:
+        out.raw(layer.weights['bias'])
+
+
+def _inner_product(layer, graph, int8, guarded, out):
+    p, quant = layer.params, layer.quant
+    use_int8 = int8 and quant is not None and quant.int8
+    pairs = [(0, p['num_output']), (1, int(p['bias_term'])), (2, layer.weights['weight'].size)]
+    if use_int8:
+        pairs.append((8, 2))
+    pairs += _activation_params(p['activation'])
+    _weights(layer, int8, use_int8, out)
+    if use_int8:
+        out.raw(quant.weight_scales)
+        out.raw([quant.input_scale])
+    return 'InnerProduct', pairs
+
+
+def _batchnorm(layer, graph, int8, guarded, out):
+    w = layer.weights
+    for key in ('gamma', 'mean', 'var', 'beta'):  # ncnn order: slope, mean, var, bias
+        out.raw(w[key])
+    return 'BatchNorm', [(0, layer.params['channels']), (1, float(layer.params['eps']))]
+
+
+def _pooling(layer, graph, int8, guarded, out):
+    p = layer.params
+    pairs = [(0, 0 if p['pool'] == 'max' else 1)]
+    if p['global_pool']:
+        return 'Pooling', pairs + [(4, 1)]
+    (kh, kw), (sh, sw), (ph, pw) = p['kernel'], p['stride'], p['pad']
+    pairs += [(1, kw), (11, kh), (2, sw), (12, sh), (3, pw), (14, pw), (13, ph), (15, ph),
+              (5, 0 if p['full'] else 1)]
+    if p['pool'] == 'avg':
+        pairs.append((6, int(p['count_include_pad'])))
+    return 'Pooling', pairs
+
+
+def _simple(kind, make_pairs):
+    return lambda layer, graph, int8, guarded, out: (kind, make_pairs(layer.params))
+
+
+# IR kind -> writer(layer, graph, int8, guarded, bin) -> (ncnn type, [(id, value)]).
+WRITERS = {
+    'Input': _simple('Input', lambda p: [(0, p['shape'][2]), (1, p['shape'][1]),
+                                         (2, p['shape'][0])]),
+    'Convolution': _conv,
+    'InnerProduct': _inner_product,
+    'BatchNorm': _batchnorm,
+    'ReLU': _simple('ReLU', lambda p: [(0, float(p['slope']))] if p['slope'] else []),
+    'Clip': _simple('Clip', lambda p: [(0, float(p['low'])), (1, float(p['high']))]),
+    'Sigmoid': _simple('Sigmoid', lambda p: []),
+    'Pooling': _pooling,
+    'Eltwise': _simple('Eltwise', lambda p: [(0, {'prod': 0, 'sum': 1, 'max': 2}[p['op']])]),
+    'Concat': _simple('Concat', lambda p: [(0, p['axis'] - 1)]),
+    'Flatten': _simple('Flatten', lambda p: []),
+    'Softmax': _simple('Softmax', lambda p: [(0, p['axis'] - 1), (1, 1)]),
+}
+
+
+def _line(kind, name, bottoms, tops, pairs):
+    head = f"{kind:<24} {name:<24} {len(bottoms)} {len(tops)}"
+    return ' '.join([head] + list(bottoms) + list(tops) + _params(pairs))
+
+
+def render(graph, int8=False, guarded=()):
+    """(.param text, .bin bytes) of ``graph``; ``int8`` writes int8 layers for every layer
+    with a Quant, ``guarded`` names int8 convolutions that get ``31=64`` (no Winograd)."""
+    uses = {}
+    for layer in graph.layers:
+        for name in layer.inputs:
+            uses[name] = uses.get(name, 0) + 1
+    branches = {}  # blob -> iterator over its split outputs
+    lines, blobs, out = [], set(), _Bin()
+    for layer in graph.layers:
+        if layer.kind not in WRITERS:
+            raise ValueError(f"layer {layer.name}: kind {layer.kind!r} has no ncnn writer; "
+                             f"valid: {sorted(WRITERS)}")
+        bottoms = [next(branches[b]) if b in branches else b for b in layer.inputs]
+        kind, pairs = WRITERS[layer.kind](layer, graph, int8, set(guarded), out)
+        lines.append(_line(kind, layer.name, bottoms, [layer.name], pairs))
+        blobs.update(bottoms + [layer.name])
+        if uses.get(layer.name, 0) > 1:
+            tops = [f"{layer.name}_splitncnn_{i}" for i in range(uses[layer.name])]
+            lines.append(_line('Split', f"splitncnn_{len(branches)}", [layer.name], tops, []))
+            blobs.update(tops)
+            branches[layer.name] = iter(tops)
+    text = f"{MAGIC}\n{len(lines)} {len(blobs)}\n" + '\n'.join(lines) + '\n'
+    return text, out.bytes()

@@ -1,0 +1,279 @@
+"""verify: run the exported ncnn models with the real ncnn runtime and judge them.
+
+int8 model vs the simulated (fake-quantized) net, layer by layer: requantized blobs as int8
+codes (exact agreement expected), float blobs in LSBs of their quantization step; the final
+output's top-1 agreement and its error in LSBs. fp32 model vs the float net (quantization
+disabled): relative error. The report is a dict (also written as JSON); ``passed`` is False
+when a threshold is missed.
+"""
+import json
+import logging
+import os
+
+import mxnet as mx
+import numpy as np
+
+from .. import reference
+from ..convert import quant_blocks, temporary_mode
+from .export import file_names
+from .graph import _block_index
+
+log = logging.getLogger(__name__)
+
+# Default pass thresholds (named; each one is checked and reported).
+THRESHOLDS = {
+    'min_top1_agreement': 0.99,      # int8 ncnn vs simulated net, fraction of samples
+    'min_within_1lsb': 0.999,        # fraction of int8 output elements within 1 LSB of the sim
+    'max_fp32_relative_error': 1e-4,  # fp32 ncnn vs float net: max|diff| / max|float|
+}
+
+
+class NcnnModel:
+    """An ncnn model loaded with explicit options; ``run`` returns the named blobs."""
+
+    def __init__(self, param, binary, threads=1, packing=True, fp16=False, winograd=True):
+        import ncnn
+        self.net = ncnn.Net()
+        opt = self.net.opt
+        opt.num_threads = threads
+        opt.use_packing_layout = packing
+        opt.use_fp16_storage = opt.use_fp16_packed = opt.use_fp16_arithmetic = fp16
+        opt.use_winograd_convolution = winograd
+        opt.use_int8_inference = True  # required for int8 models (contract §3.5)
+        for path in (param, binary):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"ncnn model file not found: {path}")
+        if self.net.load_param(param) != 0 or self.net.load_model(binary) != 0:
+            raise ValueError(f"ncnn could not load {param} / {binary}")
+        self._ncnn = ncnn
+
+    def run(self, sample, blobs, input_name='data'):
+        """{blob: numpy array} for one (C, H, W) float sample. A requantized int8 blob comes
+        back as its integer codes."""
+        array = np.ascontiguousarray(sample, np.float32)
+        mat = self._ncnn.Mat(array)  # wraps ``array``: keep it alive until extraction ends
+        extractor = self.net.create_extractor()
+        extractor.input(input_name, mat)
+        results = {}
+        for blob in blobs:
+            status, out = extractor.extract(blob)
+            if status != 0:
+                raise RuntimeError(f"ncnn could not compute blob {blob!r} (status {status})")
+            results[blob] = np.array(out, dtype=np.float32, copy=True)
+        del mat, array
+        return results
+
+
+def _sim_node_names(net, sources, available):
+    """Name in the quantized graph of each float-graph node (a quantized layer's output is
+    its ``dequantize`` node there; every other node keeps its name)."""
+    index = _block_index(net)
+    names = []
+    for source in sources:
+        block, role = index.get(source, (None, None))
+        dequantize = block.prefix + 'dequantize' if block is not None else None
+        if block is not None and (role == 'layer' or source + '_output' not in available) \
+                and dequantize + '_output' in available:
+            names.append(dequantize)
+        else:
+            names.append(source)
+    return names
+
+
+def simulate(net, batches, sources, input_name='data'):
+    """Outputs of the graph nodes ``sources`` (float-graph names) of ``net`` in its current
+    modes, inference mode, concatenated over ``batches``: {source: array (N, ...)}."""
+    sym = net(mx.sym.var(input_name))
+    if isinstance(sym, (list, tuple)):
+        sym = mx.sym.Group(list(sym))
+    internals = sym.get_internals()
+    available = set(internals.list_outputs())
+    names = _sim_node_names(net, sources, available)
+    missing = [n for n in names if n + '_output' not in available]
+    if missing:
+        raise ValueError(f"nodes not found in the simulated graph: {missing}")
+    outputs = mx.sym.Group([internals[n + '_output'] for n in names])
+    block = mx.gluon.SymbolBlock(outputs, mx.sym.var(input_name), params=net.collect_params())
+    collected = {source: [] for source in sources}
+    for batch in batches:
+        values = block(batch)
+        values = values if isinstance(values, (list, tuple)) else [values]
+        for source, value in zip(sources, values):
+            collected[source].append(value.asnumpy())
+    return {source: np.concatenate(parts) for source, parts in collected.items()}
+
+
+def _batches(data, max_samples):
+    """(list of NDArray batches, labels or None) with at most ``max_samples`` samples."""
+    batches, labels, count = [], [], 0
+    for item in data:
+        x, y = (item[0], item[1]) if isinstance(item, (tuple, list)) else (item, None)
+        x = x if isinstance(x, mx.nd.NDArray) else mx.nd.array(x)
+        if max_samples is not None and count + len(x) > max_samples:
+            x = x[:max_samples - count]
+            y = None if y is None else y[:max_samples - count]
+        batches.append(x)
+        labels.append(None if y is None else np.asarray(
+            y.asnumpy() if isinstance(y, mx.nd.NDArray) else y).reshape(-1))
+        count += len(x)
+        if max_samples is not None and count >= max_samples:
+            break
+    if not batches:
+        raise ValueError("verify: no data")
+    labels = None if any(lab is None for lab in labels) else np.concatenate(labels)
+    return batches, labels
+
+
+def _lsb_stats(ours, theirs, lsb):
+    """Errors in LSBs: max, and fraction of elements within 1 LSB (+ a float32 rounding
+    margin: a value exactly one step off must count as within)."""
+    errors = np.abs(ours.astype(np.float64) - theirs) / lsb
+    return {'max_lsb': float(errors.max(initial=0)),
+            'within_1lsb': float(np.mean(errors <= 1 + 1e-4)) if errors.size else 1.0}
+
+
+def _compare_layer(layer, sim, ncnn_values, consumer_scale):
+    """Agreement of one blob: codes for requantized blobs, LSBs otherwise."""
+    entry = {'layer': layer['name'], 'kind': layer['kind'], 'int8': layer['int8']}
+    if layer.get('requantized'):
+        codes = reference.quantize(sim, consumer_scale)
+        diff = np.abs(codes - np.rint(ncnn_values).astype(np.int64))
+        entry.update(lsb=float(1 / consumer_scale), code_mismatches=int((diff > 0).sum()),
+                     max_code_diff=int(diff.max(initial=0)), elements=int(diff.size),
+                     within_1lsb=float(np.mean(diff <= 1)), max_lsb=float(diff.max(initial=0)))
+        return entry
+    if consumer_scale is not None:
+        lsb = 1.0 / float(consumer_scale)
+    else:  # an output blob: one step of an int8 grid spanning its own range
+        lsb = float(np.abs(sim).max(initial=0)) / 127 or 1.0
+    entry.update(lsb=lsb, elements=int(sim.size), **_lsb_stats(ncnn_values, sim, lsb))
+    if consumer_scale is not None:
+        entry['code_mismatches'] = int((reference.quantize(sim, consumer_scale)
+                                        != reference.quantize(ncnn_values, consumer_scale)).sum())
+    return entry
+
+
+def _consumer_scales(manifest):
+    """{blob: the input scale of the first int8 layer reading it}."""
+    scales = {}
+    for layer in manifest['layers']:
+        if layer['int8']:
+            for blob in layer['inputs']:
+                scales.setdefault(blob, layer['input_scale'])
+    return scales
+
+
+def verify(net, folder, data, name='model', report_path=None, max_samples=None, threads=1,
+           packing=True, per_layer=True, **thresholds):
+    """Run ``folder``'s ncnn models on ``data`` and compare with ``net``.
+
+    data: iterable of batches (NDArray / numpy, or (data, label)); labels add accuracies.
+    thresholds: override THRESHOLDS. Returns the report (``report['passed']``)."""
+    unknown = set(thresholds) - set(THRESHOLDS)
+    if unknown:
+        raise ValueError(f"unknown verify threshold(s) {sorted(unknown)}; valid: "
+                         f"{sorted(THRESHOLDS)}")
+    limits = dict(THRESHOLDS, **thresholds)
+    names = file_names(name)
+    manifest_path = os.path.join(folder, names['manifest'])
+    if not os.path.isfile(manifest_path):
+        raise FileNotFoundError(f"no export manifest {manifest_path}: run qat export first")
+    with open(manifest_path) as handle:
+        manifest = json.load(handle)
+    if not quant_blocks(net):
+        raise ValueError(f"{net.name} has no quantized blocks: verify needs the converted net")
+    batches, labels = _batches(data, max_samples)
+    layers = [layer for layer in manifest['layers'] if layer['kind'] != 'Input'
+              and layer['source']]
+    if not per_layer:
+        layers = [layer for layer in layers if layer['name'] in manifest['outputs']]
+    output = manifest['outputs'][0]
+    by_name = {layer['name']: layer for layer in manifest['layers']}
+    # The simulation as deployed: BN folded with its running statistics (the same function
+    # in inference, rounded as ncnn rounds it) and the tracked ranges.
+    with temporary_mode(net, bn_frozen=True, online=False):
+        sim = simulate(net, batches, [layer['source'] for layer in layers])
+    with temporary_mode(net, quantize=False):
+        float_out = simulate(net, batches, [by_name[output]['source']])
+    samples = np.concatenate([b.asnumpy() for b in batches])
+    model8 = NcnnModel(os.path.join(folder, names['int8_param']),
+                       os.path.join(folder, names['int8_bin']), threads, packing)
+    model32 = NcnnModel(os.path.join(folder, names['param']), os.path.join(folder, names['bin']),
+                        threads, packing)
+    blobs = [layer['name'] for layer in layers]
+    ncnn8 = {blob: [] for blob in blobs}
+    ncnn32 = []
+    for sample in samples:
+        for blob, value in model8.run(sample, blobs).items():
+            ncnn8[blob].append(value)
+        ncnn32.append(model32.run(sample, [output])[output])
+    scales = _consumer_scales(manifest)
+    per_layer_report = []
+    for layer in layers:
+        theirs = np.stack(ncnn8[layer['name']]).reshape(len(samples), -1)
+        ours = sim[layer['source']].reshape(len(samples), -1)
+        per_layer_report.append(_compare_layer(layer, ours, theirs,
+                                               scales.get(layer['name'])))
+    out_sim = sim[by_name[output]['source']].reshape(len(samples), -1)
+    out8 = np.stack(ncnn8[output]).reshape(len(samples), -1)
+    out_float = float_out[by_name[output]['source']].reshape(len(samples), -1)
+    out32 = np.stack(ncnn32).reshape(len(samples), -1)
+    final = _compare_layer(by_name[output], out_sim, out8, None)
+    report = {
+        'name': name, 'folder': folder, 'samples': int(len(samples)),
+        'options': {'threads': threads, 'packing': packing, 'fp16': False},
+        'int8': {'top1_agreement': float(np.mean(out8.argmax(1) == out_sim.argmax(1))),
+                 'max_abs_error': float(np.abs(out8 - out_sim).max()),
+                 'output_lsb': final['lsb'], 'max_lsb': final['max_lsb'],
+                 'within_1lsb': final['within_1lsb']},
+        'fp32': {'max_relative_error': float(np.abs(out32 - out_float).max()
+                                             / max(np.abs(out_float).max(), 1e-30)),
+                 'top1_agreement': float(np.mean(out32.argmax(1) == out_float.argmax(1)))},
+        'layers': per_layer_report,
+        'thresholds': limits,
+    }
+    if labels is not None:
+        report['accuracy'] = {key: float(np.mean(values.argmax(1) == labels)) for key, values in
+                              (('float', out_float), ('simulated', out_sim),
+                               ('ncnn_fp32', out32), ('ncnn_int8', out8))}
+    checks = {'min_top1_agreement': report['int8']['top1_agreement'],
+              'min_within_1lsb': report['int8']['within_1lsb'],
+              'max_fp32_relative_error': report['fp32']['max_relative_error']}
+    report['failures'] = [f"{key}: {value:.6g} (limit {limits[key]:.6g})"
+                          for key, value in checks.items()
+                          if (value > limits[key] if key.startswith('max') else
+                              value < limits[key])]
+    report['passed'] = not report['failures']
+    if report_path is not None:
+        _write_json(report_path, report)
+    return report
+
+
+def _write_json(path, data):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, 'w') as handle:
+        json.dump(data, handle, indent=1)
+    os.replace(tmp, path)
+
+
+def format_report(report):
+    """The report as a text table: per-layer agreement, then the summary."""
+    rows = [f"{'layer':<44} {'kind':<13} {'int8':<4} {'LSB':>10} {'max LSB':>8} "
+            f"{'<=1 LSB':>8} {'code diffs':>10}"]
+    for entry in report['layers']:
+        rows.append(f"{entry['layer'][:44]:<44} {entry['kind']:<13} "
+                    f"{'yes' if entry['int8'] else '':<4} {entry['lsb']:>10.3g} "
+                    f"{entry['max_lsb']:>8.3g} {100 * entry['within_1lsb']:>7.2f}% "
+                    f"{entry.get('code_mismatches', ''):>10}")
+    i8, f32 = report['int8'], report['fp32']
+    rows.append('')
+    rows.append(f"int8 ncnn vs simulated: top-1 agreement {100 * i8['top1_agreement']:.2f}%, "
+                f"max error {i8['max_abs_error']:.4g} ({i8['max_lsb']:.3g} LSB), "
+                f"{100 * i8['within_1lsb']:.3f}% within 1 LSB")
+    rows.append(f"fp32 ncnn vs float: max relative error {f32['max_relative_error']:.3g}, "
+                f"top-1 agreement {100 * f32['top1_agreement']:.2f}%")
+    if 'accuracy' in report:
+        rows.append('accuracy: ' + ', '.join(f"{k} {100 * v:.2f}%"
+                                             for k, v in report['accuracy'].items()))
+    rows.append('PASSED' if report['passed'] else 'FAILED: ' + '; '.join(report['failures']))
+    return '\n'.join(rows)
