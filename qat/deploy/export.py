@@ -26,22 +26,25 @@ FORMAT_VERSION = 1
 
 
 def _winograd_layers(graph):
-    """(layer, codes) of every int8 convolution ncnn may run with int8 Winograd."""
+    """(layer, Winograd variant) of every int8 convolution ncnn may run with Winograd."""
     for layer in graph.layers:
         quant, p = layer.quant, layer.params
         if layer.kind != 'Convolution' or quant is None or not quant.int8:
             continue
         num_input = layer.weights['weight'].shape[1] * p['groups']
-        if winograd.uses_winograd(p['kernel'], p['stride'], p['dilate'], p['groups'],
-                                  num_input, p['num_output']):
-            yield layer, quant.weight_codes
+        variant = winograd.uses_winograd(p['kernel'], p['stride'], p['dilate'], p['groups'],
+                                         num_input, p['num_output'])
+        if variant is not None:
+            yield layer, variant
 
 
 # Winograd overflow policy (contract §4.1) -> the int8 convs that get 31=64 (no Winograd).
 WINOGRAD_POLICIES = {
     # Guard only the layers whose worst-case int32 accumulation the bound cannot prove safe.
-    'bound': lambda graph: {layer.name for layer, codes in _winograd_layers(graph)
-                            if not winograd.is_safe(codes, groups=layer.params['groups'])},
+    'bound': lambda graph: {layer.name for layer, variant in _winograd_layers(graph)
+                            if not winograd.is_safe(layer.quant.weight_codes,
+                                                    groups=layer.params['groups'],
+                                                    variant=variant)},
     # Guard every int8 conv that could run with Winograd (exact, slowest).
     'off': lambda graph: {layer.name for layer, _ in _winograd_layers(graph)},
     # Guard nothing: may overflow on adversarial inputs; for speed comparisons only.

@@ -16,7 +16,7 @@ import numpy as np
 from mxnet import nd
 
 from .. import ops, ranges
-from ..convert import quant_blocks, temporary_mode
+from ..convert import quant_blocks, temporary_mode, walk
 from ..layers import QConv2DBatchNorm
 from .ir import Graph, Layer, Quant
 
@@ -205,7 +205,10 @@ class _Tracer:
         return self.values[self.nodes[node['inputs'][position][0]]['name']]
 
     def describe(self, node):
-        owner = self.blocks.get(node['name'], (None,))[0]
+        """'op X (node N in block B)', B the innermost block whose prefix N starts with."""
+        owners = [b for b in [self.net] + [c for *_, c in walk(self.net)]
+                  if b.prefix and node['name'].startswith(b.prefix)]
+        owner = max(owners, key=lambda b: len(b.prefix), default=None)
         where = f" in block {owner.name}" if owner is not None else ''
         return f"op {node['op']!r} (node {node['name']!r}{where})"
 

@@ -215,3 +215,69 @@ def render(graph, int8=False, guarded=()):
             branches[layer.name] = iter(tops)
     text = f"{MAGIC}\n{len(lines)} {len(blobs)}\n" + '\n'.join(lines) + '\n'
     return text, out.bytes()
+
+
+def read_param(path):
+    """[(type, name, bottoms, tops, {id: value})] of an ncnn .param (scalar ids as int or
+    float, array ids ``-233NN`` as lists under id NN)."""
+    with open(path) as handle:
+        lines = handle.read().split('\n')
+    if lines[0].strip() != str(MAGIC):
+        raise ValueError(f"{path}: not an ncnn .param (magic {lines[0]!r})")
+    layers = []
+    for line in lines[2:]:
+        tokens = line.split()
+        if not tokens:
+            continue
+        kind, name, n_in, n_out = tokens[0], tokens[1], int(tokens[2]), int(tokens[3])
+        bottoms, tops = tokens[4:4 + n_in], tokens[4 + n_in:4 + n_in + n_out]
+        params = {}
+        for token in tokens[4 + n_in + n_out:]:
+            key, value = token.split('=')
+            if key.startswith('-233'):
+                params[int(key[4:])] = [float(v) for v in value.split(',')[1:]]
+            else:
+                params[int(key)] = float(value) if any(c in value for c in '.eE') else int(value)
+        layers.append((kind, name, bottoms, tops, params))
+    return layers
+
+
+def read_weights(param_path, bin_path):
+    """{layer name: {blob name: array}} of the weighted layers of an ncnn model, read back
+    following the blob order of the contract (§2): 'weight' (int8 codes or float32), 'bias',
+    'weight_scales', 'input_scale', 'top_scale' / BatchNorm 'slope', 'mean', 'var', 'bias'."""
+    data = open(bin_path, 'rb').read()
+    offset, weights = 0, {}
+
+    def take(count, dtype):
+        nonlocal offset
+        size = count * np.dtype(dtype).itemsize
+        values = np.frombuffer(data, dtype, count, offset)
+        offset += size + (-size % 4)
+        return values
+
+    for kind, name, _, _, p in read_param(param_path):
+        if kind in ('Convolution', 'ConvolutionDepthWise', 'InnerProduct'):
+            size_id, bias_id = (2, 1) if kind == 'InnerProduct' else (6, 5)
+            (tag,) = struct.unpack_from('<I', data, offset)
+            offset += 4
+            blobs = {'weight': take(p[size_id], np.int8 if tag == TAG_INT8 else '<f4')}
+            outputs = p[0]
+            if p.get(bias_id, 0):
+                blobs['bias'] = take(outputs, '<f4')
+            int8 = p.get(8, 0)
+            if int8:
+                groups = p.get(7, 1)
+                count = groups if int8 % 100 == 1 and kind == 'ConvolutionDepthWise' else \
+                    (1 if kind == 'ConvolutionDepthWise' else outputs)
+                blobs['weight_scales'] = take(count, '<f4')
+                blobs['input_scale'] = take(1, '<f4')
+                if int8 > 100:
+                    blobs['top_scale'] = take(1, '<f4')
+            weights[name] = blobs
+        elif kind == 'BatchNorm':
+            weights[name] = {key: take(p[0], '<f4') for key in ('slope', 'mean', 'var', 'bias')}
+    if offset != len(data):
+        raise ValueError(f"{bin_path}: {len(data) - offset} bytes left after the last layer "
+                         f"of {param_path}")
+    return weights

@@ -9,6 +9,7 @@ when a threshold is missed.
 import json
 import logging
 import os
+import warnings
 
 import mxnet as mx
 import numpy as np
@@ -51,7 +52,9 @@ class NcnnModel:
         """{blob: numpy array} for one (C, H, W) float sample. A requantized int8 blob comes
         back as its integer codes."""
         array = np.ascontiguousarray(sample, np.float32)
-        mat = self._ncnn.Mat(array)  # wraps ``array``: keep it alive until extraction ends
+        # ncnn.Mat(array) wraps the numpy buffer without owning it; an in-place first layer
+        # (Clip, ReLU) on such a Mat crashes the runtime, so hand ncnn its own copy.
+        mat = self._ncnn.Mat(array).clone()
         extractor = self.net.create_extractor()
         extractor.input(input_name, mat)
         results = {}
@@ -60,7 +63,6 @@ class NcnnModel:
             if status != 0:
                 raise RuntimeError(f"ncnn could not compute blob {blob!r} (status {status})")
             results[blob] = np.array(out, dtype=np.float32, copy=True)
-        del mat, array
         return results
 
 
@@ -93,7 +95,10 @@ def simulate(net, batches, sources, input_name='data'):
     if missing:
         raise ValueError(f"nodes not found in the simulated graph: {missing}")
     outputs = mx.sym.Group([internals[n + '_output'] for n in names])
-    block = mx.gluon.SymbolBlock(outputs, mx.sym.var(input_name), params=net.collect_params())
+    with warnings.catch_warnings():  # MXNet cannot infer the input's type before a call
+        warnings.simplefilter('ignore', UserWarning)
+        block = mx.gluon.SymbolBlock(outputs, mx.sym.var(input_name),
+                                     params=net.collect_params())
     collected = {source: [] for source in sources}
     for batch in batches:
         values = block(batch)

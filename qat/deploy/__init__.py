@@ -1,0 +1,10 @@
+"""Deployment: trace a converted net, fold BN, write Caffe, the ncnn table and ncnn fp32/int8
+models, and verify them with the real ncnn runtime.
+
+    graph.trace -> ir.Graph -> caffe.write_caffe / table.render_table / ncnn.render
+    export (all of them, atomically) ; verify (ncnn runtime vs the simulation)
+"""
+from . import caffe, ncnn, table, winograd
+from .export import WINOGRAD_POLICIES, export, winograd_guards
+from .graph import ExportError, trace
+from .verify import THRESHOLDS, format_report, verify
