@@ -21,7 +21,7 @@ from qat import reference
 from qat.deploy import caffe, export, ncnn as ncnn_files, trace, verify
 from qat.deploy.graph import ExportError
 from qat.deploy.table import read_table
-from qat.deploy.verify import NcnnModel
+from qat.deploy.verify import EXACT_OPTIONS, NcnnModel
 
 FP32_RELATIVE = 1e-4
 FLOAT_ROUNDING_LSB = 1e-3  # a few float32 ulps of a value, in LSBs of its int8 step
@@ -150,7 +150,8 @@ def test_ncnn_int8_layers_bit_exact_against_numpy_reference(exported):
     """Each int8 layer, fed ncnn's own input blob, gives ncnn's output blob bit for bit."""
     net, data, _, paths, size = exported
     graph = trace(net, (3, size, size))
-    model = NcnnModel(paths['int8_param'], paths['int8_bin'], packing=False)
+    model = NcnnModel(paths['int8_param'], paths['int8_bin'], use_packing_layout=False,
+                      **EXACT_OPTIONS)
     blobs = model.run(data[0][0].asnumpy(), [layer.name for layer in graph.layers[1:]])
     blobs['data'] = data[0][0].asnumpy()
     requantized = {layer.name: ncnn_files.requantized_scale(graph, layer)
@@ -265,3 +266,41 @@ def test_narrow_inputs_get_a_clip_so_ncnn_saturates_like_the_simulation(tmp_path
     assert [kind for kind, *_ in params].count('Clip') == 2
     report = verify(net, str(tmp_path), [data], packing=False)
     assert report['int8']['max_abs_error'] == 0.0
+
+
+def _digits_net():
+    net = nn.HybridSequential(prefix='digits_')
+    with net.name_scope():
+        net.add(nn.Conv2D(16, 3, padding=1, use_bias=False), nn.BatchNorm(), nn.Activation('relu'),
+                nn.Conv2D(32, 3, strides=2, padding=1, use_bias=False), nn.BatchNorm(),
+                nn.Activation('relu'),
+                nn.Conv2D(32, 3, padding=1, groups=32, use_bias=False), nn.BatchNorm(),
+                nn.Activation('relu'),
+                nn.Conv2D(32, 1), nn.Activation('relu'),
+                nn.MaxPool2D(2), nn.GlobalAvgPool2D(), nn.Dense(10))
+    return net
+
+
+def test_digits_trained_model_agrees_with_ncnn_on_every_test_image(tmp_path):
+    """A model trained on the bundled digits (float, then one epoch of QAT, BN frozen) runs in
+    ncnn int8 with the simulation's exact top-1 on all 359 test images."""
+    from qat.data import batches, digits
+    from qat.train import fit
+    (x, y), (x_test, y_test) = digits(size=16)
+    mx.random.seed(0)
+    net = _digits_net()
+    net.initialize(mx.init.Xavier())
+    net.hybridize()
+    fit(net, x, y, epochs=3, seed=0, progress=lambda line: None)
+    qat.convert_model(net)
+    qat.calibrate(net, batches(x, y, 64), num_batches=5)
+    fit(net, x, y, epochs=1, seed=1, progress=lambda line: None,
+        optimizer_params={'learning_rate': 0.01, 'momentum': 0.9})
+    qat.freeze_bn(net)
+    qat.freeze_ranges(net)
+    export(net, str(tmp_path), (3, 16, 16))
+    report = verify(net, str(tmp_path), batches(x_test, y_test, 128))
+    assert report['samples'] == len(y_test) == 359
+    assert report['int8']['top1_agreement'] == 1.0
+    assert report['int8']['within_1lsb'] >= WITHIN_1LSB
+    assert report['accuracy']['ncnn_int8'] == report['accuracy']['simulated'] > 0.9

@@ -8,3 +8,6 @@ from . import caffe, ncnn, table, winograd
 from .export import WINOGRAD_POLICIES, export, winograd_guards
 from .graph import ExportError, trace
 from .verify import THRESHOLDS, format_report, verify
+
+__all__ = ['caffe', 'ncnn', 'table', 'winograd', 'WINOGRAD_POLICIES', 'export',
+           'winograd_guards', 'ExportError', 'trace', 'THRESHOLDS', 'format_report', 'verify']

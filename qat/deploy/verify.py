@@ -29,18 +29,24 @@ THRESHOLDS = {
 }
 
 
-class NcnnModel:
-    """An ncnn model loaded with explicit options; ``run`` returns the named blobs."""
+# ncnn options for comparisons: fp16 storage off (else fp32 weights are stored as fp16,
+# contract §3.5); int8 inference on (required for int8 models).
+EXACT_OPTIONS = {'use_fp16_storage': False, 'use_fp16_packed': False,
+                 'use_fp16_arithmetic': False, 'use_int8_inference': True}
 
-    def __init__(self, param, binary, threads=1, packing=True, fp16=False, winograd=True):
+
+class NcnnModel:
+    """An ncnn model loaded with ncnn's default options except ``threads`` and ``options``
+    ({Option attribute: value}); ``run`` returns the named blobs."""
+
+    def __init__(self, param, binary, threads=1, **options):
         import ncnn
         self.net = ncnn.Net()
-        opt = self.net.opt
-        opt.num_threads = threads
-        opt.use_packing_layout = packing
-        opt.use_fp16_storage = opt.use_fp16_packed = opt.use_fp16_arithmetic = fp16
-        opt.use_winograd_convolution = winograd
-        opt.use_int8_inference = True  # required for int8 models (contract §3.5)
+        self.net.opt.num_threads = threads
+        for key, value in options.items():
+            if not hasattr(self.net.opt, key):
+                raise ValueError(f"unknown ncnn option {key!r}")
+            setattr(self.net.opt, key, value)
         for path in (param, binary):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"ncnn model file not found: {path}")
@@ -201,10 +207,11 @@ def verify(net, folder, data, name='model', report_path=None, max_samples=None, 
     with temporary_mode(net, quantize=False):
         float_out = simulate(net, batches, [by_name[output]['source']])
     samples = np.concatenate([b.asnumpy() for b in batches])
+    options = dict(EXACT_OPTIONS, use_packing_layout=packing)
     model8 = NcnnModel(os.path.join(folder, names['int8_param']),
-                       os.path.join(folder, names['int8_bin']), threads, packing)
+                       os.path.join(folder, names['int8_bin']), threads, **options)
     model32 = NcnnModel(os.path.join(folder, names['param']), os.path.join(folder, names['bin']),
-                        threads, packing)
+                        threads, **options)
     blobs = [layer['name'] for layer in layers]
     ncnn8 = {blob: [] for blob in blobs}
     ncnn32 = []
