@@ -304,3 +304,60 @@ def test_digits_trained_model_agrees_with_ncnn_on_every_test_image(tmp_path):
     assert report['int8']['top1_agreement'] == 1.0
     assert report['int8']['within_1lsb'] >= WITHIN_1LSB
     assert report['accuracy']['ncnn_int8'] == report['accuracy']['simulated'] > 0.9
+
+
+def _winograd_candidates(graph):
+    from qat.deploy import winograd
+    for layer in graph.layers:
+        p = layer.params
+        if layer.kind == 'Convolution' and layer.quant is not None and layer.quant.int8:
+            variant = winograd.uses_winograd(p['kernel'], p['stride'], p['dilate'], p['groups'],
+                                             layer.weights['weight'].shape[1] * p['groups'],
+                                             p['num_output'])
+            if variant is not None:
+                yield layer, variant
+
+
+def _adversarial_errors(layer, variant, guarded, tmp_path):
+    """Max |ncnn - integer reference| of ``layer`` alone (as exported) on the input that
+    drives its accumulator to the worst case for Winograd."""
+    from qat.deploy import winograd
+    from qat.deploy.ir import Graph, Layer
+    quant = layer.quant
+    codes = winograd.adversarial_input(quant.weight_codes, layer.params['groups'],
+                                       variant=variant)
+    x = (codes / quant.input_scale).astype(np.float32)
+    assert np.array_equal(reference.quantize(x, quant.input_scale), codes)  # codes survive
+    single = Graph([Layer('Input', 'data', [], {'shape': x.shape}),
+                    Layer('Convolution', 'conv', ['data'], dict(layer.params, activation=None),
+                          layer.weights, quant)], ['conv'])
+    param, binary = ncnn_files.render(single, int8=True, guarded={'conv'} if guarded else ())
+    (tmp_path / 'one.param').write_text(param)
+    (tmp_path / 'one.bin').write_bytes(binary)
+    model = NcnnModel(str(tmp_path / 'one.param'), str(tmp_path / 'one.bin'), **EXACT_OPTIONS)
+    out = model.run(x, ['conv'])['conv']
+    p = layer.params
+    acc = reference.conv2d_int(codes[None], quant.weight_codes, p['stride'], p['pad'],
+                               p['dilate'], p['groups'])[0]
+    expected = reference.dequantize(acc, quant.input_scale, quant.weight_scales,
+                                    layer.weights.get('bias'), channel_axis=0)
+    return float(np.abs(out - expected).max())
+
+
+@pytest.mark.parametrize('policy', ['off', 'bound'])
+def test_no_exported_layer_can_go_wrong_in_int8_winograd(tmp_path, policy):
+    """Every 3x3 stride-1 int8 conv of an exported net, fed the input that drives ncnn's
+    int8 Winograd to its worst case, gives exactly the integer reference under the export's
+    own Winograd decision (both safe policies); the same input breaks the layers that would
+    keep Winograd under the 'unsafe' policy, so the test can fail."""
+    net, _ = calibrated_model('cifar_resnet20_v1', 32)
+    export(net, str(tmp_path), (3, 32, 32), winograd=policy)
+    manifest = __import__('json').loads((tmp_path / 'model.json').read_text())
+    guarded = {layer['name'] for layer in manifest['layers'] if layer.get('winograd_guard')}
+    graph = trace(net, (3, 32, 32))
+    broken_without_guard = 0
+    for layer, variant in _winograd_candidates(graph):
+        assert _adversarial_errors(layer, variant, layer.name in guarded, tmp_path) == 0.0, \
+            layer.name
+        broken_without_guard += _adversarial_errors(layer, variant, False, tmp_path) > 0
+    assert broken_without_guard >= 1
