@@ -1,0 +1,500 @@
+"""Recipes: one YAML file = one reproducible run.
+
+``SCHEMA`` below is the whole recipe language: every key with its default, type and meaning.
+A recipe file gives some of these keys; ``--set a.b=value`` overrides (typed by the schema)
+come on top; ``load`` validates everything (unknown keys, types, impossible values, missing
+files) before any work starts and returns plain nested dicts. ``schema_markdown`` renders the
+schema for the README, so the docs cannot drift from the code.
+"""
+import difflib
+import importlib.util
+import os
+import re
+from typing import NamedTuple
+
+import yaml
+
+from . import data as data_module
+
+
+class RecipeError(ValueError):
+    """A recipe (file or override) that cannot run; the message names the file and the key."""
+
+
+class Key(NamedTuple):
+    """One recipe key: default value, type (a key of ``TYPES``), meaning, optional rule."""
+    default: object
+    type: str
+    doc: str
+    rule: tuple = None  # (predicate(value) -> bool, description) from the helpers below
+
+
+# ----- rules: (predicate, description) -------------------------------------------------------
+def between(low, high):
+    return (lambda v: low <= v <= high), f"in {low}..{high}"
+
+
+def at_least(low):
+    return (lambda v: v >= low), f">= {low}"
+
+
+def fraction():
+    return (lambda v: 0 <= v < 1), "in [0, 1)"
+
+
+def positive():
+    return (lambda v: v > 0), "> 0"
+
+
+def one_of(choices):
+    """``choices``: a tuple, or a function returning a registry (looked up when checked, so
+    registries in modules that import this one stay the single source)."""
+    def valid():
+        return tuple(choices() if callable(choices) else choices)
+    return (lambda v: v in valid()), valid
+
+
+def each(rule):
+    """Apply ``rule`` to every item of a list."""
+    predicate, description = rule
+    return (lambda v: all(predicate(x) for x in v)), description
+
+
+def _calibration_methods():
+    from .calibrate import METHODS
+    return sorted(METHODS)
+
+
+def _optimizers():
+    from .train import OPTIMIZERS
+    return sorted(OPTIMIZERS)
+
+
+def _schedules():
+    from .train import SCHEDULES
+    return sorted(SCHEDULES)
+
+
+def _winograd_policies():
+    from .deploy.export import WINOGRAD_POLICIES
+    return sorted(WINOGRAD_POLICIES)
+
+
+def _verify_thresholds():
+    from .deploy.verify import THRESHOLDS
+    return THRESHOLDS
+
+
+def _granularities():
+    from .config import GRANULARITIES
+    return GRANULARITIES
+
+
+BITS = between(2, 8)
+KVSTORES = ('local', 'device', 'dist_sync', 'dist_device_sync')
+
+
+def _training(epochs, lr, doc):
+    """The keys of one training stage (float pre-training and QAT share them)."""
+    return {
+        'epochs': Key(epochs, 'int', doc, at_least(0)),
+        'optimizer': Key('sgd', 'str', 'optimizer name', one_of(_optimizers)),
+        'lr': Key(lr, 'float', 'peak learning rate (per sample-averaged batch)', positive()),
+        'momentum': Key(0.9, 'float', 'momentum (sgd, nag)', fraction()),
+        'wd': Key(1e-4, 'float', 'weight decay', at_least(0)),
+        'schedule': Key('cosine', 'str', 'learning-rate schedule over the stage',
+                        one_of(_schedules)),
+        'warmup_epochs': Key(0.0, 'float', 'linear warm-up from 0 over this many epochs',
+                             at_least(0)),
+        'milestones': Key([], 'ints', 'step schedule: epochs at which lr is multiplied by '
+                          '`factor`', each(at_least(1))),
+        'factor': Key(0.1, 'float', 'step schedule: lr multiplier at each milestone',
+                      positive()),
+    }
+
+
+# The recipe language. Defaults are the main job: cifar_resnet20_v1 on the bundled digits.
+SCHEMA = {
+    'run': {
+        'name': Key('', 'str', 'run name; outputs go to `<out>/<name>/` (empty: the recipe '
+                    "file's name)"),
+        'out': Key('checkpoints', 'str', 'folder holding the run folders'),
+        'seed': Key(0, 'int', 'seeds python, numpy and mxnet; the data order of an epoch is '
+                    'derived from seed and epoch, so a resumed run sees the same batches'),
+        'devices': Key(['cpu(0)'], 'strs', 'contexts, e.g. `[cpu(0), cpu(1)]` or `[gpu(0), '
+                       'gpu(1)]`; each batch is split over them'),
+        'kvstore': Key('device', 'str', 'gradient aggregation; `dist_sync` / '
+                       '`dist_device_sync` train on several machines (launch with DMLC_* '
+                       'variables, see the README)', one_of(KVSTORES)),
+        'batch_size': Key(64, 'int', 'samples per step and worker (split over its devices; '
+                          'gradients are averaged over all workers\' samples)',
+                          at_least(1)),
+        'eval_batch_size': Key(256, 'int', 'samples per evaluation batch', at_least(1)),
+        'checkpoint_steps': Key(0, 'int', 'also checkpoint every N steps inside an epoch '
+                                '(0: at epoch ends only)', at_least(0)),
+        'tensorboard': Key(True, 'bool', 'write TensorBoard event files to '
+                           '`<out>/<name>/tensorboard`'),
+        'log_steps': Key(10, 'int', 'TensorBoard loss / learning rate every N steps',
+                         at_least(1)),
+        'progress': Key(True, 'bool', 'progress bar on stderr (when it is a terminal)'),
+    },
+    'model': {
+        'source': Key('gluoncv', 'str', '`gluoncv` (model zoo name) or `factory` (a Python '
+                      'function `module:function` returning a Gluon HybridBlock)',
+                      one_of(lambda: sorted(MODEL_SOURCES))),
+        'name': Key('cifar_resnet20_v1', 'str', 'GluonCV model name, or `module:function`'),
+        'kwargs': Key({'classes': 10}, 'dict', 'keyword arguments of the constructor (GluonCV: '
+                      'e.g. `classes`; `pretrained: true` needs the weights on disk)'),
+        'checkpoint': Key('', 'path', 'float parameters (`.params`) to start from, e.g. '
+                          '`<run>/float.params`; empty: Xavier initialization'),
+    },
+    'data': {
+        'source': Key('digits', 'str', '`digits` (bundled, no files), `folder` (one subfolder '
+                      'per class), `list` (lines `path label`), `recordio` (`.rec` + `.idx`), '
+                      '`cifar10` (MXNet\'s CIFAR-10 binary files in `root`)',
+                      one_of(lambda: sorted(data_module.SOURCES))),
+        'root': Key('', 'str', 'dataset folder; `train` / `val` are relative to it'),
+        'train': Key('train', 'str', 'training split: a folder (`folder`), a list file '
+                     '(`list`), a `.rec` file (`recordio`)'),
+        'val': Key('val', 'str', 'validation split (same forms as `train`)'),
+        'val_fraction': Key(0.2, 'float', '`digits`: fraction held out for validation',
+                            (lambda v: 0 < v < 1, 'in (0, 1)')),
+        'workers': Key(2, 'int', 'threads decoding images', at_least(0)),
+        'flip': Key(False, 'bool', 'training augmentation: random horizontal flip'),
+        'pad_crop': Key(0, 'int', 'training augmentation: pad by N pixels (with the mean), '
+                        'crop back at a random offset', at_least(0)),
+    },
+    'preprocess': {
+        'size': Key([16, 16], 'ints', 'network input `[height, width]`; images are resized to '
+                    'it', each(at_least(1))),
+        'channels': Key(3, 'int', '1 (gray) or 3', one_of((1, 3))),
+        'mean': Key([127.5, 127.5, 127.5], 'floats', 'per-channel mean in pixel units '
+                    '(0..255), in `pixel` order'),
+        'std': Key([127.5, 127.5, 127.5], 'floats', 'per-channel std in pixel units '
+                   '(give `std` or `norm`)', each(positive())),
+        'norm': Key([], 'floats', "ncnn's form `1/std` (replaces `std` when given)",
+                    each(positive())),
+        'pixel': Key('RGB', 'str', 'channel order the network sees', one_of(('RGB', 'BGR'))),
+    },
+    'quantize': {
+        'weight_bits': Key(8, 'int', 'weight bits', BITS),
+        'input_bits': Key(8, 'int', 'activation (layer input) bits', BITS),
+        'granularity': Key('channel', 'str', 'weight scales per output `channel` or per '
+                           '`tensor`', one_of(_granularities)),
+        'signed': Key(True, 'bool', 'signed activation codes (what ncnn runs)'),
+        'fake_bn': Key(True, 'bool', 'fold each BatchNorm into its conv while training'),
+        'range_momentum': Key(0.9, 'float', 'EMA momentum of the activation ranges',
+                              fraction()),
+        'first_layer_bits': Key(8, 'int?', 'weight and input bits of the first conv / dense '
+                                '(it sees the raw image); null: like the others', BITS),
+        'exclude': Key([], 'strs', 'glob patterns of block names or paths left float'),
+    },
+    'float': _training(0, 0.1, 'float pre-training epochs (0: use the model as it is)'),
+    'calibrate': {
+        'method': Key('ema', 'str', 'how per-batch ranges become one range',
+                      one_of(_calibration_methods)),
+        'batches': Key(8, 'int', 'calibration batches (training data, fixed order)',
+                       at_least(1)),
+        'report_bits': Key([], 'ints', 'also report post-training accuracy at these bit '
+                           'widths (W`b`A`b`, first layer as above)', each(BITS)),
+    },
+    'qat': dict(_training(2, 0.005, 'quantization-aware fine-tuning epochs'), **{
+        'input_quant_epoch': Key(0, 'int', 'epoch at which input quantization turns on '
+                                 '(before it: weights only; ranges are re-calibrated then)',
+                                 at_least(0)),
+        'freeze_bn_epoch': Key(None, 'int?', 'epoch from which BN statistics are frozen '
+                               '(null: at the end)', at_least(0)),
+        'freeze_ranges_epoch': Key(None, 'int?', 'epoch from which activation ranges are '
+                                   'frozen (null: at the end)', at_least(0)),
+    }),
+    'export': {
+        'enabled': Key(True, 'bool', 'write the ncnn int8 model (`<out>/<name>/export/`)'),
+        'name': Key('model', 'str', 'file name stem of the exported model'),
+        'input_shape': Key([], 'ints', '`[C, H, W]` of the exported input; empty: from '
+                           '`preprocess`', each(at_least(1))),
+        'winograd': Key('off', 'str', "ncnn's int8 3x3 Winograd path is exact only for small "
+                        "accumulations: `off` disables it per layer (31=64; measured fastest "
+                        "here), `bound` only where the bound cannot prove it exact, `unsafe` "
+                        "never (speed tests only)", one_of(_winograd_policies)),
+    },
+    'verify': {
+        'enabled': Key(True, 'bool', 'run the exported model in ncnn on validation images and '
+                       'compare with the simulation'),
+        'samples': Key(0, 'int', 'validation images to run (0: all)', at_least(0)),
+        'thresholds': Key({}, 'dict', 'pass thresholds replacing `qat.deploy.verify`\'s '
+                          'defaults, e.g. `{min_top1_agreement: 0.99}`',
+                          ((lambda v: set(v) <= set(_verify_thresholds())),
+                           lambda: sorted(_verify_thresholds()))),
+    },
+}
+
+# model.source -> what model.name must look like (the builders live in qat.train).
+MODEL_SOURCES = {'gluoncv': 'a GluonCV model zoo name', 'factory': 'module:function'}
+
+
+# ----- types: name -> coerce(value) (raises ValueError with the expected form) ----------------
+def _int(v):
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError("an integer")
+    return v
+
+
+def _float(v):
+    if isinstance(v, bool):
+        raise ValueError("a number")
+    if isinstance(v, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(v)
+        except ValueError:
+            raise ValueError("a number") from None
+    if not isinstance(v, (int, float)):
+        raise ValueError("a number")
+    return float(v)
+
+
+def _bool(v):
+    if not isinstance(v, bool):
+        raise ValueError("true or false")
+    return v
+
+
+def _str(v):
+    if not isinstance(v, str):
+        raise ValueError("a string")
+    return v
+
+
+def _list_of(item, name):
+    def coerce(v):
+        if not isinstance(v, (list, tuple)):
+            raise ValueError(f"a list of {name}")
+        try:
+            return [item(x) for x in v]
+        except ValueError:
+            raise ValueError(f"a list of {name}") from None
+    return coerce
+
+
+def _dict(v):
+    if not isinstance(v, dict):
+        raise ValueError("a mapping")
+    return v
+
+
+def _optional(coerce):
+    return lambda v: None if v is None else coerce(v)
+
+
+TYPES = {
+    'int': _int, 'int?': _optional(_int), 'float': _float, 'bool': _bool, 'str': _str,
+    'path': _str, 'ints': _list_of(_int, 'integers'), 'floats': _list_of(_float, 'numbers'),
+    'strs': _list_of(_str, 'strings'), 'dict': _dict,
+}
+
+
+# ----- loading -------------------------------------------------------------------------------
+def defaults():
+    """The default recipe as nested dicts (fresh copies)."""
+    return {section: {name: _copy(key.default) for name, key in keys.items()}
+            for section, keys in SCHEMA.items()}
+
+
+def _copy(value):
+    return yaml.safe_load(yaml.safe_dump(value))
+
+
+def _valid_keys(section=None):
+    return sorted(SCHEMA) if section is None else sorted(SCHEMA[section])
+
+
+def _unknown(path, valid, origin):
+    close = difflib.get_close_matches(path.split('.')[-1], valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ''
+    return f"{origin}: {path}: unknown key{hint}; valid: {', '.join(valid)}"
+
+
+def parse_override(text):
+    """'a.b=value' -> ('a.b', raw string value)."""
+    if '=' not in text:
+        raise RecipeError(f"--set {text}: expected key=value, e.g. qat.epochs=3")
+    key, value = text.split('=', 1)
+    return key.strip(), value
+
+
+def _override_value(key, raw):
+    """The string of ``--set key=raw`` as the schema type of ``key`` wants it."""
+    if key.type in ('str', 'path'):
+        return raw
+    if key.type == 'strs' and not raw.lstrip().startswith('['):
+        return [s.strip() for s in raw.split(',') if s.strip()]
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if key.type == 'float' and isinstance(value, str):
+        return value  # coerced (or rejected) by the type
+    return value
+
+
+def load(path=None, overrides=(), check_files=True):
+    """Read, override and validate a recipe. Returns nested dicts (every key present).
+
+    path: YAML file (None: the defaults). overrides: 'a.b=value' strings (or (key, value)
+    pairs of already-typed values). check_files: also require data files, the model
+    checkpoint and factory module to exist. Raises RecipeError listing every problem, each
+    naming the file (or --set) and the key."""
+    origin = path or '<defaults>'
+    raw = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise RecipeError(f"{path}: recipe file not found")
+        with open(path) as f:
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                raise RecipeError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise RecipeError(f"{path}: a recipe is a mapping of sections "
+                              f"({', '.join(_valid_keys())}), got {type(raw).__name__}")
+    problems, given = [], {}
+    recipe = defaults()
+    for section, values in raw.items():
+        if section not in SCHEMA:
+            problems.append(_unknown(str(section), _valid_keys(), origin))
+            continue
+        if not isinstance(values, dict):
+            problems.append(f"{origin}: {section}: a section is a mapping of keys, got "
+                            f"{values!r}")
+            continue
+        for name, value in values.items():
+            if name not in SCHEMA[section]:
+                problems.append(_unknown(f"{section}.{name}", _valid_keys(section), origin))
+                continue
+            recipe[section][name] = value
+            given[f"{section}.{name}"] = origin
+    for item in overrides:
+        dotted, value = parse_override(item) if isinstance(item, str) else item
+        where = '--set'
+        section, _, rest = dotted.partition('.')
+        name, _, inner = rest.partition('.')
+        if section not in SCHEMA:
+            problems.append(_unknown(section, _valid_keys(), where))
+            continue
+        if name not in SCHEMA[section]:
+            problems.append(_unknown(dotted, _valid_keys(section), where))
+            continue
+        key = SCHEMA[section][name]
+        if isinstance(value, str):
+            value = _override_value(key if not inner else Key(None, 'dict', ''), value)
+        if inner:  # into a mapping key: --set model.kwargs.classes=10
+            if key.type != 'dict':
+                problems.append(f"{where}: {section}.{name} is not a mapping")
+                continue
+            target = dict(recipe[section][name] or {})
+            target[inner] = value
+            value = target
+        recipe[section][name] = value
+        given[f"{section}.{name}"] = where
+    for section, keys in SCHEMA.items():
+        for name, key in keys.items():
+            dotted = f"{section}.{name}"
+            where = given.get(dotted, origin)
+            try:
+                value = TYPES[key.type](recipe[section][name])
+            except ValueError as err:
+                problems.append(f"{where}: {dotted}: must be {err}, got "
+                                f"{recipe[section][name]!r}")
+                continue
+            recipe[section][name] = value
+            if key.rule is not None and value is not None:
+                predicate, describe = key.rule
+                if not predicate(value):
+                    expected = (f"one of {', '.join(map(str, describe()))}"
+                                if callable(describe) else describe)
+                    problems.append(f"{where}: {dotted}: must be {expected}, got {value!r}")
+    if not problems:
+        problems += [f"{given.get(k, origin)}: {k}: {msg}"
+                     for k, msg in _consistency(recipe, given, check_files)]
+    if problems:
+        raise RecipeError("invalid recipe:\n  " + "\n  ".join(problems))
+    if not recipe['run']['name']:
+        recipe['run']['name'] = (os.path.splitext(os.path.basename(path))[0] if path
+                                 else 'default')
+    if recipe['preprocess']['norm']:  # resolved to std, so the saved recipe reloads
+        recipe['preprocess']['std'] = [1.0 / n for n in recipe['preprocess']['norm']]
+        recipe['preprocess']['norm'] = []
+    return recipe
+
+
+def _consistency(recipe, given, check_files):
+    """(key, problem) for what no single key can tell."""
+    pre, qat = recipe['preprocess'], recipe['qat']
+    if len(pre['size']) != 2:
+        yield 'preprocess.size', f"must be [height, width], got {pre['size']}"
+    for name in ('mean', 'std', 'norm'):
+        if (name != 'norm' or pre['norm']) and len(pre[name]) != pre['channels']:
+            yield (f'preprocess.{name}', f"needs one value per channel "
+                   f"({pre['channels']}), got {pre[name]}")
+    if pre['norm'] and 'preprocess.std' in given:
+        yield 'preprocess.norm', "give std or norm (= 1/std), not both"
+    for stage in ('float', 'qat'):
+        s = recipe[stage]
+        if s['epochs'] and s['warmup_epochs'] > s['epochs']:
+            yield f'{stage}.warmup_epochs', f"{s['warmup_epochs']} is beyond " \
+                f"{stage}.epochs = {s['epochs']}"
+        if s['milestones'] != sorted(set(s['milestones'])) \
+                or any(m > s['epochs'] for m in s['milestones']):
+            yield f'{stage}.milestones', f"must increase and lie in 1..{stage}.epochs " \
+                f"({s['epochs']}), got {s['milestones']}"
+    for name in ('input_quant_epoch', 'freeze_bn_epoch', 'freeze_ranges_epoch'):
+        if qat[name] is not None and qat[name] > qat['epochs']:
+            yield f'qat.{name}', f"{qat[name]} is beyond qat.epochs = {qat['epochs']}"
+    shape = recipe['export']['input_shape']
+    if shape and len(shape) != 3:
+        yield 'export.input_shape', f"must be [C, H, W], got {shape}"
+    for device in recipe['run']['devices']:
+        if not re.fullmatch(r'(cpu|gpu)\(\d+\)', device):
+            yield 'run.devices', f"{device!r} is not cpu(N) or gpu(N)"
+    model = recipe['model']
+    if model['source'] == 'factory' and not re.fullmatch(r'[\w.]+:\w+', model['name']):
+        yield 'model.name', f"a factory is module:function, got {model['name']!r}"
+    if model['source'] == 'gluoncv':
+        from gluoncv.model_zoo import get_model_list
+        if model['name'].lower() not in get_model_list():
+            close = difflib.get_close_matches(model['name'].lower(), get_model_list(), n=3)
+            yield 'model.name', f"{model['name']!r} is not a GluonCV model" + \
+                (f" (close: {', '.join(close)})" if close else '')
+    if check_files:
+        if model['source'] == 'factory' and ':' in model['name']:
+            module = model['name'].split(':')[0]
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except ModuleNotFoundError:
+                found = False
+            if not found:
+                yield 'model.name', f"module {module!r} not found"
+        if model['checkpoint'] and not os.path.isfile(model['checkpoint']):
+            yield 'model.checkpoint', f"file not found: {model['checkpoint']}"
+        for key, problem in data_module.missing_files(recipe['data']):
+            yield key, problem
+
+
+def dump(recipe, path):
+    """Write ``recipe`` as YAML at ``path``, atomically (temporary file, then rename)."""
+    from .train import atomic_write
+    atomic_write(path, yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None))
+
+
+def schema_markdown():
+    """The recipe schema as Markdown (one table per section), for the README."""
+    lines = []
+    for section, keys in SCHEMA.items():
+        lines += [f"**`{section}`**", '', '| key | type | default | meaning |', '|---|---|---|---|']
+        for name, key in keys.items():
+            doc = key.doc
+            if key.rule is not None:
+                _, describe = key.rule
+                doc += (f" (one of: {', '.join(f'`{c}`' for c in describe())})"
+                        if callable(describe) else f" ({describe})")
+            default = yaml.safe_dump(key.default, default_flow_style=True).strip()
+            default = default[:-4].strip() if default.endswith('...') else default
+            lines.append(f"| `{name}` | {key.type} | `{default}` | {doc.replace('|', '/')} |")
+        lines.append('')
+    return '\n'.join(lines)
