@@ -1,30 +1,119 @@
-"""The ``qat`` command."""
+"""The ``qat`` command: each subcommand is one call into the package."""
 import argparse
 import logging
+import os
 import sys
+
+
+def _train(args):
+    from .train import run_recipe
+    results = run_recipe(args.recipe, args.overrides, resume=args.resume)
+    return 0 if results.get('verify_passed', True) else 1
+
+
+def _export(args):
+    from .deploy import export
+    from .train import load_run
+    net, recipe, preprocess = load_run(args.run)
+    folder = args.out or os.path.join(args.run, 'export')
+    shape = tuple(recipe['export']['input_shape']) or preprocess.input_shape
+    paths = export(net, folder, shape, name=args.name or recipe['export']['name'],
+                   winograd=args.winograd or recipe['export']['winograd'])
+    print('\n'.join(f"{kind:<11} {path}" for kind, path in paths.items()))
+    return 0
+
+
+def _verify(args):
+    from .deploy import format_report, verify
+    from .train import load_run, validation_batches
+    net, recipe, preprocess = load_run(args.run)
+    folder = args.folder or os.path.join(args.run, 'export')
+    thresholds = dict(recipe['verify']['thresholds'])
+    report = verify(net, folder, validation_batches(recipe, preprocess, args.samples),
+                    name=args.name or recipe['export']['name'],
+                    report_path=args.report or os.path.join(folder, 'verify.json'),
+                    packing=not args.no_packing, threads=args.threads, **thresholds)
+    print(format_report(report))
+    return 0 if report['passed'] else 1
+
+
+def _calibrate(args):
+    from .ptq import run
+    return run(args) or 0
 
 
 def _demo(args):
     from .demo import run
     run(model=args.model, size=args.size, epochs=args.epochs, seed=args.seed)
+    return 0
 
 
-def main(argv=None):
+def _parser():
     parser = argparse.ArgumentParser(prog='qat', description='Quantization-aware training for '
                                      'MXNet Gluon, exported to ncnn int8.')
     parser.add_argument('-v', '--verbose', action='store_true', help='debug logging')
     commands = parser.add_subparsers(dest='command', required=True)
+
+    train = commands.add_parser('train', help='run a YAML recipe (float, PTQ, QAT, export, '
+                                'verify)')
+    train.add_argument('recipe', help='YAML recipe file (see recipes/)')
+    train.add_argument('--set', dest='overrides', action='append', default=[],
+                       metavar='KEY=VALUE', help='override a recipe key, e.g. qat.epochs=5')
+    train.add_argument('--resume', action='store_true',
+                       help="continue the run folder's last checkpoint")
+    train.set_defaults(handler=_train)
+
+    export = commands.add_parser('export', help='write Caffe, the ncnn table and ncnn '
+                                 'fp32/int8 models of a trained run')
+    export.add_argument('run', help='run folder (checkpoints/<name>)')
+    export.add_argument('--out', help='output folder (default: <run>/export)')
+    export.add_argument('--name', help="file name stem (default: the recipe's export.name)")
+    export.add_argument('--winograd', help="Winograd policy: off, bound or unsafe (default: "
+                        "the recipe's)")
+    export.set_defaults(handler=_export)
+
+    check = commands.add_parser('verify', help="run the exported ncnn models on the run's "
+                                'validation data and compare with the simulation')
+    check.add_argument('run', help='run folder (checkpoints/<name>)')
+    check.add_argument('--folder', help='export folder (default: <run>/export)')
+    check.add_argument('--name', help="file name stem (default: the recipe's export.name)")
+    check.add_argument('--samples', type=int, default=0, help='validation images (0: all)')
+    check.add_argument('--threads', type=int, default=1, help='ncnn threads')
+    check.add_argument('--no-packing', action='store_true',
+                       help='ncnn packing layout off (the bit-exact path)')
+    check.add_argument('--report', help='JSON report path (default: <folder>/verify.json)')
+    check.set_defaults(handler=_verify)
+
+    calibrate = commands.add_parser('calibrate', help='post-training quantization of a float '
+                                    'model from images: table and ncnn int8 model '
+                                    '(like ncnn2table + ncnn2int8)')
+    try:
+        from .ptq import add_arguments
+        add_arguments(calibrate)
+    except ImportError:  # the PTQ command is optional in a partial install
+        pass
+    calibrate.set_defaults(handler=_calibrate)
+
     demo = commands.add_parser('demo', help='float vs simulated int8/int4 on the bundled digits')
     demo.add_argument('--model', default='cifar_resnet20_v1', help='GluonCV model name')
     demo.add_argument('--size', type=int, default=16, help='input size (pixels)')
     demo.add_argument('--epochs', type=int, default=6, help='float training epochs')
     demo.add_argument('--seed', type=int, default=0)
-    demo.set_defaults(run=_demo)
-    args = parser.parse_args(argv)
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format='%(levelname)s %(name)s: %(message)s')
-    args.run(args)
-    return 0
+    from .deploy.graph import ExportError
+    from .recipe import RecipeError
+    try:
+        return args.handler(args)
+    except (RecipeError, ExportError, FileNotFoundError, FileExistsError) as err:
+        print(f"qat {args.command}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == '__main__':

@@ -259,6 +259,8 @@ def _bool(v):
 
 
 def _str(v):
+    if isinstance(v, bool):  # YAML 1.1 reads off/on/yes/no as booleans
+        raise ValueError("a string (quote it: YAML reads off/on/yes/no as true/false)")
     if not isinstance(v, str):
         raise ValueError("a string")
     return v

@@ -373,7 +373,6 @@ class Run:
         self.preprocess = Preprocess.from_recipe(recipe['preprocess'])
         self.state = self._start_state(resume)
         self.train_set = open_split(recipe['data'], 'train')
-        self.val_set = open_split(recipe['data'], 'val')
         self.augment = Augment(recipe['data']['flip'], recipe['data']['pad_crop'])
         self.scalars = None
         if run['tensorboard'] and self.rank == 0:
@@ -470,9 +469,7 @@ class Run:
 
     # ----- data ----------------------------------------------------------------------------
     def _val_batches(self, limit=None):
-        order = np.arange(len(self.val_set))[:limit or None]
-        return iterate(self.val_set, self.preprocess, self.recipe['run']['eval_batch_size'],
-                       order=order, workers=self.recipe['data']['workers'])
+        return validation_batches(self.recipe, self.preprocess, limit)
 
     def _calibration_batches(self):
         """The first ``calibrate.batches`` training batches in a fixed order, re-iterable
@@ -788,3 +785,33 @@ def run_recipe(path, overrides=(), resume=False, callbacks=(), out=print, check_
     'export' paths, the run 'folder' and the final Markdown 'table'."""
     recipe = load_recipe(path, overrides, check_files=check_files)
     return Run(recipe, resume=resume, callbacks=callbacks, out=out).run()
+
+
+def load_run(folder):
+    """(final net, resolved recipe, Preprocess) of a run folder written by ``run_recipe``:
+    the QAT result (the PTQ one if QAT did not run), on the CPU, modes restored."""
+    recipe_file = os.path.join(folder, 'recipe.yaml')
+    if not os.path.isfile(recipe_file):
+        raise FileNotFoundError(f"{folder} is not a run folder (no recipe.yaml): run "
+                                f"`qat train` first")
+    recipe = load_recipe(recipe_file, check_files=False)
+    params = [os.path.join(folder, name) for name in ('qat.params', 'ptq.params')]
+    params = [path for path in params if os.path.isfile(path)]
+    if not params:
+        raise FileNotFoundError(f"{folder}: neither qat.params nor ptq.params; the run has "
+                                f"not reached post-training quantization (resume it)")
+    preprocess = Preprocess.from_recipe(recipe['preprocess'])
+    contexts = [mx.cpu()]
+    net = build_model(dict(recipe['model'], checkpoint=''), preprocess.input_shape, contexts,
+                      recipe['run']['seed'])
+    _convert(net, recipe['quantize'])
+    load_parameters(net, params[0], ctx=contexts)
+    return net, recipe, preprocess
+
+
+def validation_batches(recipe, preprocess, limit=None):
+    """The recipe's validation data, preprocessed, in order (``limit`` samples at most)."""
+    dataset = open_split(recipe['data'], 'val')
+    order = np.arange(len(dataset))[:limit or None]
+    return iterate(dataset, preprocess, recipe['run']['eval_batch_size'], order=order,
+                   workers=recipe['data']['workers'])

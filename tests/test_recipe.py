@@ -97,6 +97,7 @@ def test_defaults_are_complete_and_valid():
     ('model:\n  source: factory\n  name: no_such_module_xyz:build\n', 'model.name',
      "module 'no_such_module_xyz' not found"),
     ('export:\n  winograd: sometimes\n', 'export.winograd', 'one of bound'),
+    ('export:\n  winograd: off\n', 'export.winograd', 'quote it'),
     ('verify:\n  thresholds: {min_accuracy: 0.9}\n', 'verify.thresholds',
      'min_top1_agreement'),
 ])
@@ -196,3 +197,10 @@ def test_schema_markdown_lists_every_key():
     assert 'one of: ' + ', '.join(f'`{m}`' for m in sorted(CALIBRATION_METHODS)) in text
     assert '| `weight_bits` | int | `8` |' in text
     assert '| `size` | ints | `[16, 16]` |' in text
+
+
+def test_readme_documents_every_recipe_key_as_the_schema_says():
+    """The README's key tables are the schema's own markdown: docs cannot drift."""
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
+    assert recipe.schema_markdown() in readme
