@@ -326,10 +326,28 @@ def save_parameters(net, path):
 
 
 def load_parameters(net, path, ctx=None, **kwargs):
-    """``net.load_parameters`` and the saved modes of every quantized block."""
+    """``net.load_parameters`` and the saved modes of every quantized block. A checkpoint
+    saved before ``weight_threshold_factor`` existed loads with that factor set to ones (the
+    plain max|w| it was trained with)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"parameter file not found: {path}")
-    net.load_parameters(path, ctx=ctx, **kwargs)
+    expected = net._collect_params_with_prefix()
+    factors = {key for key in expected if key.endswith('weight_threshold_factor')}
+    try:
+        net.load_parameters(path, ctx=ctx, **kwargs)
+    except AssertionError:
+        missing = set(expected) - set(mx.nd.load(path))
+        if not factors or not missing or not missing <= factors:
+            raise
+        net.load_parameters(path, ctx=ctx, **dict(kwargs, allow_missing=True))
+        for key in missing:
+            param = expected[key]
+            if param._data is None:
+                param.initialize(init='ones', ctx=ctx)
+            else:
+                param.set_data(mx.nd.ones(param.shape))
+        log.info("%s: no weight_threshold_factor in %s (an older checkpoint): set to ones",
+                 net.name, path)
     for _, block in quant_blocks(net):
         block.load_mode()
     _clear_all_cached_ops(net)

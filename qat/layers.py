@@ -26,7 +26,8 @@ DEFAULT_MODE = {'quantize': True, 'quantize_input': True, 'online': False,
 # Mode and range parameters are deliberately absent from the float graph; Gluon's notice
 # about unused parameters is silenced for exactly these names and no others.
 warnings.filterwarnings(
-    'ignore', message=r'Parameter (\S+_(qmode|range_ema|range_ema_var)(, )?)+ is not used')
+    'ignore', message=r'Parameter (\S+_(qmode|range_ema|range_ema_var|weight_threshold_factor)'
+                      r'(, )?)+ is not used')
 
 
 class _Originals:
@@ -36,6 +37,19 @@ class _Originals:
 
     def __init__(self, *blocks):
         self.blocks = blocks
+
+
+def shared_factor(F, factor, channels, groups, granularity):
+    """The weight-threshold multipliers (O,) actually applied: one per weight scale, so the
+    scales keep the structure ncnn stores. 'channel' with ``groups == 1``: ``factor`` itself;
+    grouped convs: the factor of each group's first channel, repeated over the group (one
+    scale per group); 'tensor': ``factor[0]`` for every channel."""
+    if granularity == 'tensor':
+        return F.broadcast_to(F.slice_axis(factor, axis=0, begin=0, end=1), (channels,))
+    if groups == 1:
+        return factor
+    first = F.slice_axis(F.reshape(factor, (groups, -1)), axis=1, begin=0, end=1)
+    return F.repeat(F.reshape(first, (-1,)), repeats=channels // groups)
 
 
 def _share(block, param, attr):
@@ -49,7 +63,10 @@ class QuantBlock(HybridBlock):
 
     Parameters added to the float block's: ``range_ema`` (2,) tracker state (see
     ``qat.ranges``), ``range_ema_var`` (2,) unused BatchNorm companion, ``qmode`` (5,) the
-    mode flags (saved with the parameters; read back by ``qat.load_parameters``).
+    mode flags (saved with the parameters; read back by ``qat.load_parameters``),
+    ``weight_threshold_factor`` (O,) a per-output-channel multiplier of the weight threshold
+    max|w| (ones: the plain max; a scale search such as ``qat.easyquant`` sets it; see
+    ``shared_factor`` for grouped convs and per-tensor scales).
     """
 
     def __init__(self, float_block, config):
@@ -70,6 +87,9 @@ class QuantBlock(HybridBlock):
         self.qmode = self.params.get('qmode', shape=(len(MODE_FLAGS),), grad_req='null',
                                      differentiable=False,
                                      init=mx.init.Constant(self._mode_vector()))
+        self.weight_threshold_factor = self.params.get(
+            'weight_threshold_factor', shape=(self._out_channels(float_block),),
+            init='ones', grad_req='null', differentiable=False)
         if float_block.act is not None:
             self.act = float_block.act
 
@@ -131,10 +151,21 @@ class QuantBlock(HybridBlock):
         codes = ops.quantize_activation(F, x, s_in, cfg.input_bits, cfg.input_signed)
         return codes, s_in, token
 
-    def _quantized_weight(self, F, weight, channels, groups):
-        """(codes of the weight, per-output-channel scale (O,))."""
+    @staticmethod
+    def _out_channels(float_block):
+        return float_block._channels if isinstance(float_block, nn.Conv2D) \
+            else float_block._units
+
+    def _quantized_weight(self, F, weight, channels, groups, factor=None):
+        """(codes of the weight, per-output-channel scale (O,)). The threshold is max|w|
+        (``ops.weight_threshold``) times ``weight_threshold_factor`` (``factor``: its value
+        inside a graph; read from the parameter when None, as the exporter calls this)."""
         cfg = self.config
+        if factor is None:
+            factor = self.weight_threshold_factor.data(weight.context)
         threshold = ops.weight_threshold(F, weight, channels, groups, cfg.weight_granularity)
+        threshold = threshold * shared_factor(F, factor, channels, groups,
+                                              cfg.weight_granularity)
         s_w = ops.scale_from_threshold(F, threshold, cfg.weight_bits)
         shape = (-1,) + (1,) * (3 if self._weight_ndim == 4 else 1)
         return ops.quantize(F, weight, F.reshape(s_w, shape), cfg.weight_bits), s_w
@@ -189,11 +220,12 @@ class QConv2D(QuantBlock):
             return F.Convolution(x, weight, name='fwd', **kwargs)
         return F.Convolution(x, weight, bias, name='fwd', **kwargs)
 
-    def _quantized_conv(self, F, x, weight, bias, range_ema, range_ema_var,
+    def _quantized_conv(self, F, x, weight, bias, range_ema, range_ema_var, factor,
                         extra_multiplier=None):
         """``(conv(x_q, w_q) * (1 / (s_in * s_w)) * extra_multiplier + bias``; with input
-        quantization off, ``conv(x, w_q / s_w)`` instead."""
-        w_q, s_w = self._quantized_weight(F, weight, self._channels, self.groups)
+        quantization off, ``conv(x, w_q / s_w)`` instead. ``factor``: the weight-threshold
+        multipliers."""
+        w_q, s_w = self._quantized_weight(F, weight, self._channels, self.groups, factor)
         x_q, s_in, token = self._quantized_input(F, x, range_ema, range_ema_var, weight)
         if token is not None:
             w_q = F.broadcast_add(w_q, F.reshape(token, (1, 1, 1, 1)))
@@ -214,10 +246,11 @@ class QConv2D(QuantBlock):
         return ops.dequantize(F, out, multiplier, bias, 4, name='dequantize')
 
     def hybrid_forward(self, F, x, weight, bias=None, range_ema=None, range_ema_var=None,
-                       qmode=None):
+                       qmode=None, weight_threshold_factor=None):
         if not self._mode['quantize']:
             return self._apply_act(self._conv(F, x, weight, bias))
-        out = self._quantized_conv(F, x, weight, bias, range_ema, range_ema_var)
+        out = self._quantized_conv(F, x, weight, bias, range_ema, range_ema_var,
+                                   weight_threshold_factor)
         return self._apply_act(out)
 
 
@@ -263,19 +296,20 @@ class QConv2DBatchNorm(QConv2D):
 
     def hybrid_forward(self, F, x, weight, bias=None, gamma=None, beta=None,
                        running_mean=None, running_var=None, range_ema=None,
-                       range_ema_var=None, qmode=None):
+                       range_ema_var=None, qmode=None, weight_threshold_factor=None):
         bn_params = (gamma, beta, running_mean, running_var)
         if not self._mode['quantize']:
             return self._batchnorm(F, self._conv(F, x, weight, bias), *bn_params)
         folded_weight, folded_bias = self.folded_weight_bias(F, weight, bias, *bn_params)
         if self._mode['bn_frozen']:
             return self._quantized_conv(F, x, folded_weight, folded_bias, range_ema,
-                                        range_ema_var)
+                                        range_ema_var, weight_threshold_factor)
         factor = ops.bn_factor(F, gamma, running_var, self._bn_kwargs['eps'],
                                self._bn_kwargs['fix_gamma'])
         # A zero gamma gives zero folded weights and output beta; avoid 0/0 there.
         safe_factor = F.where(factor == 0, F.ones_like(factor), factor)
         unfolded = self._quantized_conv(F, x, folded_weight, bias, range_ema, range_ema_var,
+                                        weight_threshold_factor,
                                         extra_multiplier=1.0 / safe_factor)
         return self._batchnorm(F, unfolded, *bn_params)
 
@@ -302,10 +336,10 @@ class QDense(QuantBlock):
                                 flatten=self._flatten, name='fwd')
 
     def hybrid_forward(self, F, x, weight, bias=None, range_ema=None, range_ema_var=None,
-                       qmode=None):
+                       qmode=None, weight_threshold_factor=None):
         if not self._mode['quantize']:
             return self._apply_act(self._fc(F, x, weight, bias))
-        w_q, s_w = self._quantized_weight(F, weight, self._units, 1)
+        w_q, s_w = self._quantized_weight(F, weight, self._units, 1, weight_threshold_factor)
         x_q, s_in, token = self._quantized_input(F, x, range_ema, range_ema_var, weight)
         if token is not None:
             w_q = F.broadcast_add(w_q, F.reshape(token, (1, 1)))
