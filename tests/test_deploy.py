@@ -361,3 +361,64 @@ def test_no_exported_layer_can_go_wrong_in_int8_winograd(tmp_path, policy):
             layer.name
         broken_without_guard += _adversarial_errors(layer, variant, False, tmp_path) > 0
     assert broken_without_guard >= 1
+
+
+class _EveryOp(mx.gluon.HybridBlock):
+    """A net using every op the exporter supports, traced from MXNet (not hand-mapped)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.bn_in = nn.BatchNorm()                                       # stand-alone BN
+            self.conv_a = nn.Conv2D(8, 3, padding=1)
+            self.leaky = nn.LeakyReLU(0.1)
+            self.conv_b = nn.Conv2D(8, 3, padding=2, dilation=2, groups=2)
+            self.conv_c = nn.Conv2D(8, 1, activation='sigmoid')
+            self.conv_d = nn.Conv2D(16, 3, strides=2, padding=1, use_bias=False)
+            self.bn_d = nn.BatchNorm()
+            self.max_full = nn.MaxPool2D(2, 2, ceil_mode=True)          # with a tail
+            self.avg_valid = nn.AvgPool2D(3, 2, padding=1)
+            self.dropout = nn.Dropout(0.5)
+            self.dense = nn.Dense(12, activation='relu')
+            self.out = nn.Dense(5)
+
+    def hybrid_forward(self, F, x):
+        x = self.bn_in(x)
+        a = self.leaky(self.conv_a(x))
+        b = F.clip(self.conv_b(a), 0, 6)                                     # ReLU6
+        c = self.conv_c(a)
+        y = F.concat(a + b, c * b, dim=1)                                    # add, mul, concat
+        y = F.relu(self.bn_d(self.conv_d(y)))
+        y = F.maximum(self.max_full(y), self.avg_valid(y))
+        y = F.Flatten(self.dropout(y))
+        return F.softmax(self.out(self.dense(y)), axis=-1)
+
+
+def test_every_supported_op_exports_and_runs_in_ncnn(tmp_path):
+    rs = np.random.RandomState(3)
+    mx.random.seed(3)
+    net = _EveryOp(prefix='every_')
+    net.initialize()
+    data = mx.nd.array(rs.normal(0, 1, (6, 3, 10, 10)))
+    net(data)
+    _randomize_bn(net, rs)
+    qat.convert_model(net)
+    qat.calibrate(net, [data], method='max')
+    export(net, str(tmp_path), (3, 10, 10))
+    layers = ncnn_files.read_param(str(tmp_path / 'model-int8.param'))
+    kinds = [kind for kind, *_ in layers]
+    for kind in ('BatchNorm', 'Convolution', 'ConvolutionDepthWise', 'Eltwise', 'Concat', 'Pooling', 'Flatten', 'InnerProduct', 'Softmax', 'Split'):
+        assert kind in kinds, kind
+    assert 'Dropout' not in kinds and 'ReLU' not in kinds and 'Clip' not in kinds
+    fused = {params.get(9) for kind, _, _, _, params in layers
+             if kind in ('Convolution', 'ConvolutionDepthWise', 'InnerProduct')}
+    assert {1, 2, 3, 4} <= fused  # relu, leaky, clip (ReLU6), sigmoid fused into their layer
+    eltwise = {params.get(0) for kind, _, _, _, params in layers if kind == 'Eltwise'}
+    assert eltwise == {0, 1, 2}  # prod, sum, max
+    report = verify(net, str(tmp_path), [data], packing=False)
+    assert report['fp32']['max_relative_error'] <= FP32_RELATIVE
+    assert report['int8']['top1_agreement'] == 1.0
+    assert report['int8']['within_1lsb'] == 1.0
+    caffe_types = {layer.type for layer in caffe.read_prototxt(str(tmp_path / 'model.prototxt'))}
+    assert {'BatchNorm', 'Scale', 'ReLU', 'Sigmoid', 'Clip', 'Eltwise', 'Concat',
+            'Softmax'} <= caffe_types
