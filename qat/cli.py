@@ -48,6 +48,15 @@ def _demo(args):
     return 0
 
 
+def _run_command(commands, name, help_text, handler):
+    """A subcommand working on a run folder written by ``qat train``."""
+    command = commands.add_parser(name, help=help_text)
+    command.add_argument('run', help='run folder (checkpoints/<name>)')
+    command.add_argument('--name', help="file name stem (default: the recipe's export.name)")
+    command.set_defaults(handler=handler)
+    return command
+
+
 def _parser():
     parser = argparse.ArgumentParser(prog='qat', description='Quantization-aware training for '
                                      'MXNet Gluon, exported to ncnn int8.')
@@ -63,26 +72,20 @@ def _parser():
                        help="continue the run folder's last checkpoint")
     train.set_defaults(handler=_train)
 
-    export = commands.add_parser('export', help='write Caffe, the ncnn table and ncnn '
-                                 'fp32/int8 models of a trained run')
-    export.add_argument('run', help='run folder (checkpoints/<name>)')
+    export = _run_command(commands, 'export', 'write Caffe, the ncnn table and ncnn '
+                          'fp32/int8 models of a trained run', _export)
     export.add_argument('--out', help='output folder (default: <run>/export)')
-    export.add_argument('--name', help="file name stem (default: the recipe's export.name)")
     export.add_argument('--winograd', help="Winograd policy: off, bound or unsafe (default: "
                         "the recipe's)")
-    export.set_defaults(handler=_export)
 
-    check = commands.add_parser('verify', help="run the exported ncnn models on the run's "
-                                'validation data and compare with the simulation')
-    check.add_argument('run', help='run folder (checkpoints/<name>)')
+    check = _run_command(commands, 'verify', "run the exported ncnn models on the run's "
+                         'validation data and compare with the simulation', _verify)
     check.add_argument('--folder', help='export folder (default: <run>/export)')
-    check.add_argument('--name', help="file name stem (default: the recipe's export.name)")
     check.add_argument('--samples', type=int, default=0, help='validation images (0: all)')
     check.add_argument('--threads', type=int, default=1, help='ncnn threads')
     check.add_argument('--no-packing', action='store_true',
                        help='ncnn packing layout off (the bit-exact path)')
     check.add_argument('--report', help='JSON report path (default: <folder>/verify.json)')
-    check.set_defaults(handler=_verify)
 
     calibrate = commands.add_parser('calibrate', help='post-training quantization of a float '
                                     'model from images: table and ncnn int8 model '

@@ -349,7 +349,7 @@ class QDense(QuantBlock):
             multiplier, acc = self.output_multiplier(F, s_in, s_w), self._fc(F, x_q, w_q)
         # Named, so the deployed layer's output can be found in the traced graph.
         out = ops.dequantize(F, F.reshape(acc, (-1, self._units)), multiplier, bias, 2,
-                             name='dequantize' if self._flatten else None)
+                             name='dequantize' if self._flatten else None, fused=False)
         if not self._flatten:
             out = F.reshape_like(out, acc, name='dequantize')
         return self._apply_act(out)

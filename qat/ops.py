@@ -77,17 +77,25 @@ def quantize_activation(F, x, scale, bits, signed=True):
     return y + F.BlockGrad(round_half_away(F, y) - y)
 
 
-def dequantize(F, acc, multiplier, bias=None, ndim=4, name=None):
-    """ncnn's output of an int8 layer: ``fma(acc, multiplier[c], bias[c])`` per channel ``c``
-    (axis 1), rounded once to float32 as ncnn's fused multiply-add does (two roundings would
-    differ from ncnn in the last bit of ~1/4 of the values). ``acc`` (N, C, ...);
-    ``multiplier``, ``bias`` (C,); ``ndim`` = acc's rank (2 or 4). Without the native
-    operator: in float64, then float32. ``name`` names the resulting graph node."""
+def dequantize(F, acc, multiplier, bias=None, ndim=4, name=None, fused=True):
+    """ncnn's output of an int8 layer, per channel ``c`` (axis 1): ``acc`` (N, C, ...),
+    ``multiplier``, ``bias`` (C,); ``ndim`` = acc's rank (2 or 4).
+
+    fused=True (ncnn's Convolution / ConvolutionDepthWise): ``fma(acc, multiplier[c],
+    bias[c])``, one rounding; a separate multiply and add would differ from ncnn in the last
+    bit of ~1/4 of the values. Native operator, else computed in float64, then float32.
+    fused=False (ncnn's InnerProduct): ``float32(acc * multiplier[c]) + bias[c]``.
+    ``name`` names the resulting graph node."""
+    shape = (1, -1, 1, 1) if ndim == 4 else (1, -1)
+    if not fused:
+        out = F.broadcast_mul(acc, F.reshape(multiplier, shape))
+        if bias is None:
+            return F.identity(out, name=name)
+        return F.broadcast_add(out, F.reshape(bias, shape), name=name)
     if bias is None:
         bias = F.zeros_like(multiplier)
     if native.available():
         return F.qat_dequantize(acc, multiplier, bias, name=name)
-    shape = (1, -1, 1, 1) if ndim == 4 else (1, -1)
     wide = F.broadcast_mul(F.Cast(acc, 'float64'), F.reshape(F.Cast(multiplier, 'float64'), shape))
     wide = F.broadcast_add(wide, F.reshape(F.Cast(bias, 'float64'), shape))
     return F.Cast(wide, 'float32', name=name)

@@ -127,6 +127,7 @@ def _reference_layer(layer, inputs, top_scale):
     codes = x if requantized_input else reference.quantize(x, quant.input_scale)
     weight_codes = quant.weight_codes.astype(np.int32)
     if layer.kind == 'Convolution':
+        codes = codes.reshape(len(codes), *codes.shape[1:], *(1,) * (3 - codes.ndim))
         acc = reference.conv2d_int(codes[None], weight_codes, p['stride'], p['pad'],
                                    p['dilate'], p['groups'])[0]
         y = reference.dequantize(acc, quant.input_scale, quant.weight_scales,
@@ -135,7 +136,7 @@ def _reference_layer(layer, inputs, top_scale):
         acc = codes.reshape(1, -1).astype(np.int64) @ weight_codes.reshape(
             len(weight_codes), -1).T.astype(np.int64)
         y = reference.dequantize(acc, quant.input_scale, quant.weight_scales,
-                                 layer.weights.get('bias'))[0]
+                                 layer.weights.get('bias'), fused=False)[0]
     act = p['activation']
     if act is not None and act[0] == 'relu':
         y = np.maximum(y, np.float32(0))

@@ -314,18 +314,6 @@ class _Tracer:
                   'pad': _tuple(attrs.get('pad'), (0, 0)) or (0, 0),
                   'dilate': _tuple(attrs.get('dilate'), (1, 1)) or (1, 1),
                   'groups': int(attrs.get('num_group', 1))}
-        source = self.data_inputs(node)[0]
-        if self.shape(source)[2:] == (1, 1) and params['kernel'] == (1, 1) \
-                and params['pad'] == (0, 0) and params['groups'] == 1:
-            # A 1x1 conv on a 1x1 map (a classifier after global pooling, whose ncnn output
-            # is a 1-D blob) is an InnerProduct.
-            layer = self._weighted(index, node, 'InnerProduct',
-                                   {'num_output': params['num_output']})
-            layer.weights['weight'] = layer.weights['weight'].reshape(params['num_output'], -1)
-            if layer.quant is not None:
-                codes = layer.quant.weight_codes
-                layer.quant.weight_codes = codes.reshape(len(codes), -1)
-            return
         self._weighted(index, node, 'Convolution', params)
 
     def op_FullyConnected(self, index, node):

@@ -186,6 +186,12 @@ WRITERS = {
 }
 
 
+# ncnn gives a 1-D blob from these (global pooling, InnerProduct, Flatten) and keeps 1-D
+# through the elementwise kinds.
+FLATTENING = {'InnerProduct', 'Flatten'}
+ELEMENTWISE = {'BatchNorm', 'ReLU', 'Clip', 'Sigmoid', 'Eltwise', 'Concat', 'Softmax'}
+
+
 def _line(kind, name, bottoms, tops, pairs):
     head = f"{kind:<24} {name:<24} {len(bottoms)} {len(tops)}"
     return ' '.join([head] + list(bottoms) + list(tops) + _params(pairs))
@@ -200,11 +206,24 @@ def render(graph, int8=False, guarded=()):
             uses[name] = uses.get(name, 0) + 1
     branches = {}  # blob -> iterator over its split outputs
     lines, blobs, out = [], set(), _Bin()
+    flat = set()  # blobs that are 1-D in ncnn (MXNet keeps (N, C, 1, 1))
     for layer in graph.layers:
         if layer.kind not in WRITERS:
             raise ValueError(f"layer {layer.name}: kind {layer.kind!r} has no ncnn writer; "
                              f"valid: {sorted(WRITERS)}")
         bottoms = [next(branches[b]) if b in branches else b for b in layer.inputs]
+        if layer.kind in FLATTENING or (layer.kind == 'Pooling' and layer.params['global_pool']) \
+                or (layer.kind in ELEMENTWISE and layer.inputs[0] in flat):
+            flat.add(layer.name)
+        if layer.kind == 'Convolution' and layer.inputs[0] in flat:
+            # A conv after global pooling (e.g. a classifier, an SE block) needs its 3-D
+            # input back; ncnn's Convolution on a 1-D blob is a deprecated, wrong int8 path.
+            channels = layer.weights['weight'].shape[1] * layer.params['groups']
+            reshaped = f"{layer.name}_reshape"
+            lines.append(_line('Reshape', reshaped, bottoms[:1], [reshaped],
+                               [(0, 1), (1, 1), (2, channels)]))
+            blobs.add(reshaped)
+            bottoms = [reshaped] + bottoms[1:]
         kind, pairs = WRITERS[layer.kind](layer, graph, int8, set(guarded), out)
         lines.append(_line(kind, layer.name, bottoms, [layer.name], pairs))
         blobs.update(bottoms + [layer.name])
