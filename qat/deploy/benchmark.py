@@ -102,3 +102,38 @@ def format_deploy_table(rows):
             f"| {sizes['fp32'] / 1e6:.2f} | {sizes['int8'] / 1e6:.2f} "
             f"| {sizes['int8'] / sizes['fp32']:.3f} |")
     return '\n'.join(lines)
+
+
+def zoo_agreement(models=MODELS, samples=8, progress=print):
+    """Rows of verify figures per model: fp32 relative error, int8 top-1 agreement and LSB
+    agreement with ncnn's default packing, and the max error with packing off."""
+    from .verify import verify
+    rows = []
+    for name, size in models:
+        progress(f"{name} ({size}x{size}): export and verify")
+        net = calibrated_random_model(name, size)
+        data = [mx.nd.array(np.random.RandomState(2).normal(0, 1, (samples, 3, size, size)))]
+        with tempfile.TemporaryDirectory() as folder:
+            export(net, folder, (3, size, size))
+            packed = verify(net, folder, data, per_layer=False)
+            exact = verify(net, folder, data, packing=False)
+        rows.append({'model': f"{name} ({size})", 'fp32': packed['fp32']['max_relative_error'],
+                     'top1': packed['int8']['top1_agreement'],
+                     'within': packed['int8']['within_1lsb'],
+                     'max_lsb': packed['int8']['max_lsb'],
+                     'exact_error': exact['int8']['max_abs_error'],
+                     'exact_layers': sum(layer['max_lsb'] == 0 for layer in exact['layers']
+                                         if layer['int8']),
+                     'int8_layers': sum(layer['int8'] for layer in exact['layers'])})
+    return rows
+
+
+def format_agreement_table(rows):
+    lines = ["| model (input) | fp32 ncnn vs float, max rel. error | int8 top-1 agreement | "
+             "int8 output within 1 LSB | max LSB | packing off: max error | int8 layers "
+             "bit-exact |", '|---|---|---|---|---|---|---|']
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['fp32']:.2e} | {100 * r['top1']:.1f} % | "
+                     f"{100 * r['within']:.2f} % | {r['max_lsb']:.3g} | {r['exact_error']:.3g} "
+                     f"| {r['exact_layers']}/{r['int8_layers']} |")
+    return '\n'.join(lines)
