@@ -21,9 +21,19 @@ SOURCE = os.path.join(os.path.dirname(__file__), 'fakequant.cc')
 _state = {}
 
 
+def _cpu_flags():
+    """This CPU's feature flags (the library is built with -march=native for it)."""
+    try:
+        with open('/proc/cpuinfo') as handle:
+            return next((line for line in handle if line.startswith('flags')), '')
+    except OSError:
+        return ''
+
+
 def _library_path():
     with open(SOURCE, 'rb') as handle:
-        digest = hashlib.sha256(handle.read() + mx.__version__.encode()).hexdigest()[:16]
+        digest = hashlib.sha256(handle.read() + mx.__version__.encode()
+                                + _cpu_flags().encode()).hexdigest()[:16]
     cache = os.environ.get('QAT_CACHE_DIR') or os.path.join(
         os.path.expanduser('~'), '.cache', 'gluon-qat')
     return os.path.join(cache, f'libqat-{digest}.so')
@@ -38,7 +48,9 @@ def _compile(target):
     handle, tmp = tempfile.mkstemp(dir=os.path.dirname(target), suffix='.so')
     os.close(handle)
     try:
-        subprocess.run([compiler, '-shared', '-fPIC', '-std=c++17', '-O3', '-fopenmp', SOURCE,
+        subprocess.run([compiler, '-shared', '-fPIC', '-std=c++17', '-O3', '-march=native',
+                        # no implicit FMA contraction: x*s must round before the add
+                        '-ffp-contract=off', '-fopenmp', SOURCE,
                         os.path.join(mxnet_dir, 'src', 'lib_api.cc'),
                         '-I', os.path.join(mxnet_dir, 'include'), '-o', tmp],
                        check=True, capture_output=True, text=True)
