@@ -265,8 +265,11 @@ def test_narrow_inputs_get_a_clip_so_ncnn_saturates_like_the_simulation(tmp_path
     export(net, str(tmp_path), (3, 6, 6))
     params = ncnn_files.read_param(str(tmp_path / 'model-int8.param'))
     assert [kind for kind, *_ in params].count('Clip') == 2
+    fp32 = ncnn_files.read_param(str(tmp_path / 'model.param'))
+    assert [kind for kind, *_ in fp32].count('Clip') == 0  # the float model stays float
     report = verify(net, str(tmp_path), [data], packing=False)
     assert report['int8']['max_abs_error'] == 0.0
+    assert report['fp32']['max_relative_error'] <= FP32_RELATIVE
 
 
 def _digits_net():

@@ -104,7 +104,7 @@ def export(net, folder, input_shape, name='model', input_names=('data',), winogr
     input range is unset, or a folder that cannot be written."""
     graph = trace(net, input_shape, input_names)
     guarded = winograd_guards(graph, winograd)
-    fp32_param, fp32_bin = ncnn.render(graph, int8=False)
+    fp32_param, fp32_bin = ncnn.render(graph.float_graph(), int8=False)
     int8_param, int8_bin = ncnn.render(graph, int8=True, guarded=guarded)
     contents = {'table': render_table(graph).encode(), 'param': fp32_param.encode(),
                 'bin': fp32_bin, 'int8_param': int8_param.encode(), 'int8_bin': int8_bin,
@@ -117,7 +117,7 @@ def export(net, folder, input_shape, name='model', input_names=('data',), winogr
         for kind, data in contents.items():
             with open(os.path.join(staging, names[kind]), 'wb') as handle:
                 handle.write(data)
-        caffe.write_caffe(graph, os.path.join(staging, names['prototxt']),
+        caffe.write_caffe(graph.float_graph(), os.path.join(staging, names['prototxt']),
                           os.path.join(staging, names['caffemodel']), name)
         for kind, file_name in names.items():
             os.replace(os.path.join(staging, file_name), os.path.join(folder, file_name))

@@ -417,7 +417,7 @@ def _clip_narrow_inputs(graph):
         _, high = ops.qrange(quant.input_bits)
         limit = float(np.float32(high) / quant.input_scale)
         clip = Layer('Clip', layer.name + '_clip_input', [layer.inputs[0]],
-                     {'low': -limit, 'high': limit})
+                     {'low': -limit, 'high': limit, 'int8_only': True})
         layer.inputs = [clip.name] + layer.inputs[1:]
         graph.layers.insert(position, clip)
 

@@ -98,3 +98,13 @@ class Graph:
     @property
     def input(self):
         return self.layers[0]
+
+    def float_graph(self):
+        """This graph without the layers only the int8 model needs (``params['int8_only']``,
+        e.g. the saturating Clip in front of a narrow-input layer), consumers rewired."""
+        dropped = {layer.name: layer.inputs[0] for layer in self.layers
+                   if layer.params.get('int8_only')}
+        layers = [Layer(layer.kind, layer.name, [dropped.get(i, i) for i in layer.inputs],
+                        layer.params, layer.weights, layer.quant, layer.source)
+                  for layer in self.layers if layer.name not in dropped]
+        return Graph(layers, [dropped.get(o, o) for o in self.outputs])

@@ -1,0 +1,439 @@
+"""Post-training quantization of a float Gluon model, and the ``qat calibrate`` command.
+
+``qat calibrate`` is ncnn2table + ncnn2int8 for a Gluon model: it builds the float model
+(a GluonCV name, a ``module:function`` factory, optionally with saved ``--params``), reads
+calibration images from a folder or a list file, preprocesses them as ncnn does
+(``(pixel - mean) * norm`` after a resize to ``--shape``, in ``--pixel`` order), converts
+the model, calibrates it with ``--method`` and writes the table and the ncnn fp32/int8 models
+(and Caffe) through ``qat.deploy.export``. Layers matching ``--exclude`` stay fp32 (no table
+lines: ncnn's mixed precision).
+
+Only single-input models are supported (ncnn2table's comma-separated lists for several
+inputs are refused with a clear error): calibration and export feed one input blob, 'data'.
+"""
+import argparse
+import ctypes
+import fnmatch
+import json
+import os
+import sys
+import time
+
+import mxnet as mx
+import numpy as np
+from mxnet.gluon import nn
+
+from . import easyquant, sensitivity
+from .calibrate import METHODS as CALIBRATION_METHODS, calibrate
+from .config import QuantConfig
+from .convert import convert_model, first_layer, quant_blocks, walk
+
+SEARCH_SAMPLES = easyquant.MAX_SAMPLES
+HELP = 'post-training quantization: calibration table and ncnn int8 model (as ncnn2table)'
+DESCRIPTION = ("ncnn2table + ncnn2int8 for a float Gluon model: build it (GluonCV name or "
+               "module:function factory, --params), read calibration images (folder or list "
+               "file), preprocess them as ncnn does ((pixel - mean) * norm after a resize to "
+               "--shape W,H,C, in --pixel order), convert, calibrate with --method and write "
+               "the table and the ncnn fp32/int8 models. Layers matching --exclude stay fp32 "
+               "(no table lines). Single-input models only.")
+
+
+class UsageError(ValueError):
+    """A bad command-line value; the message names the option, file or value."""
+
+
+# ----- the methods ----------------------------------------------------------------------------
+def _calibration(method):
+    def run(net, data, progress):
+        return calibrate(net, data, method)
+    run.__doc__ = CALIBRATION_METHODS[method].description
+    return run
+
+
+def _easyquant(net, data, progress):
+    """KL calibration, then the EasyQuant scale search (qat.easyquant) on the first
+    SEARCH_SAMPLES samples."""
+    return easyquant.search(net, data, calibration='kl', max_samples=SEARCH_SAMPLES,
+                            progress=progress)
+
+
+# method name -> run(net, data, progress): every qat.calibrate method, plus EasyQuant
+METHODS = {**{name: _calibration(name) for name in CALIBRATION_METHODS},
+           'easyquant': _easyquant}
+
+
+def post_training_quantize(net, data, method='kl', progress=None):
+    """Set the scales of ``net`` (converted) from the float activations on ``data``
+    (re-iterable batches) with ``method`` (a key of METHODS). Returns what the method returns
+    (thresholds, or the EasyQuant per-layer results)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {sorted(METHODS)}")
+    return METHODS[method](net, data, progress)
+
+
+# ----- command-line values --------------------------------------------------------------------
+PIXELS = {'RGB': 3, 'BGR': 3, 'GRAY': 1}   # --pixel -> channels
+
+
+def _several_inputs(option, text):
+    raise UsageError(f"{option} {text}: several inputs (ncnn2table's comma-separated lists) "
+                     f"are not supported; qat calibrate handles single-input models")
+
+
+def parse_numbers(option, text, kind=float):
+    """'1,2,3' or '[1,2,3]' -> a list of numbers; a list of lists is refused."""
+    stripped = text.strip()
+    if '],[' in stripped.replace(' ', '') or '][' in stripped.replace(' ', ''):
+        _several_inputs(option, text)
+    stripped = stripped.strip('[]')
+    try:
+        return [kind(v) for v in stripped.split(',') if v.strip()]
+    except ValueError:
+        raise UsageError(f"{option} {text}: expected comma-separated "
+                         f"{'integers' if kind is int else 'numbers'}") from None
+
+
+def parse_shape(text, pixel):
+    """``--shape W,H[,C]`` (ncnn's w,h,c order) -> (C, H, W). C defaults from ``pixel``."""
+    values = parse_numbers('--shape', text, int)
+    if len(values) == 2:
+        values.append(PIXELS[pixel])
+    if len(values) != 3:
+        raise UsageError(f"--shape {text}: expected W,H,C (ncnn's order: width, height, "
+                         f"channels), got {len(values)} values")
+    width, height, channels = values
+    if width <= 0 or height <= 0:
+        raise UsageError(f"--shape {text}: width and height must be positive (images are "
+                         f"resized to exactly W x H)")
+    if channels != PIXELS[pixel]:
+        raise UsageError(f"--shape {text}: C={channels} does not match --pixel {pixel} "
+                         f"({PIXELS[pixel]} channel{'s' if PIXELS[pixel] > 1 else ''})")
+    return channels, height, width
+
+
+def parse_channel_values(option, text, channels, default):
+    """Per-channel ``--mean`` / ``--norm`` values (exactly ``channels`` of them)."""
+    if text is None:
+        return [default] * channels
+    values = parse_numbers(option, text)
+    if len(values) != channels:
+        raise UsageError(f"{option} {text}: {len(values)} value(s), but the input has "
+                         f"{channels} channel(s) (--shape, --pixel); give one per channel")
+    if not all(np.isfinite(values)):
+        raise UsageError(f"{option} {text}: values must be finite")
+    return values
+
+
+def image_paths(spec):
+    """The calibration images named by ``--images``: a folder (searched recursively for
+    image files), a list file (one path per line, as ``find images/ -type f``; paths
+    relative to the current folder or to the list's folder; '#' comments), or one image."""
+    from .data import IMAGE_EXTENSIONS
+    if ',' in spec and not os.path.exists(spec):
+        _several_inputs('--images', spec)
+    if os.path.isdir(spec):
+        paths = sorted(os.path.join(root, name) for root, _, names in os.walk(spec)
+                       for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+        if not paths:
+            raise UsageError(f"--images {spec}: the folder has no image files "
+                             f"({', '.join(IMAGE_EXTENSIONS)})")
+        return paths
+    if not os.path.isfile(spec):
+        raise UsageError(f"--images {spec}: no such folder or list file")
+    if spec.lower().endswith(IMAGE_EXTENSIONS):
+        return [spec]
+    try:
+        with open(spec, encoding='utf-8') as handle:
+            lines = handle.read().splitlines()
+    except UnicodeDecodeError:
+        raise UsageError(f"--images {spec}: not a text list file (give a folder, an image "
+                         f"list with one path per line, or one image)") from None
+    except OSError as err:
+        raise UsageError(f"--images {spec}: cannot read the list: {err.strerror}") from None
+    base = os.path.dirname(os.path.abspath(spec))
+    paths = []
+    for number, line in enumerate(lines, 1):
+        path = line.strip()
+        if not path or path.startswith('#'):
+            continue
+        if not os.path.isabs(path) and not os.path.isfile(path):
+            path = os.path.join(base, path)
+        if not os.path.isfile(path):
+            raise UsageError(f"--images {spec}:{number}: image not found: {line.strip()}")
+        paths.append(path)
+    if not paths:
+        raise UsageError(f"--images {spec}: the list names no images (empty list file)")
+    return paths
+
+
+class ImageBatches:
+    """Re-iterable preprocessed NCHW batches of image files (decoded on every pass, by
+    ``workers`` threads), printing progress about every 10% of a pass."""
+
+    def __init__(self, paths, preprocess, batch_size, workers=0, progress=None):
+        from .data import FileSet
+        self.dataset = FileSet(paths, [0] * len(paths), 'calibration images')
+        self.preprocess, self.batch_size, self.workers = preprocess, batch_size, workers
+        self.progress, self.passes = progress, 0
+
+    def __len__(self):
+        return (len(self.dataset) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        from .data import iterate
+        self.passes += 1
+        every = max(1, len(self) // 10)
+        start = time.perf_counter()
+        try:
+            for number, (x, _) in enumerate(iterate(self.dataset, self.preprocess,
+                                                    self.batch_size, workers=self.workers), 1):
+                yield x
+                if self.progress and (number % every == 0 or number == len(self)):
+                    self.progress(f"      images, pass {self.passes}: {number}/{len(self)} "
+                                  f"batches ({time.perf_counter() - start:.1f} s)")
+        except ValueError as err:  # qat.data names the image that cannot be decoded
+            raise UsageError(f"--images: {err}") from None
+
+
+# ----- the model -------------------------------------------------------------------------------
+def build_model(name, kwargs, params=None, pretrained=False, seed=0):
+    """The float model: a GluonCV name or a ``module:function`` factory called with
+    ``kwargs``; weights from ``params`` (Gluon ``save_parameters``), GluonCV ``pretrained``,
+    or a seeded random initialization."""
+    from .train import MODEL_BUILDERS
+    source = 'factory' if ':' in name else 'gluoncv'
+    kwargs = dict(kwargs, pretrained=True) if pretrained else dict(kwargs)
+    if pretrained and source != 'gluoncv':
+        raise UsageError("--pretrained works with GluonCV model names only")
+    mx.random.seed(seed)
+    try:
+        with mx.name.NameManager():  # fresh name counters: stable layer names in the table
+            net = MODEL_BUILDERS[source](name, kwargs)
+    except (ImportError, AttributeError) as err:
+        raise UsageError(f"--model {name}: cannot build the factory: {err}") from None
+    except ValueError as err:
+        if source == 'gluoncv' and 'is not among' in str(err):
+            raise UsageError(f"--model {name}: not a GluonCV model name (see "
+                             f"gluoncv.model_zoo.get_model_list()) nor a module:function "
+                             f"factory") from None
+        raise UsageError(f"--model {name}: {err}") from None
+    except TypeError as err:
+        raise UsageError(f"--model {name} with --model-kwargs {json.dumps(kwargs)}: "
+                         f"{err}") from None
+    if params is not None:
+        if not os.path.isfile(params):
+            raise UsageError(f"--params {params}: no such file")
+        try:
+            net.load_parameters(params)
+        except (AssertionError, mx.base.MXNetError) as err:
+            raise UsageError(f"--params {params}: does not match --model {name}: "
+                             f"{str(err).splitlines()[0]}") from None
+    elif not pretrained:
+        net.initialize(mx.init.Xavier())
+    return net
+
+
+def check_input_shape(net, shape, text):
+    """Run the model once on zeros of ``shape`` (C, H, W); a shape the model rejects is a
+    UsageError naming --shape."""
+    try:
+        out = net(mx.nd.zeros((1,) + tuple(shape)))
+        (out[0] if isinstance(out, (list, tuple)) else out).wait_to_read()
+    except mx.base.MXNetError as err:
+        first = next((line for line in str(err).splitlines() if 'Check failed' in line
+                      or 'Error' in line), str(err).splitlines()[0])
+        raise UsageError(f"--shape {text}: the model does not accept an input of shape "
+                         f"(1, {', '.join(map(str, shape))}) (N, C, H, W): "
+                         f"{first.strip()}") from None
+
+
+def layer_names(net):
+    """Names of the convertible layers (Conv2D, Dense), in network order."""
+    return [block.name for _, _, _, block in walk(net) if isinstance(block, (nn.Conv2D,
+                                                                             nn.Dense))]
+
+
+def check_excludes(net, patterns):
+    names = layer_names(net)
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise UsageError(f"--exclude {pattern}: matches no layer; layers: "
+                             f"{', '.join(names)}")
+
+
+def set_threads(threads):
+    """CPU threads of MXNet's operators (OpenMP)."""
+    mx.base._LIB.MXSetNumOMPThreads(ctypes.c_int(threads))
+
+
+# ----- the command -----------------------------------------------------------------------------
+def add_arguments(parser):
+    """The ``qat calibrate`` options."""
+    model = parser.add_argument_group('model')
+    model.add_argument('--model', required=True,
+                       help="GluonCV model name (cifar_resnet20_v1) or a module:function "
+                            "factory (mypkg.nets:build) returning a Gluon block")
+    model.add_argument('--model-kwargs', default='{}', metavar='JSON',
+                       help='keyword arguments of the model, as JSON (\'{"classes": 10}\')')
+    model.add_argument('--params', help='float parameters saved with save_parameters')
+    model.add_argument('--pretrained', action='store_true',
+                       help='GluonCV pretrained weights (downloaded or cached)')
+    data = parser.add_argument_group('calibration images (as ncnn2table)')
+    data.add_argument('--images', required=True, action='append',
+                      help='folder of images (searched recursively), a list file with one '
+                           'image path per line, or one image')
+    data.add_argument('--shape', required=True, metavar='W,H,C',
+                      help="input size in ncnn's order: width,height,channels (images are "
+                           "resized to exactly W x H; C is 3 for RGB/BGR, 1 for GRAY)")
+    data.add_argument('--mean', metavar='M0,M1,M2',
+                      help='per-channel mean in --pixel order, pixel units (default 0)')
+    data.add_argument('--norm', metavar='N0,N1,N2',
+                      help='per-channel multiplier applied after the mean: (x - mean) * norm '
+                           '(default 1)')
+    data.add_argument('--pixel', default='RGB', choices=sorted(PIXELS),
+                      help='channel order the model expects (default RGB)')
+    data.add_argument('--num-images', type=int, help='use at most this many images')
+    data.add_argument('--batch-size', type=int, default=16)
+    quant = parser.add_argument_group('quantization')
+    quant.add_argument('--method', default='kl', choices=sorted(METHODS),
+                       help=f"calibration method (default kl); easyquant = kl, then the "
+                            f"EasyQuant scale search on the first {SEARCH_SAMPLES} images")
+    quant.add_argument('--bits', type=int, default=8, help='weight and input bits (2..8)')
+    quant.add_argument('--weight-bits', type=int, help='weight bits (default --bits)')
+    quant.add_argument('--input-bits', type=int, help='input bits (default --bits)')
+    quant.add_argument('--first-layer-bits', type=int,
+                       help='bits of the first layer (default: as the others)')
+    quant.add_argument('--granularity', default='channel', choices=('channel', 'tensor'),
+                       help='weight scales per output channel (per group) or per tensor')
+    quant.add_argument('--exclude', action='append', default=[], metavar='PATTERN',
+                       help='layers (glob on names) kept fp32: no table lines; repeatable')
+    out = parser.add_argument_group('output')
+    out.add_argument('--output', required=True, help='output folder')
+    out.add_argument('--name', default='model', help='file name stem (default model)')
+    out.add_argument('--winograd', default='bound',
+                     help="int8 Winograd guard policy of qat.deploy.export (default bound)")
+    out.add_argument('--threads', type=int,
+                     help="CPU threads for inference and image decoding (default: MXNet's "
+                          "own, all cores; decoding in the main thread)")
+    out.add_argument('--compare', type=int, default=0, metavar='N',
+                     help='write <name>-layers.md/.png: every layer float vs simulated vs ncnn '
+                          'int8 (cosine, max error) on N calibration images')
+    out.add_argument('--verify', type=int, default=0, metavar='N',
+                     help='run the ncnn models on N calibration images and compare with the '
+                          'simulation (qat.deploy.verify)')
+    return parser
+
+
+def _quant_config(args):
+    """(QuantConfig of every layer, QuantConfig of the first layer or None)."""
+    for option in ('bits', 'weight_bits', 'input_bits', 'first_layer_bits'):
+        value = getattr(args, option)
+        if value is not None and not 2 <= value <= 8:
+            raise UsageError(f"--{option.replace('_', '-')} {value}: bits must be in 2..8")
+    config = QuantConfig(weight_bits=args.weight_bits or args.bits,
+                         input_bits=args.input_bits or args.bits,
+                         weight_granularity=args.granularity)
+    first = None if args.first_layer_bits is None else config.updated(
+        weight_bits=args.first_layer_bits, input_bits=args.first_layer_bits)
+    return config, first
+
+
+def _run(args, out):
+    from .data import Preprocess
+    from .deploy import WINOGRAD_POLICIES, export, format_report, verify
+    if len(args.images) > 1:
+        _several_inputs('--images', ' --images '.join(args.images))
+    if args.winograd not in WINOGRAD_POLICIES:
+        raise UsageError(f"--winograd {args.winograd}: valid: {sorted(WINOGRAD_POLICIES)}")
+    lowest = {'threads': 1, 'batch_size': 1, 'num_images': 1, 'compare': 0, 'verify': 0}
+    for option, low in lowest.items():
+        value = getattr(args, option)
+        if value is not None and value < low:
+            raise UsageError(f"--{option.replace('_', '-')} {value}: must be >= {low}")
+    shape = parse_shape(args.shape, args.pixel)
+    mean = parse_channel_values('--mean', args.mean, shape[0], 0.0)
+    norm = parse_channel_values('--norm', args.norm, shape[0], 1.0)
+    if any(n == 0 for n in norm):
+        raise UsageError(f"--norm {args.norm}: values must be non-zero")
+    config, first_config = _quant_config(args)
+    try:
+        kwargs = json.loads(args.model_kwargs)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"--model-kwargs {args.model_kwargs}: not JSON: {err}") from None
+    if not isinstance(kwargs, dict):
+        raise UsageError(f"--model-kwargs {args.model_kwargs}: expected a JSON object")
+    paths = image_paths(args.images[0])
+    if args.num_images:
+        paths = paths[:args.num_images]
+    if args.threads:
+        set_threads(args.threads)
+    weights = (f"parameters {args.params}" if args.params else
+               'pretrained' if args.pretrained else 'random weights')
+    out(f"[1/4] model {args.model} ({weights}), input (C, H, W) = {shape}")
+    net = build_model(args.model, kwargs, args.params, args.pretrained)
+    check_input_shape(net, shape, args.shape)
+    check_excludes(net, args.exclude)
+    total = len(layer_names(net))
+    layer_configs = {first_layer(net): first_config} if first_config else None
+    convert_model(net, exclude=args.exclude, config=config, layer_configs=layer_configs)
+    blocks = [block for _, block in quant_blocks(net)]
+    if not blocks:
+        raise UsageError(f"--model {args.model}: no layer to quantize (every Conv2D/Dense "
+                         f"excluded?)")
+    out(f"      {len(blocks)} layers quantized (W{config.weight_bits}A{config.input_bits}), "
+        f"{total - len(blocks)} kept fp32")
+    # ncnn's substract_mean_normalize multiplies by norm; Preprocess holds std = 1 / norm.
+    preprocess = Preprocess(size=shape[1:], channels=shape[0], mean=tuple(mean),
+                            std=tuple(1.0 / n for n in norm),
+                            pixel='RGB' if args.pixel == 'GRAY' else args.pixel)
+    data = ImageBatches(paths, preprocess, args.batch_size, workers=args.threads or 0,
+                        progress=out)
+    out(f"[2/4] calibrating with {args.method} on {len(paths)} images "
+        f"({len(data)} batches of {args.batch_size})")
+    started = time.perf_counter()
+    post_training_quantize(net, data, args.method, progress=lambda m: out('      ' + m))
+    out(f"      done in {time.perf_counter() - started:.1f} s")
+    out(f"[3/4] writing {args.name}.table and the ncnn int8 model into {args.output}")
+    files = export(net, args.output, shape, args.name, winograd=args.winograd)
+    for kind in ('table', 'int8_param', 'int8_bin', 'param', 'bin'):
+        out(f"      {files[kind]}")
+    if args.compare:
+        rows = sensitivity.layer_comparison(net, data, args.output, args.name,
+                                            max_samples=args.compare,
+                                            threads=args.threads or 1)
+        report = sensitivity.write_report(
+            sensitivity.format_comparison(rows),
+            lambda path: sensitivity.plot_comparison(rows, path), args.output,
+            f"{args.name}-layers")
+        worst = min(rows, key=lambda row: row['ncnn_cosine'])
+        out(f"      {report['table']}, {report['plot']} (lowest ncnn cosine vs float: "
+            f"{worst['layer']} {worst['ncnn_cosine']:.6f})")
+    if args.verify:
+        out(f"[4/4] verifying with the ncnn runtime on {min(args.verify, len(paths))} images")
+        report = verify(net, args.output, data, name=args.name, max_samples=args.verify,
+                        threads=args.threads or 1)
+        out(format_report(report))
+        return 0 if report['passed'] else 1
+    out("[4/4] done (verify with --verify N)")
+    return 0
+
+
+def run(args, out=print):
+    """Run ``qat calibrate`` with parsed ``args``; a bad value prints one error line naming
+    the option or file and exits with status 2. Returns the exit status otherwise."""
+    try:
+        return _run(args, lambda message: (out(message), sys.stdout.flush()))
+    except UsageError as err:
+        print(f"qat calibrate: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main(argv=None):
+    """Stand-alone entry point (``python -m qat.ptq``); ``qat calibrate`` is the same."""
+    parser = add_arguments(argparse.ArgumentParser(prog='qat calibrate',
+                                                   description=DESCRIPTION))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == '__main__':
+    sys.exit(main())
