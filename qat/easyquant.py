@@ -32,9 +32,10 @@ import numpy as np
 
 from .benchmarks import format_table
 from .calibrate import calibrate
+from .data import labeled_batches
 from .layers import QDense
 from .sensitivity import (capture, check_calibrated, cosine_from_sums, cosine_similarity,
-                          deployed, execution_order, labeled_batches, quantized_only)
+                          deployed, execution_order, quantized_only)
 
 log = logging.getLogger(__name__)
 

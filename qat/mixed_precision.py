@@ -15,7 +15,8 @@ import numpy as np
 
 from .benchmarks import format_table
 from .convert import quant_blocks
-from .sensitivity import (deployed, labeled_batches, quantized_only, ranked_layers,
+from .data import labeled_batches
+from .sensitivity import (deployed, quantized_only, ranked_layers,
                           sensitivity, write_report)
 from .train import atomic_path
 

@@ -15,6 +15,7 @@ import mxnet as mx
 import numpy as np
 
 from .. import reference
+from ..data import labeled_batches
 from ..convert import quant_blocks, temporary_mode
 from .export import file_names
 from .graph import _block_index
@@ -114,27 +115,6 @@ def simulate(net, batches, sources, input_name='data'):
     return {source: np.concatenate(parts) for source, parts in collected.items()}
 
 
-def _batches(data, max_samples):
-    """(list of NDArray batches, labels or None) with at most ``max_samples`` samples."""
-    batches, labels, count = [], [], 0
-    for item in data:
-        x, y = (item[0], item[1]) if isinstance(item, (tuple, list)) else (item, None)
-        x = x if isinstance(x, mx.nd.NDArray) else mx.nd.array(x)
-        if max_samples is not None and count + len(x) > max_samples:
-            x = x[:max_samples - count]
-            y = None if y is None else y[:max_samples - count]
-        batches.append(x)
-        labels.append(None if y is None else np.asarray(
-            y.asnumpy() if isinstance(y, mx.nd.NDArray) else y).reshape(-1))
-        count += len(x)
-        if max_samples is not None and count >= max_samples:
-            break
-    if not batches:
-        raise ValueError("verify: no data")
-    labels = None if any(lab is None for lab in labels) else np.concatenate(labels)
-    return batches, labels
-
-
 def _lsb_stats(ours, theirs, lsb):
     """Errors in LSBs: max, and fraction of elements within 1 LSB (+ a float32 rounding
     margin: a value exactly one step off must count as within)."""
@@ -193,7 +173,7 @@ def verify(net, folder, data, name='model', report_path=None, max_samples=None, 
         manifest = json.load(handle)
     if not quant_blocks(net):
         raise ValueError(f"{net.name} has no quantized blocks: verify needs the converted net")
-    batches, labels = _batches(data, max_samples)
+    batches, labels = labeled_batches(data, max_samples)
     layers = [layer for layer in manifest['layers'] if layer['kind'] != 'Input'
               and layer['source']]
     if not per_layer:
