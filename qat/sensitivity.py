@@ -353,17 +353,6 @@ def write_report(text, plot, folder, name):
 
 
 # ----- layer by layer: float vs simulated vs ncnn int8 ---------------------------------------
-def _top_scales(manifest):
-    """{blob: scale of its int8 codes} for blobs ncnn hands over requantized (the input scale
-    of the int8 layer consuming them, as ``fuse_requantize`` sets it)."""
-    scales = {}
-    for layer in manifest['layers']:
-        if layer['int8']:
-            for blob in layer['inputs']:
-                scales.setdefault(blob, layer['input_scale'])
-    return scales
-
-
 def layer_comparison(net, data, folder, name='model', max_samples=16, threads=1, ncnn=True):
     """Every layer of an export (``qat.deploy.export(net, folder, ..., name)``) against
     float: the simulated quantized net (as deployed) and, with ``ncnn``, the ncnn int8 model
@@ -374,7 +363,7 @@ def layer_comparison(net, data, folder, name='model', max_samples=16, threads=1,
     (per-sample cosine averaged over the samples; max |float - quantized|)."""
     import json
     from .deploy.export import file_names
-    from .deploy.verify import EXACT_OPTIONS, NcnnModel, simulate
+    from .deploy.verify import EXACT_OPTIONS, NcnnModel, consumer_scales, simulate
     names = file_names(name)
     manifest_path = os.path.join(folder, names['manifest'])
     if not os.path.isfile(manifest_path):
@@ -396,7 +385,7 @@ def layer_comparison(net, data, folder, name='model', max_samples=16, threads=1,
                           os.path.join(folder, names['int8_bin']), threads, **EXACT_OPTIONS)
         blobs = [layer['name'] for layer in layers]
         runs = [model.run(sample, blobs) for batch in batches for sample in batch.asnumpy()]
-        scales = _top_scales(manifest)
+        scales = consumer_scales(manifest)
         measured = {}
         for layer in layers:
             values = np.stack([run[layer['name']] for run in runs])

@@ -144,8 +144,9 @@ def _compare_layer(layer, sim, ncnn_values, consumer_scale):
     return entry
 
 
-def _consumer_scales(manifest):
-    """{blob: the input scale of the first int8 layer reading it}."""
+def consumer_scales(manifest):
+    """{blob: the input scale of the first int8 layer reading it} (for a requantized blob, the
+    scale of the int8 codes ncnn hands over)."""
     scales = {}
     for layer in manifest['layers']:
         if layer['int8']:
@@ -199,7 +200,7 @@ def verify(net, folder, data, name='model', report_path=None, max_samples=None, 
         for blob, value in model8.run(sample, blobs).items():
             ncnn8[blob].append(value)
         ncnn32.append(model32.run(sample, [output])[output])
-    scales = _consumer_scales(manifest)
+    scales = consumer_scales(manifest)
     per_layer_report = []
     for layer in layers:
         theirs = np.stack(ncnn8[layer['name']]).reshape(len(samples), -1)
