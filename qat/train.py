@@ -50,7 +50,6 @@ import numpy as np
 import yaml
 from mxnet import autograd, gluon, nd
 
-from . import ops
 from .benchmarks import format_table
 from .calibrate import calibrate
 from .config import QuantConfig
@@ -318,17 +317,14 @@ def layer_stats(net, x):
                 nd, weight, bias, *(getattr(block, a).data(ctx) for a in
                                     ('gamma', 'beta', 'running_mean', 'running_var')))
         channels = getattr(block, '_channels', None) or block._units
-        cfg = block.config
-        threshold = ops.weight_threshold(nd, weight, channels, block.groups,
-                                         cfg.weight_granularity)
-        stats[f'weight_scale/{block.name}'] = float(
-            ops.scale_from_threshold(nd, threshold, cfg.weight_bits).mean().asscalar())
+        _, scales = block._quantized_weight(nd, weight, channels, block.groups)  # as trained
+        stats[f'weight_scale/{block.name}'] = float(scales.mean().asscalar())
         tracked = block.input_threshold()
         if tracked is not None:
             stats[f'input_range/{block.name}'] = tracked
             if block in seen:
                 stats[f'clipped/{block.name}'] = clipped_fraction(seen[block], tracked,
-                                                                  cfg.input_signed)
+                                                                  block.config.input_signed)
     return stats
 
 

@@ -499,3 +499,21 @@ def test_digits_recipe_end_to_end(tmp_path):
     assert result['qat'] >= result['float'] - 1
     assert result['verify_passed']
     assert abs(result['ncnn'] - result['qat']) <= 0.6  # at most 2 of 359 images differ
+
+
+def test_layer_stats_report_the_weight_scales_the_net_quantizes_with():
+    """The logged mean weight scale follows weight_threshold_factor (set by EasyQuant)."""
+    import mxnet as mx
+    import qat
+    net = tiny_net()
+    net.initialize()
+    x = mx.nd.random.normal(shape=(4, 3, 8, 8))
+    net(x)
+    qat.convert_model(net)
+    qat.calibrate(net, [x])
+    before = train.layer_stats(net, x)
+    block = qat.quant_blocks(net)[0][1]
+    block.weight_threshold_factor.set_data(mx.nd.ones(block.weight_threshold_factor.shape) * 2)
+    after = train.layer_stats(net, x)
+    key = f'weight_scale/{block.name}'
+    assert abs(after[key] - before[key] / 2) <= 1e-6 * before[key]
