@@ -418,3 +418,33 @@ def test_every_supported_op_exports_and_runs_in_ncnn(tmp_path):
     caffe_types = {layer.type for layer in caffe.read_prototxt(str(tmp_path / 'model.prototxt'))}
     assert {'BatchNorm', 'Scale', 'ReLU', 'Sigmoid', 'Clip', 'Eltwise', 'Concat',
             'Softmax'} <= caffe_types
+
+
+@pytest.mark.parametrize('how', ['no fake BN', 'conv excluded'])
+def test_batchnorm_left_by_the_converter_is_folded_into_its_conv(tmp_path, how):
+    """A real BatchNorm after a conv (fake BN off, or the conv excluded) is folded at export
+    with the same fold function: no BatchNorm layer remains and ncnn agrees with the net."""
+    rs = np.random.RandomState(4)
+    mx.random.seed(4)
+    net = nn.HybridSequential(prefix='fold_')
+    with net.name_scope():
+        net.add(nn.Conv2D(8, 3, padding=1, in_channels=3), nn.BatchNorm(in_channels=8),
+                nn.Activation('relu'), nn.Conv2D(8, 3, padding=1, in_channels=8),
+                nn.BatchNorm(in_channels=8), nn.Activation('relu'), nn.GlobalAvgPool2D(),
+                nn.Dense(4, in_units=8))
+    net.initialize()
+    data = mx.nd.array(rs.normal(0, 1, (8, 3, 8, 8)))
+    net(data)
+    randomize_bn(net, rs)
+    if how == 'no fake BN':
+        qat.convert_model(net, config=qat.QuantConfig(fake_bn=False))
+    else:
+        qat.convert_model(net, exclude=['fold_conv1'])
+    qat.calibrate(net, [data], method='max')
+    export(net, str(tmp_path), (3, 8, 8))
+    kinds = [kind for kind, *_ in ncnn_files.read_param(str(tmp_path / 'model-int8.param'))]
+    assert 'BatchNorm' not in kinds and kinds.count('Convolution') == 2
+    report = verify(net, str(tmp_path), [data], packing=False)
+    assert report['fp32']['max_relative_error'] <= FP32_RELATIVE
+    assert report['int8']['top1_agreement'] == 1.0
+    assert report['int8']['within_1lsb'] >= WITHIN_1LSB

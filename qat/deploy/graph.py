@@ -142,13 +142,12 @@ def _quant(block, weight, bias):
     return quant, weight, bias
 
 
-def _fold_real_bn(quant, weight, bias, bn_node, values, groups, name):
-    """Fold a BatchNorm the converter left in place into the preceding conv (same fold
-    function). The int8 codes stay as trained; their scales absorb the BN factor."""
-    attrs = bn_node.get('attrs', {})
-    inputs = bn_node['inputs']
-    gamma, beta, mean, var = (values[input_name] for input_name in inputs[1:5])
-    eps, fix_gamma = float(attrs.get('eps', 1e-3)), _bool(attrs.get('fix_gamma'), True)
+def _fold_real_bn(quant, weight, bias, bn_params, bn_attrs, groups, name):
+    """Fold a BatchNorm the converter left in place (``bn_params`` = gamma, beta, mean, var)
+    into the preceding conv (same fold function). The int8 codes stay as trained; their
+    scales absorb the BN factor."""
+    gamma, beta, mean, var = bn_params
+    eps, fix_gamma = float(bn_attrs.get('eps', 1e-3)), _bool(bn_attrs.get('fix_gamma'), True)
     if bias is None:
         bias = nd.zeros((weight.shape[0],))
     folded_w, folded_b = ops.fold_bn(nd, weight, bias, gamma, beta, mean, var, eps, fix_gamma)
@@ -169,8 +168,9 @@ class _Tracer:
     def __init__(self, net, input_shape, input_names):
         self.net = net
         sym = _float_trace(net, input_names)
-        self.nodes = json.loads(sym.tojson())['nodes']
-        self.heads = [head[0] for head in json.loads(sym.tojson())['heads']]
+        graph = json.loads(sym.tojson())
+        self.nodes = graph['nodes']
+        self.heads = [head[0] for head in graph['heads']]
         internals = sym.get_internals()
         shapes = {name: tuple(input_shape) for name in input_names}
         _, out_shapes, _ = internals.infer_shape(**{n: (1,) + tuple(s) for n, s in shapes.items()})
@@ -279,8 +279,8 @@ class _Tracer:
         bn_node = self.nodes[user] if user is not None else None
         folds_bn = bn_node is not None and bn_node['op'] == 'BatchNorm' \
             and int(bn_node.get('attrs', {}).get('axis', 1)) == 1
+        bn_params = [self.param(bn_node, i) for i in range(1, 5)] if folds_bn else None
         if isinstance(block, QConv2DBatchNorm):
-            bn_params = [self.param(bn_node, i) for i in range(1, 5)]
             weight, bias = block.folded_weight_bias(nd, weight, bias, *bn_params)
             quant, weight, bias = _quant(block, weight, bias)
             end = user
@@ -288,8 +288,8 @@ class _Tracer:
             if block is not None:
                 quant, weight, bias = _quant(block, weight, bias)
             if folds_bn:
-                quant, weight, bias = _fold_real_bn(quant, weight, bias, bn_node, self.values,
-                                                    groups, name)
+                quant, weight, bias = _fold_real_bn(quant, weight, bias, bn_params,
+                                                    bn_node.get('attrs', {}), groups, name)
                 end = user
         if end != index:
             self.absorbed.add(end)

@@ -200,6 +200,7 @@ def _line(kind, name, bottoms, tops, pairs):
 def render(graph, int8=False, guarded=()):
     """(.param text, .bin bytes) of ``graph``; ``int8`` writes int8 layers for every layer
     with a Quant, ``guarded`` names int8 convolutions that get ``31=64`` (no Winograd)."""
+    guarded = set(guarded)
     uses = {}
     for layer in graph.layers:
         for name in layer.inputs:
@@ -224,7 +225,7 @@ def render(graph, int8=False, guarded=()):
                                [(0, 1), (1, 1), (2, channels)]))
             blobs.add(reshaped)
             bottoms = [reshaped] + bottoms[1:]
-        kind, pairs = WRITERS[layer.kind](layer, graph, int8, set(guarded), out)
+        kind, pairs = WRITERS[layer.kind](layer, graph, int8, guarded, out)
         lines.append(_line(kind, layer.name, bottoms, [layer.name], pairs))
         blobs.update(bottoms + [layer.name])
         if uses.get(layer.name, 0) > 1:
