@@ -238,15 +238,9 @@ def verify(net, folder, data, name='model', report_path=None, max_samples=None, 
                               value < limits[key])]
     report['passed'] = not report['failures']
     if report_path is not None:
-        _write_json(report_path, report)
+        from ..train import write_json  # atomic; imported here, train imports this module
+        write_json(report_path, report)
     return report
-
-
-def _write_json(path, data):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, 'w') as handle:
-        json.dump(data, handle, indent=1)
-    os.replace(tmp, path)
 
 
 def format_report(report):
