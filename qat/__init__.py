@@ -1,15 +1,24 @@
-"""gluon-qat: quantization-aware training for MXNet Gluon, exported to ncnn int8."""
-from .config import QuantConfig
-from .convert import (CONVERTERS, check_ranges, conv_bn_pairs, convert_model, disable_quantize,
-                      enable_quantize, first_layer, freeze_bn, freeze_ranges, load_parameters,
-                      quant_blocks, quantize_input, save_parameters, temporary_mode, to_float)
-from .calibrate import METHODS as CALIBRATION_METHODS, calibrate
-from .layers import FoldedBatchNorm, QConv2D, QConv2DBatchNorm, QDense, QuantBlock
+"""gluon-qat: quantization-aware training for MXNet Gluon, exported to ncnn int8.
+
+The library, bottom to top (a module imports only from the layers below it):
+``config``, ``ops``, ``reference``, ``native``, ``fileio``, ``metrics``, ``report``,
+``batches`` -> ``nn`` (the blocks) -> ``modes``, ``probes``, ``convert`` -> ``calibration``,
+``deploy`` -> ``analysis``. The application (``qat.app``: recipes, data, models, trainer,
+the ``qat`` command) sits on top; nothing in the library imports it.
+"""
+from .config import QuantConfig, QuantScheme
+from .convert import (CONVERTERS, conv_bn_pairs, convert_model, first_layer, load_parameters,
+                      save_parameters, to_float)
+from .modes import (check_ranges, deployed, disable_quantize, enable_quantize, freeze_bn,
+                    freeze_ranges, quantize_input, temporary_mode)
+from .nn import FoldedBatchNorm, QConv2D, QConv2DBatchNorm, QDense, QuantBlock, quant_blocks
+from .calibration import METHODS as CALIBRATION_METHODS, calibrate
 from .deploy import export, verify
 
 __version__ = '0.1.0'
-__all__ = ['QuantConfig', 'CONVERTERS', 'check_ranges', 'conv_bn_pairs', 'convert_model',
-           'disable_quantize', 'enable_quantize', 'first_layer', 'freeze_bn', 'freeze_ranges',
-           'load_parameters', 'quant_blocks', 'quantize_input', 'save_parameters',
-           'temporary_mode', 'to_float', 'CALIBRATION_METHODS', 'calibrate', 'FoldedBatchNorm',
-           'QConv2D', 'QConv2DBatchNorm', 'QDense', 'QuantBlock', 'export', 'verify']
+__all__ = ['QuantConfig', 'QuantScheme', 'CONVERTERS', 'check_ranges', 'conv_bn_pairs',
+           'convert_model', 'deployed', 'disable_quantize', 'enable_quantize', 'first_layer',
+           'freeze_bn', 'freeze_ranges', 'load_parameters', 'quant_blocks', 'quantize_input',
+           'save_parameters', 'temporary_mode', 'to_float', 'CALIBRATION_METHODS', 'calibrate',
+           'FoldedBatchNorm', 'QConv2D', 'QConv2DBatchNorm', 'QDense', 'QuantBlock', 'export',
+           'verify']

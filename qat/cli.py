@@ -4,16 +4,22 @@ import logging
 import os
 import sys
 
+from .app import demo, ptq
+from .app.models import ModelError
+from .app.recipe import RecipeError
+from .app.stages import load_run, run_recipe, validation_batches
+from .deploy import ExportError, export, format_report, verify
+
+# Errors whose message names the culprit: printed as one line, exit status 2.
+USER_ERRORS = (RecipeError, ExportError, ModelError, FileNotFoundError, FileExistsError)
+
 
 def _train(args):
-    from .train import run_recipe
     results = run_recipe(args.recipe, args.overrides, resume=args.resume)
     return 0 if results.get('verify_passed', True) else 1
 
 
 def _export(args):
-    from .deploy import export
-    from .train import load_run
     net, recipe, preprocess = load_run(args.run)
     folder = args.out or os.path.join(args.run, 'export')
     shape = tuple(recipe['export']['input_shape']) or preprocess.input_shape
@@ -24,8 +30,6 @@ def _export(args):
 
 
 def _verify(args):
-    from .deploy import format_report, verify
-    from .train import load_run, validation_batches
     net, recipe, preprocess = load_run(args.run)
     folder = args.folder or os.path.join(args.run, 'export')
     thresholds = dict(recipe['verify']['thresholds'])
@@ -38,13 +42,13 @@ def _verify(args):
 
 
 def _calibrate(args):
-    from .ptq import run
-    return run(args) or 0
+    return ptq.run(args) or 0
 
 
 def _demo(args):
-    from .demo import run
-    run(model=args.model, size=args.size, epochs=args.epochs, seed=args.seed)
+    os.makedirs(args.folder, exist_ok=True)
+    demo.run(model=args.model, size=args.size, epochs=args.epochs, seed=args.seed,
+             folder=args.folder)
     return 0
 
 
@@ -72,11 +76,11 @@ def _parser():
                        help="continue the run folder's last checkpoint")
     train.set_defaults(handler=_train)
 
-    export = _run_command(commands, 'export', 'write Caffe, the ncnn table and ncnn '
-                          'fp32/int8 models of a trained run', _export)
-    export.add_argument('--out', help='output folder (default: <run>/export)')
-    export.add_argument('--winograd', help="Winograd policy: off, bound or unsafe (default: "
-                        "the recipe's)")
+    exporting = _run_command(commands, 'export', 'write Caffe, the ncnn table and ncnn '
+                             'fp32/int8 models of a trained run', _export)
+    exporting.add_argument('--out', help='output folder (default: <run>/export)')
+    exporting.add_argument('--winograd', help="Winograd policy: off, bound or unsafe "
+                           "(default: the recipe's)")
 
     check = _run_command(commands, 'verify', "run the exported ncnn models on the run's "
                          'validation data and compare with the simulation', _verify)
@@ -87,22 +91,21 @@ def _parser():
                        help='ncnn packing layout off (the bit-exact path)')
     check.add_argument('--report', help='JSON report path (default: <folder>/verify.json)')
 
-    calibrate = commands.add_parser('calibrate', help='post-training quantization of a float '
-                                    'model from images: table and ncnn int8 model '
-                                    '(like ncnn2table + ncnn2int8)')
-    try:
-        from .ptq import add_arguments
-        add_arguments(calibrate)
-    except ImportError:  # the PTQ command is optional in a partial install
-        pass
-    calibrate.set_defaults(handler=_calibrate)
+    calibrating = commands.add_parser('calibrate', help='post-training quantization of a '
+                                      'float model from images: table and ncnn int8 model '
+                                      '(like ncnn2table + ncnn2int8)')
+    ptq.add_arguments(calibrating)
+    calibrating.set_defaults(handler=_calibrate)
 
-    demo = commands.add_parser('demo', help='float vs simulated int8/int4 on the bundled digits')
-    demo.add_argument('--model', default='cifar_resnet20_v1', help='GluonCV model name')
-    demo.add_argument('--size', type=int, default=16, help='input size (pixels)')
-    demo.add_argument('--epochs', type=int, default=6, help='float training epochs')
-    demo.add_argument('--seed', type=int, default=0)
-    demo.set_defaults(handler=_demo)
+    demo_command = commands.add_parser('demo', help='float vs simulated int8/int4 on the '
+                                       'bundled digits')
+    demo_command.add_argument('--model', default='cifar_resnet20_v1', help='GluonCV model name')
+    demo_command.add_argument('--size', type=int, default=16, help='input size (pixels)')
+    demo_command.add_argument('--epochs', type=int, default=6, help='float training epochs')
+    demo_command.add_argument('--seed', type=int, default=0)
+    demo_command.add_argument('--folder', default='checkpoints',
+                              help='where the float weights are kept (created)')
+    demo_command.set_defaults(handler=_demo)
     return parser
 
 
@@ -110,11 +113,9 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format='%(levelname)s %(name)s: %(message)s')
-    from .deploy.graph import ExportError
-    from .recipe import RecipeError
     try:
         return args.handler(args)
-    except (RecipeError, ExportError, FileNotFoundError, FileExistsError) as err:
+    except USER_ERRORS as err:
         print(f"qat {args.command}: {err}", file=sys.stderr)
         return 2
 

@@ -1,8 +1,23 @@
-"""Quantization schemes: one frozen dataclass, validated on construction."""
-from dataclasses import dataclass, fields, replace
+"""Quantization schemes: ``QuantConfig`` says how one layer is quantized (one frozen,
+validated dataclass); ``QuantScheme`` says which config each layer of a net gets (a default,
+overrides by block type and by name, the first-layer rule), in the spirit of PyTorch's
+QConfigMapping. The recipe's ``quantize`` section, ``qat calibrate``'s flags and the Python
+API all build a ``QuantScheme`` (``QuantScheme.from_dict``), so they cannot drift apart.
+"""
+import fnmatch
+from dataclasses import dataclass, field, fields, replace
 
+import numpy as np
+
+BITS = (2, 8)                      # the widths a layer can be simulated at (int8 storage)
 GRANULARITIES = ('channel', 'tensor')
 RANGE_TRACKERS = ('ema', 'max')
+# A QuantConfig as a float32 vector (saved with the parameters, see ``to_vector``): the
+# checkpoint format version first, then the fields in this order.
+CHECKPOINT_FORMAT = 2
+VECTOR_FIELDS = ('weight_bits', 'input_bits', 'weight_granularity', 'input_signed', 'fake_bn',
+                 'range_momentum', 'range_tracker')
+_CHOICES = {'weight_granularity': GRANULARITIES, 'range_tracker': RANGE_TRACKERS}
 
 
 @dataclass(frozen=True)
@@ -27,17 +42,20 @@ class QuantConfig:
     range_tracker: str = 'ema'
 
     def __post_init__(self):
+        low, high = BITS
         for name in ('weight_bits', 'input_bits'):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not 2 <= value <= 8:
-                raise ValueError(f"QuantConfig.{name} must be an integer in 2..8, got {value!r}")
-        if self.weight_granularity not in GRANULARITIES:
-            raise ValueError(f"QuantConfig.weight_granularity must be one of {GRANULARITIES}, "
-                             f"got {self.weight_granularity!r}")
-        if self.range_tracker not in RANGE_TRACKERS:
-            raise ValueError(f"QuantConfig.range_tracker must be one of {RANGE_TRACKERS}, "
-                             f"got {self.range_tracker!r}")
-        if not 0.0 <= float(self.range_momentum) < 1.0:
+            if not isinstance(value, int) or isinstance(value, bool) \
+                    or not low <= value <= high:
+                raise ValueError(f"QuantConfig.{name} must be an integer in {low}..{high}, "
+                                 f"got {value!r}")
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"QuantConfig.{name} must be one of {choices}, "
+                                 f"got {getattr(self, name)!r}")
+        if isinstance(self.range_momentum, bool) \
+                or not isinstance(self.range_momentum, (int, float)) \
+                or not 0.0 <= float(self.range_momentum) < 1.0:
             raise ValueError(f"QuantConfig.range_momentum must be in [0, 1), "
                              f"got {self.range_momentum!r}")
         for name in ('input_signed', 'fake_bn'):
@@ -52,3 +70,117 @@ class QuantConfig:
             raise ValueError(f"unknown QuantConfig field(s) {sorted(unknown)}; "
                              f"valid: {[f.name for f in fields(self)]}")
         return replace(self, **changes)
+
+    def to_vector(self):
+        """[CHECKPOINT_FORMAT, fields in VECTOR_FIELDS order] as float32; choices as their
+        index."""
+        values = [_CHOICES[name].index(getattr(self, name)) if name in _CHOICES
+                  else float(getattr(self, name)) for name in VECTOR_FIELDS]
+        return np.array([CHECKPOINT_FORMAT] + values, np.float32)
+
+    @classmethod
+    def from_vector(cls, vector):
+        """The config saved by ``to_vector`` (a float32 array)."""
+        vector = np.asarray(vector, np.float32)
+        if int(vector[0]) != CHECKPOINT_FORMAT or len(vector) != len(VECTOR_FIELDS) + 1:
+            raise ValueError(f"a saved QuantConfig of format {vector[0]:g} with "
+                             f"{len(vector) - 1} fields; this version reads format "
+                             f"{CHECKPOINT_FORMAT} ({len(VECTOR_FIELDS)} fields)")
+        values = {}
+        for name, value in zip(VECTOR_FIELDS, vector[1:]):
+            if name in _CHOICES:
+                values[name] = _CHOICES[name][int(value)]
+            elif name == 'range_momentum':  # the shortest decimal that is this float32
+                values[name] = float(np.format_float_positional(value, unique=True))
+            elif name in ('input_signed', 'fake_bn'):
+                values[name] = bool(value > 0.5)
+            else:
+                values[name] = int(value)
+        return cls(**values)
+
+
+def _glob(block, path, pattern):
+    return fnmatch.fnmatchcase(block.name, pattern) or fnmatch.fnmatchcase(path, pattern)
+
+
+@dataclass(frozen=True, eq=False)
+class QuantScheme:
+    """The config of every layer of a net.
+
+    default: the QuantConfig of every layer not matched below.
+    by_name: {glob pattern on block name ('resnetv10_conv0') or path ('features.0'):
+        QuantConfig, or None = the layer stays float}; the first matching pattern wins.
+    first_layer_bits: weight and input bits of the first Conv2D / Dense in network order (it
+        sees the raw image; 8 is the usual choice), None = like the others.
+    by_type: {block type (nn.Conv2D, nn.Dense): QuantConfig or None}.
+    exclude: glob patterns of blocks left float with everything inside them.
+    Precedence: by_name, then the first-layer rule, then by_type, then default.
+    """
+    default: QuantConfig = QuantConfig()
+    by_name: dict = field(default_factory=dict)
+    first_layer_bits: int = None
+    by_type: dict = field(default_factory=dict)
+    exclude: tuple = ()
+
+    def __post_init__(self):
+        for where, value in [('default', self.default)] + [
+                (f"by_name[{k!r}]", v) for k, v in self.by_name.items()] + [
+                (f"by_type[{getattr(k, '__name__', k)}]", v) for k, v in self.by_type.items()]:
+            if value is not None and not isinstance(value, QuantConfig):
+                raise TypeError(f"QuantScheme.{where} must be a QuantConfig or None, got "
+                                f"{type(value).__name__}")
+        if self.first_layer_bits is not None:
+            self.default.updated(weight_bits=self.first_layer_bits,
+                                 input_bits=self.first_layer_bits)  # validates
+
+    def config_for(self, block, path, first=False):
+        """The QuantConfig of ``block`` at ``path`` (``first``: it is the net's first layer),
+        or None when it stays float."""
+        for pattern, config in self.by_name.items():
+            if _glob(block, path, pattern):
+                return config
+        if first and self.first_layer_bits is not None:
+            return self.default.updated(weight_bits=self.first_layer_bits,
+                                        input_bits=self.first_layer_bits)
+        for block_type, config in self.by_type.items():
+            if isinstance(block, block_type):
+                return config
+        return self.default
+
+    def with_bits(self, bits):
+        """The same scheme with weight and input bits ``bits`` by default (overrides and the
+        first-layer rule unchanged)."""
+        return replace(self, default=self.default.updated(weight_bits=bits, input_bits=bits))
+
+    @classmethod
+    def from_dict(cls, values, origin='quantize'):
+        """A scheme from flat settings: QuantConfig field names, ``first_layer_bits``,
+        ``exclude`` (patterns) and ``layers`` ({pattern: {field: value} or None}). Errors
+        are ValueError naming ``<origin>.<key>``."""
+        names = {f.name for f in fields(QuantConfig)}
+        extra = {'first_layer_bits', 'exclude', 'layers'}
+        unknown = sorted(set(values) - names - extra)
+        if unknown:
+            raise ValueError(f"{origin}.{unknown[0]}: unknown key; valid: "
+                             f"{', '.join(sorted(names | extra))}")
+        try:
+            default = QuantConfig(**{k: v for k, v in values.items() if k in names})
+        except ValueError as err:
+            raise ValueError(f"{origin}: {err}") from None
+        by_name = {}
+        for pattern, override in (values.get('layers') or {}).items():
+            if override is None:
+                by_name[pattern] = None
+                continue
+            if not isinstance(override, dict):
+                raise ValueError(f"{origin}.layers.{pattern}: a mapping of QuantConfig "
+                                 f"fields or null (float), got {override!r}")
+            try:
+                by_name[pattern] = default.updated(**override)
+            except ValueError as err:
+                raise ValueError(f"{origin}.layers.{pattern}: {err}") from None
+        try:
+            return cls(default, by_name, values.get('first_layer_bits'),
+                       exclude=tuple(values.get('exclude') or ()))
+        except ValueError as err:
+            raise ValueError(f"{origin}.first_layer_bits: {err}") from None

@@ -3,43 +3,33 @@
 Conv -> BatchNorm pairs are found from the network's dataflow (a symbolic trace), not from
 block names: a Conv2D whose output feeds exactly one op, a BatchNorm, absorbs that BatchNorm.
 """
-import contextlib
 import fnmatch
 import json
 import logging
 import os
-import tempfile
 
 import mxnet as mx
 from mxnet.gluon import HybridBlock, nn
 
-from .config import QuantConfig
-from .layers import FoldedBatchNorm, QConv2D, QConv2DBatchNorm, QDense, QuantBlock
+from .config import QuantConfig, QuantScheme
+from .fileio import atomic_path
+from .modes import MODE_FUNCTIONS, clear_cached_graphs
+from .nn import FoldedBatchNorm, QConv2D, QConv2DBatchNorm, QDense, QuantBlock, quant_blocks, walk
 
 log = logging.getLogger(__name__)
 
-# The one registry: float block type -> converter(block, config) -> quantized block.
-# Conv2D followed by its BatchNorm uses CONV_BN_CONVERTER instead (when fake_bn is on).
+# The one registry: float block type -> converter(block, config) -> quantized block, and
+# fusion patterns: (Conv2D, BatchNorm) -> converter(conv, bn, config) for a Conv2D whose only
+# consumer is a BatchNorm (fake batchnorm, used when the layer's config has fake_bn).
+CONV_BN = (nn.Conv2D, nn.BatchNorm)
 CONVERTERS = {
     nn.Conv2D: QConv2D.from_float,
     nn.Dense: QDense.from_float,
+    CONV_BN: QConv2DBatchNorm.from_float,
 }
-CONV_BN_CONVERTER = QConv2DBatchNorm.from_float
 
 # Float blocks with weights that are deliberately left float (noted in the log when seen).
 LEFT_FLOAT_QUIETLY = (nn.BatchNorm, nn.LayerNorm, nn.InstanceNorm)
-
-
-def _children(block):
-    return list(block._children.items())
-
-
-def walk(block, path=''):
-    """Yield (path, parent, key, child) for every descendant, depth first."""
-    for key, child in _children(block):
-        child_path = f"{path}.{key}" if path else key
-        yield child_path, block, key, child
-        yield from walk(child, child_path)
 
 
 def _replace_child(parent, key, old, new):
@@ -113,11 +103,17 @@ def _matches(block, path, patterns):
     return False
 
 
-def _config_for(block, path, config, layer_configs):
-    for pattern, override in (layer_configs or {}).items():
-        if fnmatch.fnmatchcase(block.name, pattern) or fnmatch.fnmatchcase(path, pattern):
-            return override
-    return config
+def _scheme(config, layer_configs):
+    if isinstance(config, QuantScheme):
+        if layer_configs:
+            raise TypeError("give per-layer configs inside the QuantScheme (by_name), not "
+                            "also as layer_configs")
+        return config
+    for value in [config] + list((layer_configs or {}).values()):
+        if value is not None and not isinstance(value, QuantConfig):
+            raise TypeError(f"config and layer_configs values must be QuantConfig, "
+                            f"got {type(value).__name__}")
+    return QuantScheme(config or QuantConfig(), dict(layer_configs or {}))
 
 
 def convert_model(net, exclude=(), convert_fn=None, config=None, layer_configs=None,
@@ -127,19 +123,16 @@ def convert_model(net, exclude=(), convert_fn=None, config=None, layer_configs=N
     net: any Gluon Block (HybridBlock for fake batchnorm, which needs a symbolic trace).
     exclude: blocks, or glob patterns matched against block names ('resnetv10_conv0') and
         structural paths ('features.0'); an excluded block and everything inside it stay float.
-    convert_fn: {block type: converter(block, config)} added to (or, with None, removed from)
-        ``CONVERTERS``.
-    config: QuantConfig for all layers (default QuantConfig()); layer_configs: {pattern:
-        QuantConfig} for some layers (first matching pattern wins).
+    convert_fn: {block type or fusion pattern: converter} added to (or, with None, removed
+        from) ``CONVERTERS``.
+    config: a QuantScheme (the config of every layer), or a QuantConfig for all layers
+        (default QuantConfig()) with layer_configs: {pattern: QuantConfig or None (float)}
+        for some layers (first matching pattern wins).
     input_names: names of the net's inputs, for the trace.
-    Returns ``net``, with the mode functions of this module also bound as methods
+    Returns ``net``, with the mode functions of ``qat.modes`` also bound as methods
     (``net.enable_quantize()`` ...).
     """
-    config = QuantConfig() if config is None else config
-    for value in [config] + list((layer_configs or {}).values()):
-        if not isinstance(value, QuantConfig):
-            raise TypeError(f"config and layer_configs values must be QuantConfig, "
-                            f"got {type(value).__name__}")
+    scheme = _scheme(config, layer_configs)
     converters = dict(CONVERTERS)
     for block_type, fn in (convert_fn or {}).items():
         if fn is None:
@@ -147,12 +140,16 @@ def convert_model(net, exclude=(), convert_fn=None, config=None, layer_configs=N
         else:
             converters[block_type] = fn
     exclude = tuple(exclude) if isinstance(exclude, (list, tuple, set)) else (exclude,)
-    pairs = conv_bn_pairs(net, input_names) if isinstance(net, HybridBlock) else {}
-    folded = {}  # bn block -> the QConv2DBatchNorm that absorbed it
+    exclude += scheme.exclude
+    pair_converter = converters.get(CONV_BN)
+    pairs = conv_bn_pairs(net, input_names) \
+        if isinstance(net, HybridBlock) and pair_converter is not None else {}
+    folded = {}  # bn block -> the quantized block that absorbed it
     paths = {child: path for path, _, _, child in walk(net)}
+    first = _first_convertible(net, converters)
 
     def convert_children(block, path):
-        for key, child in _children(block):
+        for key, child in list(block._children.items()):
             child_path = f"{path}.{key}" if path else key
             if isinstance(child, (QuantBlock, FoldedBatchNorm)) \
                     or _matches(child, child_path, exclude):
@@ -169,11 +166,13 @@ def convert_model(net, exclude=(), convert_fn=None, config=None, layer_configs=N
                 log.info("%s: layout %s is not supported: left float", child.name,
                          child._kwargs.get('layout'))
                 continue
-            layer_config = _config_for(child, child_path, config, layer_configs)
+            layer_config = scheme.config_for(child, child_path, child is first)
+            if layer_config is None:
+                continue
             bn = pairs.get(child)
-            if bn is not None and layer_config.fake_bn and convert is CONVERTERS[nn.Conv2D] \
+            if bn is not None and layer_config.fake_bn \
                     and not _matches(bn, paths.get(bn, ''), exclude):
-                new = CONV_BN_CONVERTER(child, bn, layer_config)
+                new = pair_converter(child, bn, layer_config)
                 folded[bn] = new
             else:
                 new = convert(child, layer_config)
@@ -184,12 +183,20 @@ def convert_model(net, exclude=(), convert_fn=None, config=None, layer_configs=N
     for _, parent, key, child in list(walk(net)):
         if child in folded:
             _replace_child(parent, key, child, FoldedBatchNorm(child, folded[child]))
-    _clear_all_cached_ops(net)
+    clear_cached_graphs(net)
     for fn in MODE_FUNCTIONS:
         object.__setattr__(net, fn.__name__, _bind(fn, net))
     log.info("converted %d blocks of %s (%d conv+BN pairs with fake batchnorm)",
              len(quant_blocks(net)), net.name, len(folded))
     return net
+
+
+def _first_convertible(net, converters):
+    """The first block in network order that has a converter (the first-layer rule)."""
+    for _, _, _, block in walk(net):
+        if type(block) in converters or isinstance(block, QuantBlock):
+            return block
+    return None
 
 
 def _init_like(new, old):
@@ -210,94 +217,6 @@ def _bind(fn, net):
     return method
 
 
-def _clear_all_cached_ops(net):
-    net._clear_cached_op()
-    for _, _, _, child in walk(net):
-        if isinstance(child, HybridBlock):
-            child._clear_cached_op()
-
-
-def quant_blocks(net):
-    """All fake-quantized blocks of ``net`` as (path, block), in network order."""
-    return [(path, child) for path, _, _, child in walk(net) if isinstance(child, QuantBlock)]
-
-
-def _set_mode(net, **flags):
-    blocks = quant_blocks(net)
-    if not blocks:
-        raise ValueError(f"{net.name} has no quantized blocks: call convert_model first")
-    for _, block in blocks:
-        block.set_mode(**flags)
-    _clear_all_cached_ops(net)
-    return net
-
-
-@contextlib.contextmanager
-def temporary_mode(net, **flags):
-    """Set mode flags on every quantized block for the duration of a ``with`` block, then
-    restore each block's own modes (and clear the cached graphs both ways)."""
-    blocks = [block for _, block in quant_blocks(net)]
-    saved = [block.mode for block in blocks]
-    try:
-        for block in blocks:
-            block.set_mode(**flags)
-        _clear_all_cached_ops(net)
-        yield net
-    finally:
-        for block, mode in zip(blocks, saved):
-            block.set_mode(**mode)
-        _clear_all_cached_ops(net)
-
-
-# ----- the modes: explicit, saved state ----------------------------------------------------
-def enable_quantize(net):
-    """Quantize weights (and inputs, if input quantization is on) of every converted block."""
-    return _set_mode(net, quantize=True)
-
-
-def disable_quantize(net):
-    """Compute exactly what the float network computed."""
-    return _set_mode(net, quantize=False)
-
-
-def quantize_input(net, enable=True, online=False):
-    """Turn input quantization on/off; ``online`` uses each batch's own range, otherwise the
-    tracked range (falling back to the batch range while none has been tracked)."""
-    return _set_mode(net, quantize_input=enable, online=online)
-
-
-def freeze_bn(net, frozen=True):
-    """Fake-BN blocks use running statistics (and stop updating them), as the device does."""
-    return _set_mode(net, bn_frozen=frozen)
-
-
-def freeze_ranges(net, frozen=True):
-    """Stop updating the input range trackers. Warns about layers without a usable range."""
-    if frozen:
-        check_ranges(net)
-    return _set_mode(net, ranges_frozen=frozen)
-
-
-MODE_FUNCTIONS = (enable_quantize, disable_quantize, quantize_input, freeze_bn, freeze_ranges)
-
-
-def check_ranges(net):
-    """Warn, naming the layer, about every input range that is unset, zero or not finite
-    (the guard in ``ops.safe_threshold`` keeps its scale finite). Returns those layer names."""
-    from .ops import MAX_THRESHOLD, MIN_THRESHOLD
-    bad = []
-    for _, block in quant_blocks(net):
-        if not block.mode['quantize_input'] or block.range_ema._data is None:
-            continue
-        threshold = block.input_threshold()
-        if threshold is None or not MIN_THRESHOLD <= threshold <= MAX_THRESHOLD:
-            bad.append(block.name)
-            log.warning("%s: input range is %s; its scale is clamped to a finite value "
-                        "(calibrate or train with input quantization first)",
-                        block.name, 'unset' if threshold is None else threshold)
-    return bad
-
-
 # ----- back to float -------------------------------------------------------------------------
 def to_float(net):
     """Undo ``convert_model`` in place: every slot gets its original float block back (with the
@@ -305,50 +224,62 @@ def to_float(net):
     for path, parent, key, child in list(walk(net)):
         if isinstance(child, (QuantBlock, FoldedBatchNorm)):
             _replace_child(parent, key, child, child._originals.blocks[0])
-    _clear_all_cached_ops(net)
+    clear_cached_graphs(net)
     for fn in MODE_FUNCTIONS:
         vars(net).pop(fn.__name__, None)
     return net
 
 
-# ----- parameters with their modes -----------------------------------------------------------
+# ----- parameters with their modes and configs ------------------------------------------------
 def save_parameters(net, path):
-    """``net.save_parameters`` written atomically (temporary file, then rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix='.params')
-    os.close(handle)
-    try:
+    """``net.save_parameters`` written atomically (temporary file, then rename). The file
+    holds each quantized block's modes (``qmode``) and QuantConfig (``qconfig``, which also
+    carries the checkpoint format), so it stays loadable by plain Gluon too."""
+    with atomic_path(path, suffix='.params') as tmp:
         net.save_parameters(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+
+# Checkpoint migration: parameter (suffix) older formats lack -> (initial value, meaning).
+MIGRATIONS = {
+    'weight_threshold_factor': ('ones', "ones, the plain max|w| it was trained with (format 0)"),
+    'qconfig': (None, "the configs given to convert_model (format 1 saved none)"),
+}
 
 
 def load_parameters(net, path, ctx=None, **kwargs):
-    """``net.load_parameters`` and the saved modes of every quantized block. A checkpoint
-    saved before ``weight_threshold_factor`` existed loads with that factor set to ones (the
-    plain max|w| it was trained with)."""
+    """``net.load_parameters`` and the saved modes and QuantConfig of every quantized block.
+
+    Files of older checkpoint formats are migrated: without ``weight_threshold_factor``
+    (format 0) the factor is set to ones; without ``qconfig`` (format 1) each block keeps the
+    config it was converted with. Anything else missing or mismatched is an error naming the
+    file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"parameter file not found: {path}")
     expected = net._collect_params_with_prefix()
-    factors = {key for key in expected if key.endswith('weight_threshold_factor')}
     try:
-        net.load_parameters(path, ctx=ctx, **kwargs)
-    except AssertionError:
-        missing = set(expected) - set(mx.nd.load(path))
-        if not factors or not missing or not missing <= factors:
-            raise
-        net.load_parameters(path, ctx=ctx, **dict(kwargs, allow_missing=True))
-        for key in missing:
-            param = expected[key]
-            if param._data is None:
-                param.initialize(init='ones', ctx=ctx)
-            else:
-                param.set_data(mx.nd.ones(param.shape))
-        log.info("%s: no weight_threshold_factor in %s (an older checkpoint): set to ones",
-                 net.name, path)
+        saved = set(mx.nd.load(path))
+    except mx.base.MXNetError as err:
+        raise ValueError(f"{path}: not a readable parameter file (truncated or damaged?): "
+                         f"{str(err).splitlines()[0]}") from None
+    missing = set(expected) - saved
+    migrated = {key: suffix for key in missing for suffix in MIGRATIONS
+                if key.endswith(suffix)}
+    if missing and len(migrated) == len(missing):
+        kwargs = dict(kwargs, allow_missing=True)
+    net.load_parameters(path, ctx=ctx, **kwargs)
+    for key, suffix in migrated.items():
+        param, init = expected[key], MIGRATIONS[suffix][0]
+        if param._data is None:
+            param.initialize(init=init, ctx=ctx)
+        elif init == 'ones':
+            param.set_data(mx.nd.ones(param.shape))
+    for suffix in sorted(set(migrated.values())):
+        log.info("%s: an older checkpoint without %s: migrated to %s", path, suffix,
+                 MIGRATIONS[suffix][1])
+    kept = {id(expected[key]) for key in migrated}
     for _, block in quant_blocks(net):
         block.load_mode()
-    _clear_all_cached_ops(net)
+        if id(block.qconfig) not in kept:
+            block.load_config()
+    clear_cached_graphs(net)
     return net

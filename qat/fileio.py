@@ -31,6 +31,8 @@ def atomic_write(path, content):
     with atomic_path(path) as tmp:
         with open(tmp, 'wb') as handle:
             handle.write(content.encode() if isinstance(content, str) else content)
+            handle.flush()
+            os.fsync(handle.fileno())  # on disk before the rename makes it visible
 
 
 def write_json(path, value):

@@ -4,6 +4,7 @@ Nothing here uses ``qat``'s own formulas: these are the independent side of the 
 """
 import mxnet as mx
 import numpy as np
+import yaml
 from mxnet.gluon import nn
 
 F32_EPS = float(np.finfo(np.float32).eps)  # 2^-23, the float32 unit roundoff times 2
@@ -84,3 +85,40 @@ def sgd_step(net, trainer, x, labels, loss_fn=None):
     loss.backward()
     trainer.step(x.shape[0])
     return out.asnumpy()
+
+
+def tiny_net(classes=10, bn=True):
+    """conv(-BN)-relu x2 -> GAP -> dense: seconds per epoch on 8x8 digits (the recipes' model
+    factory in these tests: ``tests.helpers:tiny_net``)."""
+    net = nn.HybridSequential()
+    with net.name_scope():
+        for channels in (16, 32):
+            net.add(nn.Conv2D(channels, 3, padding=1, use_bias=not bn))
+            if bn:
+                net.add(nn.BatchNorm())
+            net.add(nn.Activation('relu'))
+        net.add(nn.GlobalAvgPool2D(), nn.Dense(classes))
+    return net
+
+
+def tiny_recipe(tmp_path, name='run', **sections):
+    """A recipe file for the tiny net on 8x8 digits: float pre-training, PTQ (also at 4 bits),
+    QAT with every schedule switch inside the run; no export."""
+    text = {
+        'run': {'out': str(tmp_path / 'checkpoints'), 'name': name, 'seed': 3,
+                'batch_size': 32, 'checkpoint_steps': 7, 'log_steps': 1,
+                'progress': False},
+        'model': {'source': 'factory', 'name': 'tests.helpers:tiny_net', 'kwargs': {}},
+        'data': {'source': 'digits', 'val_fraction': 0.5},
+        'preprocess': {'size': [8, 8]},
+        'float': {'epochs': 2, 'lr': 0.3, 'warmup_epochs': 0.5},
+        'calibrate': {'batches': 2, 'report_bits': [4]},
+        'qat': {'epochs': 3, 'lr': 0.02, 'input_quant_epoch': 1, 'freeze_bn_epoch': 2,
+                'freeze_ranges_epoch': 2},
+        'export': {'enabled': False},
+    }
+    for section, values in sections.items():
+        text.setdefault(section, {}).update(values)
+    path = tmp_path / f'{name}.yaml'
+    path.write_text(yaml.safe_dump(text))
+    return str(path)

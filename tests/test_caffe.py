@@ -1,5 +1,5 @@
-"""The Caffe writer against protobuf: the files parse back (with the ``google.protobuf`` package,
-independent of the hand-written encoder) into the same layers, params and bit-identical weights,
+"""The Caffe writer against protobuf: the files parse back (with the ``google.protobuf`` package)
+into the same layers, params and bit-identical weights,
 and a numpy forward of the decoded Caffe net (Caffe's semantics) equals a numpy forward of the IR
 graph (MXNet's semantics)."""
 import os
@@ -333,7 +333,7 @@ def test_writes_replace_atomically(zoo, tmp_path, monkeypatch):
 
     def failing_replace(src, dst):
         raise OSError('disk full')
-    monkeypatch.setattr(caffe.os, 'replace', failing_replace)
+    monkeypatch.setattr(os, 'replace', failing_replace)
     with pytest.raises(OSError, match='disk full'):
         write(Graph(graph.layers[:2], ['c1']), str(tmp_path))
     monkeypatch.undo()

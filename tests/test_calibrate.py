@@ -5,7 +5,7 @@ import pytest
 from mxnet.gluon import nn
 
 import qat
-from qat.calibrate import _ema
+from qat.calibration.methods import _ema
 
 
 def _net():
@@ -70,8 +70,8 @@ def test_bad_calibration_input():
 
 
 # ----- histogram methods (qat.thresholds) ----------------------------------------------------
-from qat import thresholds as th  # noqa: E402
-from qat.calibrate import collect_histograms  # noqa: E402
+from qat.calibration import thresholds as th  # noqa: E402
+from qat.calibration import collect_histograms  # noqa: E402
 
 HISTOGRAM_METHODS = ['kl', 'aciq', 'percentile', 'mse']
 
@@ -201,7 +201,11 @@ def test_bad_histogram_calibration_input():
 
 
 def test_methods_registry_describes_every_method():
-    assert sorted(qat.CALIBRATION_METHODS) == ['aciq', 'ema', 'kl', 'max', 'mse', 'percentile']
+    # one registry: the range methods and the EasyQuant search (the search is the only one
+    # that is not a range reduction)
+    assert sorted(qat.CALIBRATION_METHODS) == ['aciq', 'easyquant', 'ema', 'kl', 'max', 'mse',
+                                               'percentile']
+    assert [n for n, spec in qat.CALIBRATION_METHODS.items() if spec.search] == ['easyquant']
     for name, spec in qat.CALIBRATION_METHODS.items():
         assert len(spec.description) > 20
         assert spec.histogram == (name in HISTOGRAM_METHODS)

@@ -3,7 +3,7 @@ import json
 import os
 
 from qat.cli import main
-from tests.test_trainer import tiny_recipe
+from tests.helpers import tiny_recipe
 
 
 def test_train_then_export_and_verify_a_run_folder(tmp_path, capsys):

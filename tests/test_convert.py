@@ -12,8 +12,7 @@ from mxnet.gluon import HybridBlock, nn
 
 import qat
 from qat import reference as ref
-from qat.convert import walk
-from qat.layers import MODE_FLAGS, FoldedBatchNorm, QConv2D, QConv2DBatchNorm, QDense, QuantBlock
+from qat.nn import MODE_FLAGS, FoldedBatchNorm, QConv2D, QConv2DBatchNorm, QDense, QuantBlock, walk
 from tests.helpers import params_by_name, params_numpy, randomize_bn, sgd_step, small_net
 
 # (model, input size, conv+BN pairs), the pair counts derived from the architectures:

@@ -1,7 +1,7 @@
 """The README's main job, end to end (slow tier)."""
 import pytest
 
-from qat import demo
+from qat.app import demo
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ batches) are exported; ncnn runs the fp32 and int8 models. Tolerances are named:
   pack-8 depthwise kernel's approximate reciprocal (contract §4) flips codes that spread
   through a random-init MobileNet (top-1 still agrees).
 """
+import json
 import os
 
 import mxnet as mx
@@ -20,7 +21,11 @@ import qat
 from tests.helpers import randomize_bn
 from qat import reference
 from qat.deploy import caffe, export, ncnn as ncnn_files, trace, verify
-from qat.deploy.benchmark import calibrated_random_model
+from qat.app.data import batches, digits
+from qat.app.models import calibrated_random as calibrated_random_model
+from qat.app.trainer import fit
+from qat.deploy import winograd
+from qat.deploy.ir import Graph, Layer
 from qat.deploy.graph import ExportError
 from qat.deploy.table import read_table
 from qat.deploy.verify import EXACT_OPTIONS, NcnnModel
@@ -280,14 +285,12 @@ def _digits_net():
 def test_digits_trained_model_agrees_with_ncnn_on_every_test_image(tmp_path):
     """A model trained on the bundled digits (float, then one epoch of QAT, BN frozen) runs in
     ncnn int8 with the simulation's exact top-1 on all 359 test images."""
-    from qat.data import batches, digits
-    from qat.train import fit
     (x, y), (x_test, y_test) = digits(size=16)
     mx.random.seed(0)
     net = _digits_net()
     net.initialize(mx.init.Xavier())
     net.hybridize()
-    fit(net, x, y, epochs=3, seed=0, progress=lambda line: None)
+    fit(net, x, y, epochs=6, seed=0, progress=lambda line: None)
     qat.convert_model(net)
     qat.calibrate(net, batches(x, y, 64), num_batches=5)
     fit(net, x, y, epochs=1, seed=1, progress=lambda line: None,
@@ -303,7 +306,6 @@ def test_digits_trained_model_agrees_with_ncnn_on_every_test_image(tmp_path):
 
 
 def _winograd_candidates(graph):
-    from qat.deploy import winograd
     for layer in graph.layers:
         p = layer.params
         if layer.kind == 'Convolution' and layer.quant is not None and layer.quant.int8:
@@ -317,8 +319,6 @@ def _winograd_candidates(graph):
 def _adversarial_errors(layer, variant, guarded, tmp_path):
     """Max |ncnn - integer reference| of ``layer`` alone (as exported) on the input that
     drives its accumulator to the worst case for Winograd."""
-    from qat.deploy import winograd
-    from qat.deploy.ir import Graph, Layer
     quant = layer.quant
     codes = winograd.adversarial_input(quant.weight_codes, layer.params['groups'],
                                        variant=variant)
@@ -348,7 +348,7 @@ def test_no_exported_layer_can_go_wrong_in_int8_winograd(tmp_path, policy):
     keep Winograd under the 'unsafe' policy, so the test can fail."""
     net, _ = calibrated_model('cifar_resnet20_v1', 32)
     export(net, str(tmp_path), (3, 32, 32), winograd=policy)
-    manifest = __import__('json').loads((tmp_path / 'model.json').read_text())
+    manifest = json.loads((tmp_path / 'model.json').read_text())
     guarded = {layer['name'] for layer in manifest['layers'] if layer.get('winograd_guard')}
     graph = trace(net, (3, 32, 32))
     broken_without_guard = 0

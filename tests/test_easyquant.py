@@ -13,10 +13,11 @@ import pytest
 from mxnet.gluon import nn
 
 import qat
-from qat import easyquant
+from qat.calibration import easyquant
 from qat.deploy import export, verify
 from qat.deploy.table import read_table
-from qat.sensitivity import capture, deployed, quantized_only
+from qat.modes import deployed, quantized_only
+from qat.probes import capture
 
 from .helpers import randomize_bn
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mxnet.gluon import nn
 
-from qat import ptq
+from qat.app import ptq
 from qat.deploy import ncnn as ncnn_files
 from qat.deploy.table import read_table
 

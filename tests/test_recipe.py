@@ -4,8 +4,9 @@ import os
 
 import pytest
 
-from qat import CALIBRATION_METHODS, recipe
-from qat.recipe import RecipeError
+from qat import CALIBRATION_METHODS
+from qat.app import recipe
+from qat.app.recipe import RecipeError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(glob.glob(os.path.join(ROOT, 'recipes', '*.yaml')))
@@ -66,7 +67,7 @@ def test_defaults_are_complete_and_valid():
     ('trainer:\n  epochs: 3\n', 'trainer', 'unknown key'),
     ('qat:\n  epochs: ten\n', 'qat.epochs', 'must be an integer'),
     ('qat:\n  epochs: 2.5\n', 'qat.epochs', 'must be an integer'),
-    ('quantize:\n  signed: 1\n', 'quantize.signed', 'must be true or false'),
+    ('quantize:\n  input_signed: 1\n', 'quantize.input_signed', 'must be true or false'),
     ('quantize:\n  weight_bits: 9\n', 'quantize.weight_bits', 'must be in 2..8'),
     ('quantize:\n  first_layer_bits: 1\n', 'quantize.first_layer_bits', 'must be in 2..8'),
     ('qat:\n  epochs: -1\n', 'qat.epochs', 'must be >= 0'),
@@ -130,13 +131,13 @@ def test_not_a_mapping_missing_file_and_bad_yaml(tmp_path):
 # ----- overrides -----------------------------------------------------------------------------
 def test_overrides_are_typed_by_the_schema(tmp_path):
     path = write(tmp_path, 'qat:\n  epochs: 2\n')
-    loaded = recipe.load(path, ['qat.lr=1e-3', 'qat.epochs=5', 'quantize.signed=false',
+    loaded = recipe.load(path, ['qat.lr=1e-3', 'qat.epochs=5', 'quantize.input_signed=false',
                                 'quantize.exclude=*dense*,*conv0', 'run.name=007',
                                 'preprocess.size=[32, 24]', 'model.kwargs.classes=7',
                                 'qat.freeze_bn_epoch=null', 'qat.freeze_ranges_epoch=4'])
     assert loaded['qat']['lr'] == 0.001 and isinstance(loaded['qat']['lr'], float)
     assert loaded['qat']['epochs'] == 5
-    assert loaded['quantize']['signed'] is False
+    assert loaded['quantize']['input_signed'] is False
     assert loaded['quantize']['exclude'] == ['*dense*', '*conv0']
     assert loaded['run']['name'] == '007'  # a str key keeps the text as written
     assert loaded['preprocess']['size'] == [32, 24]
@@ -204,3 +205,32 @@ def test_readme_documents_every_recipe_key_as_the_schema_says():
     from pathlib import Path
     readme = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
     assert recipe.schema_markdown() in readme
+
+
+def test_renamed_keys_of_earlier_recipes_still_load(tmp_path, caplog):
+    """``quantize.granularity`` / ``signed`` are now the QuantConfig field names; a recipe (or
+    a saved run folder) with the old names loads with a warning naming the new ones."""
+    path = write(tmp_path, 'quantize:\n  granularity: tensor\n  signed: false\n')
+    with caplog.at_level('WARNING'):
+        loaded = recipe.load(path, ['quantize.granularity=channel'])
+    assert loaded['quantize']['weight_granularity'] == 'channel'   # --set wins
+    assert loaded['quantize']['input_signed'] is False
+    assert 'granularity' not in loaded['quantize'] and 'signed' not in loaded['quantize']
+    assert 'now called quantize.weight_granularity' in caplog.text
+    assert 'now called quantize.input_signed' in caplog.text
+
+
+def test_per_layer_overrides_reach_the_config_of_each_layer(tmp_path):
+    """``quantize.layers`` maps patterns to QuantConfig fields (or null: float), on top of
+    the section's own fields, with the first-layer rule: one QuantScheme for every path."""
+    from qat.config import QuantScheme
+    path = write(tmp_path, "quantize:\n  weight_bits: 4\n  input_bits: 4\n"
+                           "  layers:\n    '*dense*': {weight_bits: 8}\n    '*conv3': null\n")
+    scheme = QuantScheme.from_dict(recipe.load(path)['quantize'])
+    assert scheme.default.weight_bits == 4 and scheme.first_layer_bits == 8
+    assert scheme.by_name['*dense*'].weight_bits == 8
+    assert scheme.by_name['*dense*'].input_bits == 4
+    assert scheme.by_name['*conv3'] is None
+    bad = write(tmp_path, "quantize:\n  layers:\n    '*dense*': {weight_bits: 12}\n")
+    with pytest.raises(RecipeError, match=r"quantize.layers.\*dense\*: .*weight_bits must be"):
+        recipe.load(bad)

@@ -12,8 +12,10 @@ import pytest
 from mxnet.gluon import nn
 
 import qat
-from qat import mixed_precision as mp, sensitivity as sens
-from qat.convert import temporary_mode
+from qat import metrics
+from qat.analysis import comparison, mixed_precision as mp, sensitivity as sens
+from qat.modes import temporary_mode
+from qat.report import write_report
 from qat.deploy import export, verify
 from qat.deploy.table import read_table
 
@@ -62,15 +64,15 @@ def fragile_net(fragile_bits=2):
 
 # ----- formulas ----------------------------------------------------------------------------
 def test_metric_formulas():
-    np.testing.assert_allclose(sens.cosine_from_sums([1.0, 0.0, 0.0, -2.0], [1.0, 0.0, 4.0, 1.0],
+    np.testing.assert_allclose(metrics.cosine_from_sums([1.0, 0.0, 0.0, -2.0], [1.0, 0.0, 4.0, 1.0],
                                                      [1.0, 0.0, 0.0, 4.0]),
                                [1.0, 1.0, 0.0, -1.0])
     a = np.random.RandomState(0).normal(size=(3, 2, 5))
     b = a * np.array([1.0, -1.0, 2.0])[:, None, None]
-    np.testing.assert_allclose(sens.cosine_similarity(a, b), [1.0, -1.0, 1.0])
-    assert sens.sqnr_db(100.0, 1.0) == pytest.approx(20.0)
-    assert sens.sqnr_db(1.0, 0.0) == float('inf')
-    stats = sens.ErrorStats().add(np.ones((2, 4)), np.ones((2, 4)) * 0.9)
+    np.testing.assert_allclose(metrics.cosine_similarity(a, b), [1.0, -1.0, 1.0])
+    assert metrics.sqnr_db(100.0, 1.0) == pytest.approx(20.0)
+    assert metrics.sqnr_db(1.0, 0.0) == float('inf')
+    stats = metrics.ErrorStats().add(np.ones((2, 4)), np.ones((2, 4)) * 0.9)
     assert stats.sqnr == pytest.approx(20.0) and stats.max_error == pytest.approx(0.1)
 
 
@@ -114,7 +116,7 @@ def test_sensitivity_needs_ranges_and_leaves_modes(tmp_path):
     rows = sens.sensitivity(net, inputs(), max_samples=20)
     assert 'accuracy' not in rows[0]
     assert [b.mode for _, b in qat.quant_blocks(net)] == modes
-    paths = sens.write_report(sens.format_sensitivity(rows),
+    paths = write_report(sens.format_sensitivity(rows),
                               lambda p: sens.plot_sensitivity(rows, p), str(tmp_path), 'sens')
     with open(paths['table']) as handle:
         text = handle.read()
@@ -164,13 +166,13 @@ def test_mixed_precision_export_has_no_table_lines_for_float_layers(tmp_path):
     report = verify(net, folder, data[:1])
     assert report['passed'], report['failures']
     # float vs int8 layer by layer: ncnn agrees with the simulation
-    rows = sens.layer_comparison(net, data[:1], folder, max_samples=8)
+    rows = comparison.layer_comparison(net, data[:1], folder, max_samples=8)
     assert {r['layer'] for r in rows if r['int8']} == quantized
     for row in rows:
         assert abs(row['ncnn_cosine'] - row['sim_cosine']) < 1e-3
         assert row['sim_cosine'] > 0.9
-    out = sens.write_report(sens.format_comparison(rows),
-                            lambda p: sens.plot_comparison(rows, p), str(tmp_path), 'layers')
+    out = write_report(comparison.format_comparison(rows),
+                            lambda p: comparison.plot_comparison(rows, p), str(tmp_path), 'layers')
     with open(out['plot'], 'rb') as handle:
         assert handle.read(8) == PNG_SIGNATURE
 

@@ -9,7 +9,7 @@ from scipy.optimize import brentq
 from scipy.special import erfc
 
 from qat import reference
-from qat import thresholds as th
+from qat.calibration import thresholds as th
 
 N = 100_000          # samples per synthetic distribution
 SIGMA = 1.5          # Gaussian sigma

@@ -11,48 +11,13 @@ import numpy as np
 import pytest
 from mxnet.gluon import nn
 
-from qat import data, train
-from qat.recipe import load as load_recipe
+from qat.analysis.stats import layer_stats
+from qat.app import data, runfolder, stages, trainer
+from qat.app.recipe import load as load_recipe
+from qat.convert import convert_model
+from tests.helpers import tiny_net, tiny_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_net(classes=10, bn=True):
-    """conv(-BN)-relu x2 -> GAP -> dense: seconds per epoch on 8x8 digits (the recipes' model
-    factory in these tests: ``tests.test_trainer:tiny_net``)."""
-    net = nn.HybridSequential()
-    with net.name_scope():
-        for channels in (16, 32):
-            net.add(nn.Conv2D(channels, 3, padding=1, use_bias=not bn))
-            if bn:
-                net.add(nn.BatchNorm())
-            net.add(nn.Activation('relu'))
-        net.add(nn.GlobalAvgPool2D(), nn.Dense(classes))
-    return net
-
-
-def tiny_recipe(tmp_path, name='run', **sections):
-    """A recipe file for the tiny net on 8x8 digits: float pre-training, PTQ (also at 4 bits),
-    QAT with every schedule switch inside the run; no export."""
-    text = {
-        'run': {'out': str(tmp_path / 'checkpoints'), 'name': name, 'seed': 3,
-                'batch_size': 32, 'checkpoint_steps': 7, 'log_steps': 1,
-                'progress': False},
-        'model': {'source': 'factory', 'name': 'tests.test_trainer:tiny_net', 'kwargs': {}},
-        'data': {'source': 'digits', 'val_fraction': 0.5},
-        'preprocess': {'size': [8, 8]},
-        'float': {'epochs': 2, 'lr': 0.3, 'warmup_epochs': 0.5},
-        'calibrate': {'batches': 2, 'report_bits': [4]},
-        'qat': {'epochs': 3, 'lr': 0.02, 'input_quant_epoch': 1, 'freeze_bn_epoch': 2,
-                'freeze_ranges_epoch': 2},
-        'export': {'enabled': False},
-    }
-    for section, values in sections.items():
-        text.setdefault(section, {}).update(values)
-    import yaml
-    path = tmp_path / f'{name}.yaml'
-    path.write_text(yaml.safe_dump(text))
-    return str(path)
 
 
 def quiet(*args):
@@ -63,7 +28,7 @@ def stop_at(stage, epoch, step):
     """A callback that simulates a kill after (stage, epoch, step)."""
     def callback(s, e, k, net):
         if (s, e, k) == (stage, epoch, step):
-            raise train.StopRun(f"killed at {stage} epoch {epoch} step {step}")
+            raise trainer.StopRun(f"killed at {stage} epoch {epoch} step {step}")
     return callback
 
 
@@ -91,13 +56,13 @@ def runs(tmp_path_factory):
     """One uninterrupted run, and the same run killed twice (mid-epoch in float pre-training,
     then in QAT after the BN/range schedules switched) and resumed each time."""
     tmp = tmp_path_factory.mktemp('resume')
-    whole = train.run_recipe(tiny_recipe(tmp, 'whole'), out=quiet)
+    whole = stages.run_recipe(tiny_recipe(tmp, 'whole'), out=quiet)
     path = tiny_recipe(tmp, 'killed')
-    with pytest.raises(train.StopRun):
-        train.run_recipe(path, callbacks=[stop_at('float', 1, 10)], out=quiet)
-    with pytest.raises(train.StopRun):
-        train.run_recipe(path, resume=True, callbacks=[stop_at('qat', 2, 16)], out=quiet)
-    resumed = train.run_recipe(path, resume=True, out=quiet)
+    with pytest.raises(trainer.StopRun):
+        stages.run_recipe(path, callbacks=[stop_at('float', 1, 10)], out=quiet)
+    with pytest.raises(trainer.StopRun):
+        stages.run_recipe(path, resume=True, callbacks=[stop_at('qat', 2, 16)], out=quiet)
+    resumed = stages.run_recipe(path, resume=True, out=quiet)
     return whole, resumed
 
 
@@ -121,8 +86,8 @@ def test_run_folder_holds_resolved_recipe_state_and_metrics(runs):
     assert recipe['qat']['epochs'] == 3 and recipe['run']['name'] == 'whole'
     with open(os.path.join(folder, 'state.json')) as f:
         state = json.load(f)
-    assert state['format_version'] == train.FORMAT_VERSION
-    assert state['done'] == list(train.STAGES)
+    assert state['format_version'] == runfolder.FORMAT_VERSION
+    assert state['done'] == list(stages.STAGES)
     records, results = history(folder)
     assert [(r['stage'], r['epoch']) for r in records] == \
         [('float', 1), ('float', 2), ('qat', 1), ('qat', 2), ('qat', 3)]
@@ -140,7 +105,7 @@ def test_qat_schedule_switched_modes_and_final_net_is_frozen(runs):
     params = saved_params(os.path.join(whole['folder'], 'qat.params'))
     modes = [v for k, v in params.items() if k.endswith('qmode')]
     assert modes
-    from qat.layers import MODE_FLAGS
+    from qat.nn import MODE_FLAGS
     for mode in modes:
         flags = dict(zip(MODE_FLAGS, mode > 0.5))
         assert flags['quantize'] and flags['quantize_input']
@@ -176,10 +141,10 @@ def test_existing_run_needs_resume_and_the_same_recipe(runs, tmp_path):
     whole, _ = runs
     path = os.path.join(os.path.dirname(whole['folder']), '..', 'whole.yaml')
     with pytest.raises(FileExistsError, match='--resume'):
-        train.run_recipe(path, out=quiet)
+        stages.run_recipe(path, out=quiet)
     with pytest.raises(ValueError, match=r'changed: qat\.lr'):
-        train.run_recipe(path, ['qat.lr=0.5'], resume=True, out=quiet)
-    again = train.run_recipe(path, resume=True, out=quiet)  # all done: just the results
+        stages.run_recipe(path, ['qat.lr=0.5'], resume=True, out=quiet)
+    again = stages.run_recipe(path, resume=True, out=quiet)  # all done: just the results
     assert again['qat'] == whole['qat']
 
 
@@ -196,9 +161,9 @@ def test_two_devices_train_like_one(tmp_path):
                                               'freeze_bn_epoch': None,
                                               'freeze_ranges_epoch': None},
                     calibrate={'report_bits': []})
-    one = train.run_recipe(tiny_recipe(tmp_path, 'one', run=dict(common), **sections),
+    one = stages.run_recipe(tiny_recipe(tmp_path, 'one', run=dict(common), **sections),
                            out=quiet)
-    two = train.run_recipe(tiny_recipe(tmp_path, 'two', run=dict(
+    two = stages.run_recipe(tiny_recipe(tmp_path, 'two', run=dict(
         common, devices=['cpu(0)', 'cpu(1)']), **sections), out=quiet)
     ours = saved_params(os.path.join(two['folder'], 'qat.params'))
     theirs = saved_params(os.path.join(one['folder'], 'qat.params'))
@@ -212,18 +177,18 @@ def test_two_devices_train_like_one(tmp_path):
 
 def test_sync_state_takes_max_of_trackers_and_mean_of_bn_stats(tmp_path):
     recipe = load_recipe(tiny_recipe(tmp_path, 'sync', run={'devices': ['cpu(0)', 'cpu(1)']}))
-    run = train.Run(recipe, out=quiet)
+    run = stages.Run(recipe, out=quiet)
     net = tiny_net()
-    net.initialize(ctx=run.contexts)
+    net.initialize(ctx=run.devices.contexts)
     net(mx.nd.zeros((2, 3, 8, 8), ctx=mx.cpu(0)))
-    train._convert(net, recipe['quantize'])
+    convert_model(net, config=stages.quant_scheme(recipe['quantize']))
     tracker = [p for p in net.collect_params().values() if p.name.endswith('range_ema')][0]
     mean = [p for p in net.collect_params().values() if p.name.endswith('running_mean')][0]
     tracker.list_data()[0][:] = mx.nd.array([0.5, 0.2])
     tracker.list_data()[1][:] = mx.nd.array([0.7, 0.2])
     mean.list_data()[0][:] = 1.0
     mean.list_data()[1][:] = 3.0
-    run.sync_state(net)
+    run.devices.sync_state(net)
     for copy in tracker.list_data():
         np.testing.assert_array_equal(copy.asnumpy(), np.float32([0.7, 0.2]))
     for copy in mean.list_data():
@@ -239,16 +204,16 @@ def _free_port():
 WORKER = """
 import sys
 import mxnet as mx
-from qat import train
+from qat.app import stages, trainer
 
 def save_final(stage, epoch, step, net):
     if stage == 'qat' and epoch == 0 and step == 4:
         net.save_parameters(sys.argv[2])
-        raise train.StopRun('enough')
+        raise trainer.StopRun('enough')
 
 try:
-    train.run_recipe(sys.argv[1], callbacks=[save_final], out=lambda *a: None)
-except train.StopRun:
+    stages.run_recipe(sys.argv[1], callbacks=[save_final], out=lambda *a: None)
+except trainer.StopRun:
     pass
 """
 
@@ -297,14 +262,14 @@ def test_dist_sync_workers_agree(tmp_path):
 def test_learning_rate_schedules():
     stage = {'lr': 0.1, 'epochs': 10, 'warmup_epochs': 2, 'schedule': 'step',
              'milestones': [5, 8], 'factor': 0.1}
-    assert train.learning_rate(stage, 1.0) == pytest.approx(0.05)  # half way through warm-up
-    assert train.learning_rate(stage, 4.9) == pytest.approx(0.1)
-    assert train.learning_rate(stage, 5.0) == pytest.approx(0.01)
-    assert train.learning_rate(stage, 9.0) == pytest.approx(0.001)
+    assert trainer.learning_rate(stage, 1.0) == pytest.approx(0.05)  # half way through warm-up
+    assert trainer.learning_rate(stage, 4.9) == pytest.approx(0.1)
+    assert trainer.learning_rate(stage, 5.0) == pytest.approx(0.01)
+    assert trainer.learning_rate(stage, 9.0) == pytest.approx(0.001)
     cosine = dict(stage, schedule='cosine', warmup_epochs=0)
-    assert train.learning_rate(cosine, 0) == pytest.approx(0.1)
-    assert train.learning_rate(cosine, 5) == pytest.approx(0.05)
-    assert train.learning_rate(dict(stage, schedule='constant', warmup_epochs=0), 7) == 0.1
+    assert trainer.learning_rate(cosine, 0) == pytest.approx(0.1)
+    assert trainer.learning_rate(cosine, 5) == pytest.approx(0.05)
+    assert trainer.learning_rate(dict(stage, schedule='constant', warmup_epochs=0), 7) == 0.1
 
 
 # ----- data ----------------------------------------------------------------------------------
@@ -469,7 +434,7 @@ def test_epoch_order_and_iterate_resume_midway():
 def test_export_and_verify_stages_run_ncnn(tmp_path):
     pytest.importorskip('qat.deploy.verify')
     pytest.importorskip('ncnn')
-    result = train.run_recipe(tiny_recipe(
+    result = stages.run_recipe(tiny_recipe(
         tmp_path, 'export', float={'epochs': 1}, qat={'epochs': 1, 'input_quant_epoch': 0,
                                                       'freeze_bn_epoch': None,
                                                       'freeze_ranges_epoch': None},
@@ -491,7 +456,7 @@ def test_export_and_verify_stages_run_ncnn(tmp_path):
 def test_digits_recipe_end_to_end(tmp_path):
     """The main job: float, PTQ W8A8 / W4A4, QAT W8A8, ncnn int8 export, verified."""
     pytest.importorskip('qat.deploy.verify')
-    result = train.run_recipe(os.path.join(ROOT, 'recipes', 'digits.yaml'),
+    result = stages.run_recipe(os.path.join(ROOT, 'recipes', 'digits.yaml'),
                               [f'run.out={tmp_path}'], out=quiet)
     assert result['float'] > 95
     assert result['ptq']['W8A8'] >= result['float'] - 1
@@ -511,9 +476,9 @@ def test_layer_stats_report_the_weight_scales_the_net_quantizes_with():
     net(x)
     qat.convert_model(net)
     qat.calibrate(net, [x])
-    before = train.layer_stats(net, x)
+    before = layer_stats(net, x)
     block = qat.quant_blocks(net)[0][1]
     block.weight_threshold_factor.set_data(mx.nd.ones(block.weight_threshold_factor.shape) * 2)
-    after = train.layer_stats(net, x)
+    after = layer_stats(net, x)
     key = f'weight_scale/{block.name}'
     assert abs(after[key] - before[key] / 2) <= 1e-6 * before[key]

@@ -47,49 +47,63 @@ the padded input in both, so values match; MXNet's ``count_include_pad=False`` w
 no Caffe equivalent (ValueError), and neither has ``pad >= kernel`` (Caffe checks pad < kernel).
 
 Unsupported IR kinds raise ValueError naming the kind and the layer. Nothing is written unless
-the whole model converts; each file is written to a temporary file next to it and renamed.
+the whole model converts: both messages are built first, then each file is written atomically
+(``qat.fileio.atomic_write``).
 
-The ``.caffemodel`` is encoded by hand (protobuf wire format): NetParameter { name = 1,
-layer = 100 } with one LayerParameter { name = 1, type = 2, blobs = 7 } per layer that has
-weights, BlobProto { data = 5 (packed float), shape = 7 } and BlobShape { dim = 1 (packed
-int64) }, fields in number order, i.e. the bytes protobuf itself would serialize.
+Both files are protobuf's own serializations of a caffe.proto ``NetParameter`` built with the
+message classes of ``caffe_messages()`` (the caffe.proto subset below, BVLC field numbers,
+descriptors built at run time: no .proto file, no protoc). The ``.prototxt`` is text format with
+every layer and its ``*_param``, fields in the order the schema declares them; the
+``.caffemodel`` is the binary encoding of NetParameter { name, layer } with one
+LayerParameter { name, type, blobs } per layer that has weights, BlobProto { data, shape }.
 """
 import functools
-import os
-import secrets
 from collections import namedtuple
 
 import numpy as np
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 
+from ..fileio import atomic_write
 from .ir import ACTIVATIONS
-
-# One Caffe layer as written. params: [(param message name, [(field, value), ...])] where a
-# value is a scalar or, for a sub-message, again a list of (field, value).
-_CaffeLayer = namedtuple('_CaffeLayer', 'name type bottoms tops params blobs')
 
 # A layer of a parsed .prototxt: params is {param message name: {field: value}}.
 CaffeLayer = namedtuple('CaffeLayer', 'name type bottoms tops params')
 
-
-class _Enum(str):
-    """An enum value: written bare in text format."""
-
-
-POOL_METHODS = {'max': _Enum('MAX'), 'avg': _Enum('AVE')}
-ELTWISE_OPS = {'sum': _Enum('SUM'), 'prod': _Enum('PROD'), 'max': _Enum('MAX')}
+POOL_METHODS = {'max': 'MAX', 'avg': 'AVE'}
+ELTWISE_OPS = {'sum': 'SUM', 'prod': 'PROD', 'max': 'MAX'}
 
 
 def write_caffe(graph, prototxt_path, caffemodel_path, net_name):
     """Write ``graph`` (``qat.deploy.ir.Graph``) as a Caffe deploy prototxt and caffemodel."""
-    layers = _caffe_layers(graph)
-    text = _prototxt(net_name, layers)
-    model = _caffemodel(net_name, layers)
-    _write_atomic(prototxt_path, text.encode('utf-8'))
-    _write_atomic(caffemodel_path, model)
+    deploy, weights = _net_messages(net_name, _caffe_layers(graph))
+    text = text_format.MessageToString(deploy, use_index_order=True)
+    model = weights.SerializeToString()
+    atomic_write(prototxt_path, text)
+    atomic_write(caffemodel_path, model)
+
+
+def _net_messages(net_name, layers):
+    """The NetParameter of the prototxt (every layer, no weights) and of the caffemodel (the
+    layers with weights: name, type and blobs), from the LayerParameter dicts ``layers``."""
+    net = caffe_messages()['NetParameter']
+    deploy = net(name=net_name, layer=[{key: value for key, value in layer.items()
+                                        if key != 'blobs'} for layer in layers])
+    weights = net(name=net_name, layer=[
+        {'name': layer['name'], 'type': layer['type'],
+         'blobs': [_blob(array) for array in layer['blobs']]}
+        for layer in layers if layer['blobs']])
+    return deploy, weights
+
+
+def _blob(array):
+    """BlobProto fields of a weight array, as float32."""
+    array = np.asarray(array, dtype=np.float32)
+    # a memoryview hands protobuf the floats one by one, without a list of them all
+    return {'shape': {'dim': array.shape}, 'data': memoryview(array.ravel())}
 
 
 # ---------------------------------------------------------------------------------------------
-# IR -> Caffe layers
+# IR -> Caffe layers, as LayerParameter dicts whose 'blobs' are weight arrays
 
 def _caffe_layers(graph):
     taken = {layer.name for layer in graph.layers}
@@ -105,6 +119,12 @@ def _caffe_layers(graph):
     return out
 
 
+def _layer(name, kind, bottoms, top, blobs=(), **param):
+    """One LayerParameter dict; ``param``: its ``*_param`` message as a dict, if any."""
+    return {'name': name, 'type': kind, 'bottom': list(bottoms), 'top': [top], **param,
+            'blobs': list(blobs)}
+
+
 def _unique(name, taken):
     """``name``, or ``name_1``, ``name_2``... if taken; marks the result taken."""
     candidate, k = name, 0
@@ -116,35 +136,33 @@ def _unique(name, taken):
 
 
 def _input(layer, inputs, taken):
-    shape = [('dim', d) for d in (1, *layer.params['shape'])]
-    return [_CaffeLayer(layer.name, 'Input', [], [layer.name],
-                        [('input_param', [('shape', shape)])], [])]
+    shape = {'dim': [1, *layer.params['shape']]}
+    return [_layer(layer.name, 'Input', [], layer.name, input_param={'shape': [shape]})]
 
 
 def _convolution(layer, inputs, taken):
     p = layer.params
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = p['kernel'], p['stride'], p['pad'], p['dilate']
-    bias = layer.weights.get('bias')
-    fields = [('num_output', p['num_output']), ('bias_term', bias is not None),
-              ('pad_h', ph), ('pad_w', pw), ('kernel_h', kh), ('kernel_w', kw),
-              ('stride_h', sh), ('stride_w', sw), ('group', p.get('groups', 1))]
-    # caffe2ncnn reads only dilation(0): one value when both axes agree
-    fields += [('dilation', d) for d in ((dh,) if dh == dw else (dh, dw))]
-    return _weighted(layer, 'Convolution', ('convolution_param', fields), taken)
+    fields = {'num_output': p['num_output'], 'bias_term': layer.weights.get('bias') is not None,
+              'pad_h': ph, 'pad_w': pw, 'kernel_h': kh, 'kernel_w': kw,
+              'stride_h': sh, 'stride_w': sw, 'group': p.get('groups', 1),
+              # caffe2ncnn reads only dilation(0): one value when both axes agree
+              'dilation': [dh] if dh == dw else [dh, dw]}
+    return _weighted(layer, 'Convolution', taken, convolution_param=fields)
 
 
 def _inner_product(layer, inputs, taken):
-    fields = [('num_output', layer.params['num_output']),
-              ('bias_term', layer.weights.get('bias') is not None)]
-    return _weighted(layer, 'InnerProduct', ('inner_product_param', fields), taken)
+    fields = {'num_output': layer.params['num_output'],
+              'bias_term': layer.weights.get('bias') is not None}
+    return _weighted(layer, 'InnerProduct', taken, inner_product_param=fields)
 
 
-def _weighted(layer, kind, param, taken):
+def _weighted(layer, kind, taken, **param):
     """A Convolution / InnerProduct and its fused activation as an in-place layer."""
     blobs = [layer.weights['weight']]
     if layer.weights.get('bias') is not None:
         blobs.append(layer.weights['bias'])
-    out = [_CaffeLayer(layer.name, kind, list(layer.inputs), [layer.name], [param], blobs)]
+    out = [_layer(layer.name, kind, layer.inputs, layer.name, blobs, **param)]
     act = layer.params.get('activation')
     if act is not None:
         if act[0] not in ACTIVATIONS:
@@ -157,13 +175,13 @@ def _weighted(layer, kind, param, taken):
 def _activation(name, bottom, top, act):
     """The Caffe layer of an IR activation tuple ('relu',) / ('leaky', slope) / ..."""
     if act[0] == 'sigmoid':
-        return _CaffeLayer(name, 'Sigmoid', [bottom], [top], [], [])
+        return _layer(name, 'Sigmoid', [bottom], top)
     if act[0] == 'clip':
-        param = ('clip_param', [('min', float(act[1])), ('max', float(act[2]))])
-        return _CaffeLayer(name, 'Clip', [bottom], [top], [param], [])
+        return _layer(name, 'Clip', [bottom], top,
+                      clip_param={'min': float(act[1]), 'max': float(act[2])})
     slope = float(act[1]) if act[0] == 'leaky' else 0.0
-    params = [('relu_param', [('negative_slope', slope)])] if slope != 0 else []
-    return _CaffeLayer(name, 'ReLU', [bottom], [top], params, [])
+    param = {'relu_param': {'negative_slope': slope}} if slope != 0 else {}
+    return _layer(name, 'ReLU', [bottom], top, **param)
 
 
 def _relu(layer, inputs, taken):
@@ -182,29 +200,25 @@ def _sigmoid(layer, inputs, taken):
 
 def _batch_norm(layer, inputs, taken):
     w = layer.weights
-    bn = _CaffeLayer(layer.name, 'BatchNorm', list(layer.inputs), [layer.name],
-                     [('batch_norm_param', [('use_global_stats', True),
-                                            ('eps', float(layer.params['eps']))])],
-                     [w['mean'], w['var'], np.ones(1, np.float32)])
-    scale = _CaffeLayer(_unique(f'{layer.name}_scale', taken), 'Scale', [layer.name],
-                        [layer.name], [('scale_param', [('bias_term', True)])],
-                        [w['gamma'], w['beta']])
+    bn = _layer(layer.name, 'BatchNorm', layer.inputs, layer.name,
+                [w['mean'], w['var'], np.ones(1, np.float32)],
+                batch_norm_param={'use_global_stats': True, 'eps': float(layer.params['eps'])})
+    scale = _layer(_unique(f'{layer.name}_scale', taken), 'Scale', [layer.name], layer.name,
+                   [w['gamma'], w['beta']], scale_param={'bias_term': True})
     return [bn, scale]
 
 
 def _pooling(layer, inputs, taken):
     p = layer.params
-    method = POOL_METHODS[p['pool']]
+    fields = {'pool': POOL_METHODS[p['pool']]}
     if p['global_pool']:
-        fields = [('pool', method), ('global_pooling', True)]
+        fields['global_pooling'] = True
     else:
         (kh, kw), (sh, sw), (ph, pw) = p['kernel'], p['stride'], p['pad']
-        fields = [('pool', method), ('kernel_h', kh), ('kernel_w', kw),
-                  ('stride_h', sh), ('stride_w', sw), ('pad_h', ph), ('pad_w', pw)]
+        fields.update(kernel_h=kh, kernel_w=kw, stride_h=sh, stride_w=sw, pad_h=ph, pad_w=pw)
         if _round_mode(layer, inputs[0]) == 'FLOOR':
-            fields.append(('round_mode', _Enum('FLOOR')))
-    return [_CaffeLayer(layer.name, 'Pooling', list(layer.inputs), [layer.name],
-                        [('pooling_param', fields)], [])]
+            fields['round_mode'] = 'FLOOR'
+    return [_layer(layer.name, 'Pooling', layer.inputs, layer.name, pooling_param=fields)]
 
 
 def _round_mode(layer, in_shape):
@@ -237,23 +251,22 @@ def _caffe_pool_len(n, k, s, pad, ceil):
 
 
 def _eltwise(layer, inputs, taken):
-    return [_CaffeLayer(layer.name, 'Eltwise', list(layer.inputs), [layer.name],
-                        [('eltwise_param', [('operation', ELTWISE_OPS[layer.params['op']])])],
-                        [])]
+    return [_layer(layer.name, 'Eltwise', layer.inputs, layer.name,
+                   eltwise_param={'operation': ELTWISE_OPS[layer.params['op']]})]
 
 
 def _concat(layer, inputs, taken):
-    return [_CaffeLayer(layer.name, 'Concat', list(layer.inputs), [layer.name],
-                        [('concat_param', [('axis', layer.params['axis'])])], [])]
+    return [_layer(layer.name, 'Concat', layer.inputs, layer.name,
+                   concat_param={'axis': layer.params['axis']})]
 
 
 def _flatten(layer, inputs, taken):
-    return [_CaffeLayer(layer.name, 'Flatten', list(layer.inputs), [layer.name], [], [])]
+    return [_layer(layer.name, 'Flatten', layer.inputs, layer.name)]
 
 
 def _softmax(layer, inputs, taken):
-    return [_CaffeLayer(layer.name, 'Softmax', list(layer.inputs), [layer.name],
-                        [('softmax_param', [('axis', layer.params['axis'])])], [])]
+    return [_layer(layer.name, 'Softmax', layer.inputs, layer.name,
+                   softmax_param={'axis': layer.params['axis']})]
 
 
 _BUILDERS = {'Input': _input, 'Convolution': _convolution, 'InnerProduct': _inner_product,
@@ -290,102 +303,10 @@ def _out_shape(layer, inputs):
 
 
 # ---------------------------------------------------------------------------------------------
-# .prototxt (protobuf text format)
+# The message schema (descriptors built at run time: no .proto file, no protoc), and reading back
 
-def _prototxt(net_name, layers):
-    lines = [f'name: {_quote(net_name)}']
-    for layer in layers:
-        fields = [('name', layer.name), ('type', layer.type)]
-        fields += [('bottom', b) for b in layer.bottoms] + [('top', t) for t in layer.tops]
-        lines += ['layer {', *_text_fields(fields + layer.params, 1), '}']
-    return '\n'.join(lines) + '\n'
-
-
-def _text_fields(fields, depth):
-    indent = '  ' * depth
-    lines = []
-    for key, value in fields:
-        if isinstance(value, list):
-            lines += [f'{indent}{key} {{', *_text_fields(value, depth + 1), f'{indent}}}']
-        else:
-            lines.append(f'{indent}{key}: {_text_scalar(value)}')
-    return lines
-
-
-def _text_scalar(value):
-    if isinstance(value, _Enum):
-        return str(value)
-    if isinstance(value, str):
-        return _quote(value)
-    if isinstance(value, (bool, np.bool_)):
-        return 'true' if value else 'false'
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    return str(np.float32(value))  # shortest text that reads back as the same float32
-
-
-def _quote(text):
-    escaped = text.replace('\\', '\\\\').replace('"', '\\"').replace('\n', '\\n')
-    return f'"{escaped}"'
-
-
-# ---------------------------------------------------------------------------------------------
-# .caffemodel (protobuf wire format)
-
-_LEN = 2  # wire type of length-delimited fields (strings, messages, packed arrays)
-
-
-def _caffemodel(net_name, layers):
-    parts = [_bytes_field(1, net_name.encode('utf-8'))]
-    parts += [_bytes_field(100, _layer_message(layer)) for layer in layers if layer.blobs]
-    return b''.join(parts)
-
-
-def _layer_message(layer):
-    out = _bytes_field(1, layer.name.encode('utf-8')) + _bytes_field(2, layer.type.encode())
-    return out + b''.join(_bytes_field(7, _blob_message(blob)) for blob in layer.blobs)
-
-
-def _blob_message(array):
-    array = np.asarray(array, dtype=np.float32)
-    shape = _bytes_field(1, b''.join(_varint(int(d)) for d in array.shape))
-    return _bytes_field(5, array.astype('<f4').tobytes()) + _bytes_field(7, shape)
-
-
-def _bytes_field(number, payload):
-    return _varint(number << 3 | _LEN) + _varint(len(payload)) + payload
-
-
-def _varint(value):
-    """Base-128 varint of a non-negative int, least significant group first."""
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _write_atomic(path, data):
-    """Write to a new temporary file in the target's folder, then rename it over the target."""
-    folder, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f'.{base}.{secrets.token_hex(4)}.tmp')
-    try:
-        with open(tmp, 'xb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading back with protobuf (descriptors built at run time: no .proto file, no protoc)
-
-# The caffe.proto (BVLC, proto2) messages and fields written here, with their numbers.
+# The caffe.proto (BVLC, proto2) messages and fields written and read here, with their numbers,
+# each message's fields in the order the prototxt lists them (text_format's use_index_order).
 # Enum types are declared in _ENUMS under their message; values are numbered by position.
 _MESSAGES = {
     'BlobShape': 'repeated int64 dim = 1 packed',
@@ -411,11 +332,11 @@ _MESSAGES = {
     'InputParameter': 'repeated BlobShape shape = 1',
     'ConvolutionParameter': 'optional uint32 num_output = 1; optional bool bias_term = 2; '
                             'repeated uint32 pad = 3; repeated uint32 kernel_size = 4; '
-                            'optional uint32 group = 5; repeated uint32 stride = 6; '
+                            'repeated uint32 stride = 6; '
                             'optional uint32 pad_h = 9; optional uint32 pad_w = 10; '
                             'optional uint32 kernel_h = 11; optional uint32 kernel_w = 12; '
                             'optional uint32 stride_h = 13; optional uint32 stride_w = 14; '
-                            'repeated uint32 dilation = 18',
+                            'optional uint32 group = 5; repeated uint32 dilation = 18',
     'PoolingParameter': 'optional PoolMethod pool = 1; optional uint32 kernel_size = 2; '
                         'optional uint32 stride = 3; optional uint32 pad = 4; '
                         'optional uint32 kernel_h = 5; optional uint32 kernel_w = 6; '
@@ -443,9 +364,7 @@ _ENUMS = {'PoolingParameter': {'PoolMethod': ('MAX', 'AVE', 'STOCHASTIC'),
 @functools.lru_cache(maxsize=None)
 def caffe_messages():
     """{message name: protobuf message class} for the caffe.proto subset above (package
-    ``caffe``, BVLC field numbers), built at run time. Needs ``google.protobuf``."""
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
+    ``caffe``, BVLC field numbers), built at run time."""
     file_proto = descriptor_pb2.FileDescriptorProto(name='qat_caffe_subset.proto',
                                                     package='caffe', syntax='proto2')
     for message, spec in _MESSAGES.items():
@@ -457,7 +376,6 @@ def caffe_messages():
 
 
 def _add_message(proto, spec, enums):
-    from google.protobuf import descriptor_pb2
     fdp = descriptor_pb2.FieldDescriptorProto
     for enum, values in enums.items():
         enum_proto = proto.enum_type.add(name=enum)
@@ -498,7 +416,6 @@ def read_prototxt(path):
     """The layers of a text ``.prototxt`` as ``CaffeLayer(name, type, bottoms, tops, params)``;
     params holds the ``*_param`` messages that are set, as dicts of the fields that are set
     (repeated fields as lists, enums by name)."""
-    from google.protobuf import text_format
     with open(path, encoding='utf-8') as f:
         net = text_format.Parse(f.read(), caffe_messages()['NetParameter']())
     return [CaffeLayer(layer.name, layer.type, list(layer.bottom), list(layer.top),

@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 
+from ..fileio import read_json
 from . import caffe, ncnn, winograd
 from .graph import ExportError, trace
 from .table import render_table
@@ -84,6 +85,15 @@ def file_names(name):
             'table': f'{name}.table', 'param': f'{name}.param', 'bin': f'{name}.bin',
             'int8_param': f'{name}-int8.param', 'int8_bin': f'{name}-int8.bin',
             'manifest': f'{name}.json'}
+
+
+def read_manifest(folder, name='model'):
+    """The manifest of the export ``name`` in ``folder`` (an error naming it if absent)."""
+    path = os.path.join(folder, file_names(name)['manifest'])
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no export manifest {path}: export the model first "
+                                f"(qat export, qat.export)")
+    return read_json(path)
 
 
 def _prepare_folder(folder):

@@ -15,9 +15,9 @@ import mxnet as mx
 import numpy as np
 from mxnet import nd
 
-from .. import ops, ranges
-from ..convert import quant_blocks, temporary_mode, walk
-from ..layers import QConv2DBatchNorm
+from .. import ops
+from ..modes import temporary_mode
+from ..nn import QConv2DBatchNorm, quant_blocks, walk
 from .ir import Graph, Layer, Quant
 
 # MXNet op -> how it maps (the one table of supported ops; the handlers are below).
@@ -98,7 +98,7 @@ def _float_trace(net, input_names):
     return out
 
 
-def _block_index(net):
+def block_index(net):
     """{float op node name: (quantized block, role)} for every quantized block."""
     index = {}
     for _, block in quant_blocks(net):
@@ -121,8 +121,7 @@ def _quant(block, weight, bias):
     mode, cfg = block.mode, block.config
     if not mode['quantize']:
         return None, weight, bias
-    channels = weight.shape[0]
-    codes, s_w = block._quantized_weight(nd, weight, channels, block.groups)
+    codes, s_w = block.weight_codes(weight)
     if not mode['quantize_input']:
         # Weight-only quantization: ncnn runs it in fp32 with the dequantized weights.
         return Quant(None, s_w.asnumpy().astype(np.float32), codes.asnumpy().astype(np.int8),
@@ -130,12 +129,11 @@ def _quant(block, weight, bias):
     if not cfg.input_signed:
         raise ExportError(f"{block.name}: unsigned input quantization cannot run in ncnn "
                           f"(int8 is signed, -127..127); use QuantConfig(input_signed=True)")
-    if block.input_threshold() is None:
+    s_in = block.input_scale()
+    if s_in is None:
         raise ExportError(f"{block.name}: input range is unset (never calibrated or trained "
                           f"with input quantization); run qat.calibrate first")
-    threshold = ranges.ema_value(nd, block.range_ema.data(), nd.zeros((1,)))
-    s_in = ops.scale_from_threshold(nd, threshold, cfg.input_bits)
-    quant = Quant(input_scale=np.float32(s_in.asnumpy()[0]),
+    quant = Quant(input_scale=s_in,
                   weight_scales=s_w.asnumpy().astype(np.float32),
                   weight_codes=codes.asnumpy().astype(np.int8),
                   input_bits=cfg.input_bits, weight_bits=cfg.weight_bits)
@@ -176,7 +174,7 @@ class _Tracer:
         _, out_shapes, _ = internals.infer_shape(**{n: (1,) + tuple(s) for n, s in shapes.items()})
         self.shapes = dict(zip(internals.list_outputs(), out_shapes))
         self.input_names, self.input_shape = input_names, tuple(input_shape)
-        self.blocks = _block_index(net)
+        self.blocks = block_index(net)
         self.values = _values(net)
         self.consumers = {}
         for index, node in enumerate(self.nodes):
@@ -281,7 +279,7 @@ class _Tracer:
             and int(bn_node.get('attrs', {}).get('axis', 1)) == 1
         bn_params = [self.param(bn_node, i) for i in range(1, 5)] if folds_bn else None
         if isinstance(block, QConv2DBatchNorm):
-            weight, bias = block.folded_weight_bias(nd, weight, bias, *bn_params)
+            weight, bias = block.folded_weight()
             quant, weight, bias = _quant(block, weight, bias)
             end = user
         else:

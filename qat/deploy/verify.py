@@ -6,7 +6,6 @@ output's top-1 agreement and its error in LSBs. fp32 model vs the float net (qua
 disabled): relative error. The report is a dict (also written as JSON); ``passed`` is False
 when a threshold is missed.
 """
-import json
 import logging
 import os
 import warnings
@@ -15,10 +14,13 @@ import mxnet as mx
 import numpy as np
 
 from .. import reference
-from ..data import labeled_batches
-from ..convert import quant_blocks, temporary_mode
-from .export import file_names
-from .graph import _block_index
+from ..batches import labeled_batches
+from ..fileio import write_json
+from ..metrics import top1
+from ..modes import temporary_mode
+from ..nn import quant_blocks
+from .export import file_names, read_manifest
+from .graph import block_index
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ class NcnnModel:
 def _sim_node_names(net, sources, available):
     """Name in the quantized graph of each float-graph node (a quantized layer's output is
     its ``dequantize`` node there; every other node keeps its name)."""
-    index = _block_index(net)
+    index = block_index(net)
     names = []
     for source in sources:
         block, role = index.get(source, (None, None))
@@ -167,11 +169,7 @@ def verify(net, folder, data, name='model', report_path=None, max_samples=None, 
                          f"{sorted(THRESHOLDS)}")
     limits = dict(THRESHOLDS, **thresholds)
     names = file_names(name)
-    manifest_path = os.path.join(folder, names['manifest'])
-    if not os.path.isfile(manifest_path):
-        raise FileNotFoundError(f"no export manifest {manifest_path}: run qat export first")
-    with open(manifest_path) as handle:
-        manifest = json.load(handle)
+    manifest = read_manifest(folder, name)
     if not quant_blocks(net):
         raise ValueError(f"{net.name} has no quantized blocks: verify needs the converted net")
     batches, labels = labeled_batches(data, max_samples)
@@ -215,18 +213,18 @@ def verify(net, folder, data, name='model', report_path=None, max_samples=None, 
     report = {
         'name': name, 'folder': folder, 'samples': int(len(samples)),
         'options': {'threads': threads, 'packing': packing, 'fp16': False},
-        'int8': {'top1_agreement': float(np.mean(out8.argmax(1) == out_sim.argmax(1))),
+        'int8': {'top1_agreement': top1(out8, out_sim.argmax(1)),
                  'max_abs_error': float(np.abs(out8 - out_sim).max()),
                  'output_lsb': final['lsb'], 'max_lsb': final['max_lsb'],
                  'within_1lsb': final['within_1lsb']},
         'fp32': {'max_relative_error': float(np.abs(out32 - out_float).max()
                                              / max(np.abs(out_float).max(), 1e-30)),
-                 'top1_agreement': float(np.mean(out32.argmax(1) == out_float.argmax(1)))},
+                 'top1_agreement': top1(out32, out_float.argmax(1))},
         'layers': per_layer_report,
         'thresholds': limits,
     }
     if labels is not None:
-        report['accuracy'] = {key: float(np.mean(values.argmax(1) == labels)) for key, values in
+        report['accuracy'] = {key: top1(values, labels) for key, values in
                               (('float', out_float), ('simulated', out_sim),
                                ('ncnn_fp32', out32), ('ncnn_int8', out8))}
     checks = {'min_top1_agreement': report['int8']['top1_agreement'],
@@ -238,7 +236,6 @@ def verify(net, folder, data, name='model', report_path=None, max_samples=None, 
                               value < limits[key])]
     report['passed'] = not report['failures']
     if report_path is not None:
-        from ..train import write_json  # atomic; imported here, train imports this module
         write_json(report_path, report)
     return report
 

@@ -14,8 +14,9 @@ import mxnet as mx
 import numpy as np
 from mxnet.gluon import HybridBlock, nn
 
-from . import ops, ranges
-from .config import QuantConfig
+from .. import ops
+from ..config import QuantConfig
+from . import ranges
 
 
 # Mode flags, in the order they are saved in each block's ``qmode`` parameter.
@@ -26,7 +27,8 @@ DEFAULT_MODE = {'quantize': True, 'quantize_input': True, 'online': False,
 # Mode and range parameters are deliberately absent from the float graph; Gluon's notice
 # about unused parameters is silenced for exactly these names and no others.
 warnings.filterwarnings(
-    'ignore', message=r'Parameter (\S+_(qmode|range_ema|range_ema_var|weight_threshold_factor)'
+    'ignore', message=r'Parameter (\S+_(qmode|qconfig|range_ema|range_ema_var|'
+                      r'weight_threshold_factor)'
                       r'(, )?)+ is not used')
 
 
@@ -62,8 +64,10 @@ class QuantBlock(HybridBlock):
     """Base of the fake-quantized blocks: configuration, modes and the input range tracker.
 
     Parameters added to the float block's: ``range_ema`` (2,) tracker state (see
-    ``qat.ranges``), ``range_ema_var`` (2,) unused BatchNorm companion, ``qmode`` (5,) the
-    mode flags (saved with the parameters; read back by ``qat.load_parameters``),
+    ``qat.nn.ranges``), ``range_ema_var`` (2,) unused BatchNorm companion, ``qmode`` (5,) the
+    mode flags and ``qconfig`` (8,) the ``QuantConfig`` with the checkpoint format
+    (``QuantConfig.to_vector``), both saved with the parameters and read back by
+    ``qat.load_parameters``,
     ``weight_threshold_factor`` (O,) a per-output-channel multiplier of the weight threshold
     max|w| (ones: the plain max; a scale search such as ``qat.easyquant`` sets it; see
     ``shared_factor`` for grouped convs and per-tensor scales).
@@ -73,7 +77,7 @@ class QuantBlock(HybridBlock):
         super().__init__(prefix=float_block.prefix, params=float_block.params)
         if not isinstance(config, QuantConfig):
             raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
-        self.config = config
+        self._config = config
         self._mode = dict(DEFAULT_MODE)
         # Kept as plain attributes (not children) so the float block is not registered twice.
         self._originals = _Originals(float_block)
@@ -87,13 +91,35 @@ class QuantBlock(HybridBlock):
         self.qmode = self.params.get('qmode', shape=(len(MODE_FLAGS),), grad_req='null',
                                      differentiable=False,
                                      init=mx.init.Constant(self._mode_vector()))
+        self.qconfig = self.params.get('qconfig', shape=(len(config.to_vector()),),
+                                       grad_req='null', differentiable=False,
+                                       init=mx.init.Constant(config.to_vector()))
         self.weight_threshold_factor = self.params.get(
             'weight_threshold_factor', shape=(self._out_channels(float_block),),
             init='ones', grad_req='null', differentiable=False)
         if float_block.act is not None:
             self.act = float_block.act
 
-    # ----- modes -------------------------------------------------------------------------
+    # ----- configuration and modes ---------------------------------------------------------
+    @property
+    def config(self):
+        """The block's QuantConfig; setting it also updates the saved ``qconfig``."""
+        return self._config
+
+    @config.setter
+    def config(self, config):
+        if not isinstance(config, QuantConfig):
+            raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+        self._config = config
+        self.qconfig.init = mx.init.Constant(config.to_vector())
+        if self.qconfig._data is not None:
+            self.qconfig.set_data(mx.nd.array(config.to_vector()))
+        self._clear_cached_op()
+
+    def load_config(self):
+        """Take the QuantConfig from the (loaded) ``qconfig`` parameter."""
+        self.config = QuantConfig.from_vector(self.qconfig.data().asnumpy())
+
     @property
     def mode(self):
         """The current mode flags (a copy)."""
@@ -128,6 +154,32 @@ class QuantBlock(HybridBlock):
     def set_input_threshold(self, threshold):
         """Set the tracked input range (as calibration does)."""
         self.range_ema.set_data(mx.nd.array([threshold, 1.0]))
+
+    def input_scale(self):
+        """The deployed input scale ``qmax / T`` (float32) of the tracked range, or None
+        when the range was never set; computed by the training graph's own functions."""
+        if self.input_threshold() is None:
+            return None
+        threshold = ranges.ema_value(mx.nd, self.range_ema.data(), mx.nd.zeros((1,)))
+        scale = ops.scale_from_threshold(mx.nd, threshold, self.config.input_bits,
+                                         self.config.input_signed)
+        return np.float32(scale.asnumpy()[0])
+
+    # ----- the public quantizer API (export, statistics and scale searches use it) --------
+    def folded_weight(self, ctx=None):
+        """(weight, bias or None) NDArrays of the deployed layer: for conv+BN blocks the BN
+        folded in with its running statistics (``ops.fold_bn``), else the block's own."""
+        ctx = ctx or self.weight.list_ctx()[0]
+        bias = getattr(self, 'bias', None)
+        return self.weight.data(ctx), None if bias is None else bias.data(ctx)
+
+    def weight_codes(self, weight=None):
+        """(integer codes of ``weight`` (default: ``folded_weight``), float32 weight scales
+        per output channel (O,)) as NDArrays, as the training graph computes them (max|w|
+        times ``weight_threshold_factor``, per channel / group / tensor)."""
+        if weight is None:
+            weight, _ = self.folded_weight()
+        return self._quantized_weight(mx.nd, weight, weight.shape[0], self.groups)
 
     def _quantized_input(self, F, x, range_ema, range_ema_var, anchor):
         """(codes of x, s_in, token) when input quantization is on, else (x, None, None).
@@ -246,7 +298,7 @@ class QConv2D(QuantBlock):
         return ops.dequantize(F, out, multiplier, bias, 4, name='dequantize')
 
     def hybrid_forward(self, F, x, weight, bias=None, range_ema=None, range_ema_var=None,
-                       qmode=None, weight_threshold_factor=None):
+                       qmode=None, qconfig=None, weight_threshold_factor=None):
         if not self._mode['quantize']:
             return self._apply_act(self._conv(F, x, weight, bias))
         out = self._quantized_conv(F, x, weight, bias, range_ema, range_ema_var,
@@ -294,9 +346,17 @@ class QConv2DBatchNorm(QConv2D):
         return ops.fold_bn(F, weight, bias, gamma, beta, running_mean, running_var,
                            self._bn_kwargs['eps'], self._bn_kwargs['fix_gamma'])
 
+    def folded_weight(self, ctx=None):
+        ctx = ctx or self.weight.list_ctx()[0]
+        weight, bias = super().folded_weight(ctx)
+        bn = [getattr(self, name).data(ctx) for name in
+              ('gamma', 'beta', 'running_mean', 'running_var')]
+        return self.folded_weight_bias(mx.nd, weight, bias, *bn)
+
     def hybrid_forward(self, F, x, weight, bias=None, gamma=None, beta=None,
                        running_mean=None, running_var=None, range_ema=None,
-                       range_ema_var=None, qmode=None, weight_threshold_factor=None):
+                       range_ema_var=None, qmode=None, qconfig=None,
+                       weight_threshold_factor=None):
         bn_params = (gamma, beta, running_mean, running_var)
         if not self._mode['quantize']:
             return self._batchnorm(F, self._conv(F, x, weight, bias), *bn_params)
@@ -336,7 +396,7 @@ class QDense(QuantBlock):
                                 flatten=self._flatten, name='fwd')
 
     def hybrid_forward(self, F, x, weight, bias=None, range_ema=None, range_ema_var=None,
-                       qmode=None, weight_threshold_factor=None):
+                       qmode=None, qconfig=None, weight_threshold_factor=None):
         if not self._mode['quantize']:
             return self._apply_act(self._fc(F, x, weight, bias))
         w_q, s_w = self._quantized_weight(F, weight, self._units, 1, weight_threshold_factor)

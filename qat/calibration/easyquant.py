@@ -30,12 +30,13 @@ import logging
 import mxnet as mx
 import numpy as np
 
-from .benchmarks import format_table
-from .calibrate import calibrate
-from .data import labeled_batches
-from .layers import QDense
-from .sensitivity import (capture, check_calibrated, cosine_from_sums, cosine_similarity,
-                          deployed, execution_order, quantized_only)
+from ..batches import labeled_batches
+from ..metrics import cosine_from_sums, cosine_similarity
+from ..modes import check_calibrated, deployed, quantized_only
+from ..nn import QDense
+from ..probes import capture, execution_order
+from ..report import format_table
+from .methods import set_ranges
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def search(net, data, calibration='kl', calibration_data=None, max_samples=MAX_S
            progress=None, **calibration_options):
     """EasyQuant scale search over every quantized layer of ``net`` (converted), in place.
 
-    calibration: the starting calibration method (a key of ``qat.calibrate.METHODS``, run on
+    calibration: the starting range method (a key of ``qat.calibration.METHODS``, run on
         ``calibration_data``, default ``data``, with ``calibration_options``), or None to
         start from the ranges already set.
     data: batches (NDArray, or (data, label) tuples); the first ``max_samples`` samples are
@@ -171,8 +172,8 @@ def search(net, data, calibration='kl', calibration_data=None, max_samples=MAX_S
     if not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
     if calibration is not None:
-        calibrate(net, data if calibration_data is None else calibration_data, calibration,
-                  **calibration_options)
+        set_ranges(net, data if calibration_data is None else calibration_data, calibration,
+                   **calibration_options)
     samples = mx.nd.concat(*labeled_batches(data, max_samples)[0], dim=0)
     batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
     order = [block for block in execution_order(net, samples) if block.mode['quantize']]

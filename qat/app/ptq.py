@@ -23,10 +23,15 @@ import mxnet as mx
 import numpy as np
 from mxnet.gluon import nn
 
-from . import easyquant, sensitivity
-from .calibrate import METHODS as CALIBRATION_METHODS, calibrate
-from .config import QuantConfig
-from .convert import convert_model, first_layer, quant_blocks, walk
+from ..analysis import comparison
+from ..calibration import METHODS, calibrate, easyquant
+from ..config import BITS, QuantScheme
+from ..convert import convert_model
+from ..deploy import WINOGRAD_POLICIES, export, format_report, verify
+from ..nn import quant_blocks, walk
+from ..report import write_report
+from . import models
+from .data import IMAGE_EXTENSIONS, FileSet, Preprocess, iterate
 
 SEARCH_SAMPLES = easyquant.MAX_SAMPLES
 HELP = 'post-training quantization: calibration table and ncnn int8 model (as ncnn2table)'
@@ -40,35 +45,6 @@ DESCRIPTION = ("ncnn2table + ncnn2int8 for a float Gluon model: build it (GluonC
 
 class UsageError(ValueError):
     """A bad command-line value; the message names the option, file or value."""
-
-
-# ----- the methods ----------------------------------------------------------------------------
-def _calibration(method):
-    def run(net, data, progress):
-        return calibrate(net, data, method)
-    run.__doc__ = CALIBRATION_METHODS[method].description
-    return run
-
-
-def _easyquant(net, data, progress):
-    """KL calibration, then the EasyQuant scale search (qat.easyquant) on the first
-    SEARCH_SAMPLES samples."""
-    return easyquant.search(net, data, calibration='kl', max_samples=SEARCH_SAMPLES,
-                            progress=progress)
-
-
-# method name -> run(net, data, progress): every qat.calibrate method, plus EasyQuant
-METHODS = {**{name: _calibration(name) for name in CALIBRATION_METHODS},
-           'easyquant': _easyquant}
-
-
-def post_training_quantize(net, data, method='kl', progress=None):
-    """Set the scales of ``net`` (converted) from the float activations on ``data``
-    (re-iterable batches) with ``method`` (a key of METHODS). Returns what the method returns
-    (thresholds, or the EasyQuant per-layer results)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid: {sorted(METHODS)}")
-    return METHODS[method](net, data, progress)
 
 
 # ----- command-line values --------------------------------------------------------------------
@@ -128,7 +104,6 @@ def image_paths(spec):
     """The calibration images named by ``--images``: a folder (searched recursively for
     image files), a list file (one path per line, as ``find images/ -type f``; paths
     relative to the current folder or to the list's folder; '#' comments), or one image."""
-    from .data import IMAGE_EXTENSIONS
     if ',' in spec and not os.path.exists(spec):
         _several_inputs('--images', spec)
     if os.path.isdir(spec):
@@ -171,7 +146,6 @@ class ImageBatches:
     ``workers`` threads), printing progress about every 10% of a pass."""
 
     def __init__(self, paths, preprocess, batch_size, workers=0, progress=None):
-        from .data import FileSet
         self.dataset = FileSet(paths, [0] * len(paths), 'calibration images')
         self.preprocess, self.batch_size, self.workers = preprocess, batch_size, workers
         self.progress, self.passes = progress, 0
@@ -180,7 +154,6 @@ class ImageBatches:
         return (len(self.dataset) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self):
-        from .data import iterate
         self.passes += 1
         every = max(1, len(self) // 10)
         start = time.perf_counter()
@@ -197,40 +170,14 @@ class ImageBatches:
 
 # ----- the model -------------------------------------------------------------------------------
 def build_model(name, kwargs, params=None, pretrained=False, seed=0):
-    """The float model: a GluonCV name or a ``module:function`` factory called with
-    ``kwargs``; weights from ``params`` (Gluon ``save_parameters``), GluonCV ``pretrained``,
-    or a seeded random initialization."""
-    from .train import MODEL_BUILDERS
-    source = 'factory' if ':' in name else 'gluoncv'
-    kwargs = dict(kwargs, pretrained=True) if pretrained else dict(kwargs)
-    if pretrained and source != 'gluoncv':
-        raise UsageError("--pretrained works with GluonCV model names only")
-    mx.random.seed(seed)
+    """The float model (``qat.app.models.build``); a problem is a UsageError naming
+    --model, --model-kwargs or --params."""
     try:
-        with mx.name.NameManager():  # fresh name counters: stable layer names in the table
-            net = MODEL_BUILDERS[source](name, kwargs)
-    except (ImportError, AttributeError) as err:
-        raise UsageError(f"--model {name}: cannot build the factory: {err}") from None
-    except ValueError as err:
-        if source == 'gluoncv' and 'is not among' in str(err):
-            raise UsageError(f"--model {name}: not a GluonCV model name (see "
-                             f"gluoncv.model_zoo.get_model_list()) nor a module:function "
-                             f"factory") from None
-        raise UsageError(f"--model {name}: {err}") from None
-    except TypeError as err:
-        raise UsageError(f"--model {name} with --model-kwargs {json.dumps(kwargs)}: "
-                         f"{err}") from None
-    if params is not None:
-        if not os.path.isfile(params):
-            raise UsageError(f"--params {params}: no such file")
-        try:
-            net.load_parameters(params)
-        except (AssertionError, mx.base.MXNetError) as err:
-            raise UsageError(f"--params {params}: does not match --model {name}: "
-                             f"{str(err).splitlines()[0]}") from None
-    elif not pretrained:
-        net.initialize(mx.init.Xavier())
-    return net
+        return models.build(name, kwargs, params=params, pretrained=pretrained, seed=seed,
+                            label=f"--model {name}")
+    except models.ModelError as err:
+        option = '--params' if params and str(err).startswith(params) else '--model'
+        raise UsageError(f"{option} {err}") from None
 
 
 def check_input_shape(net, shape, text):
@@ -303,7 +250,8 @@ def add_arguments(parser):
     quant.add_argument('--input-bits', type=int, help='input bits (default --bits)')
     quant.add_argument('--first-layer-bits', type=int,
                        help='bits of the first layer (default: as the others)')
-    quant.add_argument('--granularity', default='channel', choices=('channel', 'tensor'),
+    quant.add_argument('--weight-granularity', '--granularity', dest='weight_granularity',
+                       default='channel', choices=('channel', 'tensor'),
                        help='weight scales per output channel (per group) or per tensor')
     quant.add_argument('--exclude', action='append', default=[], metavar='PATTERN',
                        help='layers (glob on names) kept fp32: no table lines; repeatable')
@@ -324,23 +272,21 @@ def add_arguments(parser):
     return parser
 
 
-def _quant_config(args):
-    """(QuantConfig of every layer, QuantConfig of the first layer or None)."""
+def quant_scheme(args):
+    """The QuantScheme of the flags (the same path as a recipe's ``quantize`` section)."""
+    low, high = BITS
     for option in ('bits', 'weight_bits', 'input_bits', 'first_layer_bits'):
         value = getattr(args, option)
-        if value is not None and not 2 <= value <= 8:
-            raise UsageError(f"--{option.replace('_', '-')} {value}: bits must be in 2..8")
-    config = QuantConfig(weight_bits=args.weight_bits or args.bits,
-                         input_bits=args.input_bits or args.bits,
-                         weight_granularity=args.granularity)
-    first = None if args.first_layer_bits is None else config.updated(
-        weight_bits=args.first_layer_bits, input_bits=args.first_layer_bits)
-    return config, first
+        if value is not None and not low <= value <= high:
+            raise UsageError(f"--{option.replace('_', '-')} {value}: bits must be in "
+                             f"{low}..{high}")
+    return QuantScheme.from_dict({
+        'weight_bits': args.weight_bits or args.bits, 'input_bits': args.input_bits or args.bits,
+        'weight_granularity': args.weight_granularity, 'first_layer_bits': args.first_layer_bits,
+        'exclude': args.exclude}, origin='qat calibrate')
 
 
 def _run(args, out):
-    from .data import Preprocess
-    from .deploy import WINOGRAD_POLICIES, export, format_report, verify
     if len(args.images) > 1:
         _several_inputs('--images', ' --images '.join(args.images))
     if args.winograd not in WINOGRAD_POLICIES:
@@ -355,7 +301,8 @@ def _run(args, out):
     norm = parse_channel_values('--norm', args.norm, shape[0], 1.0)
     if any(n == 0 for n in norm):
         raise UsageError(f"--norm {args.norm}: values must be non-zero")
-    config, first_config = _quant_config(args)
+    scheme = quant_scheme(args)
+    config = scheme.default
     try:
         kwargs = json.loads(args.model_kwargs)
     except json.JSONDecodeError as err:
@@ -374,8 +321,7 @@ def _run(args, out):
     check_input_shape(net, shape, args.shape)
     check_excludes(net, args.exclude)
     total = len(layer_names(net))
-    layer_configs = {first_layer(net): first_config} if first_config else None
-    convert_model(net, exclude=args.exclude, config=config, layer_configs=layer_configs)
+    convert_model(net, config=scheme)
     blocks = [block for _, block in quant_blocks(net)]
     if not blocks:
         raise UsageError(f"--model {args.model}: no layer to quantize (every Conv2D/Dense "
@@ -391,20 +337,19 @@ def _run(args, out):
     out(f"[2/4] calibrating with {args.method} on {len(paths)} images "
         f"({len(data)} batches of {args.batch_size})")
     started = time.perf_counter()
-    post_training_quantize(net, data, args.method, progress=lambda m: out('      ' + m))
+    calibrate(net, data, args.method, progress=lambda m: out('      ' + m))
     out(f"      done in {time.perf_counter() - started:.1f} s")
     out(f"[3/4] writing {args.name}.table and the ncnn int8 model into {args.output}")
     files = export(net, args.output, shape, args.name, winograd=args.winograd)
     for kind in ('table', 'int8_param', 'int8_bin', 'param', 'bin'):
         out(f"      {files[kind]}")
     if args.compare:
-        rows = sensitivity.layer_comparison(net, data, args.output, args.name,
-                                            max_samples=args.compare,
-                                            threads=args.threads or 1)
-        report = sensitivity.write_report(
-            sensitivity.format_comparison(rows),
-            lambda path: sensitivity.plot_comparison(rows, path), args.output,
-            f"{args.name}-layers")
+        rows = comparison.layer_comparison(net, data, args.output, args.name,
+                                           max_samples=args.compare,
+                                           threads=args.threads or 1)
+        report = write_report(comparison.format_comparison(rows),
+                              lambda path: comparison.plot_comparison(rows, path), args.output,
+                              f"{args.name}-layers")
         worst = min(rows, key=lambda row: row['ncnn_cosine'])
         out(f"      {report['table']}, {report['plot']} (lowest ncnn cosine vs float: "
             f"{worst['layer']} {worst['ncnn_cosine']:.6f})")
@@ -429,7 +374,7 @@ def run(args, out=print):
 
 
 def main(argv=None):
-    """Stand-alone entry point (``python -m qat.ptq``); ``qat calibrate`` is the same."""
+    """Stand-alone entry point (``python -m qat.app.ptq``); ``qat calibrate`` is the same."""
     parser = add_arguments(argparse.ArgumentParser(prog='qat calibrate',
                                                    description=DESCRIPTION))
     return run(parser.parse_args(argv))

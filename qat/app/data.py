@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 import mxnet as mx
 
-DIGITS_MEAN, DIGITS_STD = 0.5, 0.5  # on pixel values scaled to [0, 1]
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.pgm', '.tif', '.tiff', '.webp')
 CIFAR10_FILES = [f'data_batch_{i}.bin' for i in range(1, 6)] + ['test_batch.bin']
 
@@ -40,19 +39,18 @@ def _digits_test_mask(labels, test_fraction, seed):
 
 
 def digits(size=16, channels=3, test_fraction=0.2, seed=0):
-    """((x_train, y_train), (x_test, y_test)) as float32 NCHW numpy arrays and int labels.
-
-    Images are scaled to [0, 1], bilinearly resized to ``size`` x ``size``, repeated to
-    ``channels`` channels and normalized with DIGITS_MEAN / DIGITS_STD. The split is a fixed
-    stratified shuffle (``seed``), identical on every machine."""
-    images, labels = _load_digits()
-    images = images[:, None] / 16.0
-    if size != 8:
-        images = mx.nd.contrib.BilinearResize2D(mx.nd.array(images), height=size,
-                                                width=size).asnumpy()
-    images = np.repeat((images - DIGITS_MEAN) / DIGITS_STD, channels, axis=1)
-    test = _digits_test_mask(labels, test_fraction, seed)
-    return (images[~test], labels[~test]), (images[test], labels[test])
+    """((x_train, y_train), (x_test, y_test)) as float32 NCHW numpy arrays and int labels: the
+    ``digits`` source preprocessed as the recipes do (``Preprocess``: resized to ``size`` x
+    ``size``, pixels (x - 127.5) / 127.5). The split is a fixed stratified shuffle
+    (``seed``), identical on every machine."""
+    half = (127.5,) * channels
+    preprocess = Preprocess(size=(size, size), channels=channels, mean=half, std=half)
+    section = {'val_fraction': test_fraction, 'seed': seed}
+    arrays = []
+    for split in ('train', 'val'):
+        dataset = digits_set(section, split)
+        arrays.append((preprocess(list(dataset.images)), dataset.labels))
+    return tuple(arrays)
 
 
 def batches(x, y, batch_size, shuffle=False, seed=0):
@@ -284,7 +282,7 @@ def digits_set(section, split):
     ``val_fraction`` of every digit is held out (a fixed split)."""
     images, labels = _load_digits()
     images = np.repeat(images[:, :, :, None] * (255.0 / 16.0), 3, axis=3)
-    test = _digits_test_mask(labels, section['val_fraction'], seed=0)
+    test = _digits_test_mask(labels, section['val_fraction'], section.get('seed', 0))
     keep = test if split == 'val' else ~test
     return ArraySet(images[keep], labels[keep], f"digits {split}")
 
@@ -354,25 +352,3 @@ def iterate(dataset, preprocess, batch_size, order=None, start=0, augment=None,
     finally:
         if pool:
             pool.shutdown()
-
-
-def labeled_batches(data, max_samples=None):
-    """(list of NDArray batches, labels (N,) int64 or None) from an iterable of batches
-    (NDArray / numpy, or (data, label) tuples), at most ``max_samples`` samples."""
-    xs, ys, count = [], [], 0
-    for item in data:
-        x, y = (item[0], item[1]) if isinstance(item, (tuple, list)) else (item, None)
-        x = x if isinstance(x, mx.nd.NDArray) else mx.nd.array(x)
-        if max_samples is not None and count + len(x) > max_samples:
-            x = x[:max_samples - count]
-            y = None if y is None else y[:max_samples - count]
-        xs.append(x)
-        ys.append(None if y is None else np.asarray(
-            y.asnumpy() if isinstance(y, mx.nd.NDArray) else y).reshape(-1).astype(np.int64))
-        count += len(x)
-        if max_samples is not None and count >= max_samples:
-            break
-    if not xs:
-        raise ValueError("no data: the iterable gave no batches")
-    labels = None if any(y is None for y in ys) else np.concatenate(ys)
-    return xs, labels

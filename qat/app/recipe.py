@@ -7,14 +7,22 @@ files) before any work starts and returns plain nested dicts. ``schema_markdown`
 schema for the README, so the docs cannot drift from the code.
 """
 import difflib
-import importlib.util
+import logging
 import os
 import re
 from typing import NamedTuple
 
 import yaml
 
+from ..calibration import METHODS as CALIBRATION_METHODS
+from ..config import BITS as BIT_RANGE, GRANULARITIES, RANGE_TRACKERS, QuantScheme
+from ..deploy import THRESHOLDS, WINOGRAD_POLICIES
+from ..fileio import atomic_write
 from . import data as data_module
+from . import models
+from .trainer import OPTIMIZERS, SCHEDULES
+
+log = logging.getLogger(__name__)
 
 
 class RecipeError(ValueError):
@@ -47,11 +55,9 @@ def positive():
 
 
 def one_of(choices):
-    """``choices``: a tuple, or a function returning a registry (looked up when checked, so
-    registries in modules that import this one stay the single source)."""
-    def valid():
-        return tuple(choices() if callable(choices) else choices)
-    return (lambda v: v in valid()), valid
+    """``choices``: a tuple or a registry (its keys)."""
+    valid = tuple(sorted(choices) if isinstance(choices, dict) else choices)
+    return (lambda v: v in valid), (lambda: valid)
 
 
 def each(rule):
@@ -60,37 +66,7 @@ def each(rule):
     return (lambda v: all(predicate(x) for x in v)), description
 
 
-def _calibration_methods():
-    from .calibrate import METHODS
-    return sorted(METHODS)
-
-
-def _optimizers():
-    from .train import OPTIMIZERS
-    return sorted(OPTIMIZERS)
-
-
-def _schedules():
-    from .train import SCHEDULES
-    return sorted(SCHEDULES)
-
-
-def _winograd_policies():
-    from .deploy.export import WINOGRAD_POLICIES
-    return sorted(WINOGRAD_POLICIES)
-
-
-def _verify_thresholds():
-    from .deploy.verify import THRESHOLDS
-    return THRESHOLDS
-
-
-def _granularities():
-    from .config import GRANULARITIES
-    return GRANULARITIES
-
-
-BITS = between(2, 8)
+BITS = between(*BIT_RANGE)
 KVSTORES = ('local', 'device', 'dist_sync', 'dist_device_sync')
 
 
@@ -98,12 +74,12 @@ def _training(epochs, lr, doc):
     """The keys of one training stage (float pre-training and QAT share them)."""
     return {
         'epochs': Key(epochs, 'int', doc, at_least(0)),
-        'optimizer': Key('sgd', 'str', 'optimizer name', one_of(_optimizers)),
+        'optimizer': Key('sgd', 'str', 'optimizer name', one_of(OPTIMIZERS)),
         'lr': Key(lr, 'float', 'peak learning rate (per sample-averaged batch)', positive()),
         'momentum': Key(0.9, 'float', 'momentum (sgd, nag)', fraction()),
         'wd': Key(1e-4, 'float', 'weight decay', at_least(0)),
         'schedule': Key('cosine', 'str', 'learning-rate schedule over the stage',
-                        one_of(_schedules)),
+                        one_of(SCHEDULES)),
         'warmup_epochs': Key(0.0, 'float', 'linear warm-up from 0 over this many epochs',
                              at_least(0)),
         'milestones': Key([], 'ints', 'step schedule: epochs at which lr is multiplied by '
@@ -141,7 +117,7 @@ SCHEMA = {
     'model': {
         'source': Key('gluoncv', 'str', '`gluoncv` (model zoo name) or `factory` (a Python '
                       'function `module:function` returning a Gluon HybridBlock)',
-                      one_of(lambda: sorted(MODEL_SOURCES))),
+                      one_of(models.SOURCES)),
         'name': Key('cifar_resnet20_v1', 'str', 'GluonCV model name, or `module:function`'),
         'kwargs': Key({'classes': 10}, 'dict', 'keyword arguments of the constructor (GluonCV: '
                       'e.g. `classes`; `pretrained: true` needs the weights on disk)'),
@@ -152,7 +128,7 @@ SCHEMA = {
         'source': Key('digits', 'str', '`digits` (bundled, no files), `folder` (one subfolder '
                       'per class), `list` (lines `path label`), `recordio` (`.rec` + `.idx`), '
                       '`cifar10` (MXNet\'s CIFAR-10 binary files in `root`)',
-                      one_of(lambda: sorted(data_module.SOURCES))),
+                      one_of(data_module.SOURCES)),
         'root': Key('', 'str', 'dataset folder; `train` / `val` are relative to it'),
         'train': Key('train', 'str', 'training split: a folder (`folder`), a list file '
                      '(`list`), a `.rec` file (`recordio`)'),
@@ -179,20 +155,27 @@ SCHEMA = {
     'quantize': {
         'weight_bits': Key(8, 'int', 'weight bits', BITS),
         'input_bits': Key(8, 'int', 'activation (layer input) bits', BITS),
-        'granularity': Key('channel', 'str', 'weight scales per output `channel` or per '
-                           '`tensor`', one_of(_granularities)),
-        'signed': Key(True, 'bool', 'signed activation codes (what ncnn runs)'),
+        'weight_granularity': Key('channel', 'str', 'weight scales per output `channel` (per '
+                                  'group for grouped convs) or per `tensor`',
+                                  one_of(GRANULARITIES)),
+        'input_signed': Key(True, 'bool', 'signed activation codes (what ncnn runs; false is '
+                            'simulation only)'),
         'fake_bn': Key(True, 'bool', 'fold each BatchNorm into its conv while training'),
         'range_momentum': Key(0.9, 'float', 'EMA momentum of the activation ranges',
                               fraction()),
+        'range_tracker': Key('ema', 'str', '`ema` (tracked in training) or `max` (running '
+                             'max kept by calibration)', one_of(RANGE_TRACKERS)),
         'first_layer_bits': Key(8, 'int?', 'weight and input bits of the first conv / dense '
                                 '(it sees the raw image); null: like the others', BITS),
         'exclude': Key([], 'strs', 'glob patterns of block names or paths left float'),
+        'layers': Key({}, 'dict', 'per-layer overrides: `{glob pattern of block name or path: '
+                      '{QuantConfig field: value}}`, or `null` for a layer left float; the '
+                      'first matching pattern wins'),
     },
     'float': _training(0, 0.1, 'float pre-training epochs (0: use the model as it is)'),
     'calibrate': {
         'method': Key('ema', 'str', 'how per-batch ranges become one range',
-                      one_of(_calibration_methods)),
+                      one_of(CALIBRATION_METHODS)),
         'batches': Key(8, 'int', 'calibration batches (training data, fixed order)',
                        at_least(1)),
         'report_bits': Key([], 'ints', 'also report post-training accuracy at these bit '
@@ -215,7 +198,7 @@ SCHEMA = {
         'winograd': Key('off', 'str', "ncnn's int8 3x3 Winograd path is exact only for small "
                         "accumulations: `off` disables it per layer (31=64; measured fastest "
                         "here), `bound` only where the bound cannot prove it exact, `unsafe` "
-                        "never (speed tests only)", one_of(_winograd_policies)),
+                        "never (speed tests only)", one_of(WINOGRAD_POLICIES)),
     },
     'verify': {
         'enabled': Key(True, 'bool', 'run the exported model in ncnn on validation images and '
@@ -223,13 +206,13 @@ SCHEMA = {
         'samples': Key(0, 'int', 'validation images to run (0: all)', at_least(0)),
         'thresholds': Key({}, 'dict', 'pass thresholds replacing `qat.deploy.verify`\'s '
                           'defaults, e.g. `{min_top1_agreement: 0.99}`',
-                          ((lambda v: set(v) <= set(_verify_thresholds())),
-                           lambda: sorted(_verify_thresholds()))),
+                          ((lambda v: set(v) <= set(THRESHOLDS)), lambda: sorted(THRESHOLDS))),
     },
 }
 
-# model.source -> what model.name must look like (the builders live in qat.train).
-MODEL_SOURCES = {'gluoncv': 'a GluonCV model zoo name', 'factory': 'module:function'}
+# Keys of earlier versions -> their names now (read with a warning, so old run folders load).
+RENAMED = {'quantize.granularity': 'quantize.weight_granularity',
+           'quantize.signed': 'quantize.input_signed'}
 
 
 # ----- types: name -> coerce(value) (raises ValueError with the expected form) ----------------
@@ -366,6 +349,10 @@ def load(path=None, overrides=(), check_files=True):
                             f"{values!r}")
             continue
         for name, value in values.items():
+            if f"{section}.{name}" in RENAMED:
+                new = RENAMED[f"{section}.{name}"]
+                log.warning("%s: %s.%s is now called %s", origin, section, name, new)
+                name = new.split('.', 1)[1]
             if name not in SCHEMA[section]:
                 problems.append(_unknown(f"{section}.{name}", _valid_keys(section), origin))
                 continue
@@ -374,6 +361,9 @@ def load(path=None, overrides=(), check_files=True):
     for item in overrides:
         dotted, value = parse_override(item) if isinstance(item, str) else item
         where = '--set'
+        if dotted in RENAMED:
+            log.warning("--set %s: now called %s", dotted, RENAMED[dotted])
+            dotted = RENAMED[dotted]
         section, _, rest = dotted.partition('.')
         name, _, inner = rest.partition('.')
         if section not in SCHEMA:
@@ -454,24 +444,16 @@ def _consistency(recipe, given, check_files):
     for device in recipe['run']['devices']:
         if not re.fullmatch(r'(cpu|gpu)\(\d+\)', device):
             yield 'run.devices', f"{device!r} is not cpu(N) or gpu(N)"
+    try:
+        QuantScheme.from_dict(recipe['quantize'])
+    except ValueError as err:  # "quantize.<key>: <problem>"
+        key, _, problem = str(err).partition(': ')
+        yield key, problem
     model = recipe['model']
-    if model['source'] == 'factory' and not re.fullmatch(r'[\w.]+:\w+', model['name']):
-        yield 'model.name', f"a factory is module:function, got {model['name']!r}"
-    if model['source'] == 'gluoncv':
-        from gluoncv.model_zoo import get_model_list
-        if model['name'].lower() not in get_model_list():
-            close = difflib.get_close_matches(model['name'].lower(), get_model_list(), n=3)
-            yield 'model.name', f"{model['name']!r} is not a GluonCV model" + \
-                (f" (close: {', '.join(close)})" if close else '')
+    problem = models.name_problem(model['source'], model['name'], check_module=check_files)
+    if problem:
+        yield 'model.name', f"{model['name']!r}: {problem}"
     if check_files:
-        if model['source'] == 'factory' and ':' in model['name']:
-            module = model['name'].split(':')[0]
-            try:
-                found = importlib.util.find_spec(module) is not None
-            except ModuleNotFoundError:
-                found = False
-            if not found:
-                yield 'model.name', f"module {module!r} not found"
         if model['checkpoint'] and not os.path.isfile(model['checkpoint']):
             yield 'model.checkpoint', f"file not found: {model['checkpoint']}"
         for key, problem in data_module.missing_files(recipe['data']):
@@ -480,7 +462,6 @@ def _consistency(recipe, given, check_files):
 
 def dump(recipe, path):
     """Write ``recipe`` as YAML at ``path``, atomically (temporary file, then rename)."""
-    from .train import atomic_write
     atomic_write(path, yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None))
 
 

@@ -13,12 +13,12 @@ import math
 
 import numpy as np
 
-from .benchmarks import format_table
-from .convert import quant_blocks
-from .data import labeled_batches
-from .sensitivity import (deployed, quantized_only, ranked_layers,
-                          sensitivity, write_report)
-from .train import atomic_path
+from ..batches import labeled_batches
+from ..metrics import top1
+from ..modes import deployed, quantized_only
+from ..nn import quant_blocks
+from ..report import format_table, pyplot, save_figure, write_report
+from .sensitivity import ranked_layers, sensitivity
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,6 @@ def _to_float(block):
 def _to_8_bits(block):
     """8-bit weights and inputs (the input range is kept as calibrated)."""
     block.config = block.config.updated(weight_bits=PROMOTED_BITS, input_bits=PROMOTED_BITS)
-    block._clear_cached_op()
 
 
 # action -> how a sensitive layer is promoted
@@ -47,14 +46,12 @@ def _snapshot(block):
 def _restore(block, state):
     block.set_mode(quantize=state[0])
     block.config = state[1]
-    block._clear_cached_op()
 
 
 def accuracy(net, batches, labels):
     """Top-1 accuracy (%) of ``net`` as deployed on NDArray ``batches`` with ``labels``."""
     with deployed(net, imperative=False):
-        predicted = np.concatenate([net(x).asnumpy().argmax(1) for x in batches])
-    return 100.0 * float(np.mean(predicted == labels))
+        return 100.0 * top1(np.concatenate([net(x).asnumpy() for x in batches]), labels)
 
 
 def mixed_precision(net, data, budget, max_layers=None, action='float', ranking=None,
@@ -135,9 +132,7 @@ def format_mixed_precision(result):
 def plot_mixed_precision(result, path):
     """Accuracy vs number of promoted layers, with the float accuracy and the budget; PNG,
     written atomically."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     counts = [len(step['layers']) for step in result['steps']]
     figure, axis = plt.subplots(figsize=(6, 3.5))
     axis.plot(counts, [step['accuracy'] for step in result['steps']], 'o-', label='quantized')
@@ -152,10 +147,7 @@ def plot_mixed_precision(result, path):
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format='png', dpi=100)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def write_mixed_precision_report(result, folder, name='mixed_precision'):

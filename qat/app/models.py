@@ -1,0 +1,149 @@
+"""The model registry: where a float network comes from.
+
+``SOURCES`` maps a source name to (builder, what the model name looks like): GluonCV model
+zoo names and ``module:function`` factories; ``build`` adds the weights (saved parameters,
+GluonCV's pretrained files, or a seeded initialization). A name that is not found is one
+error listing the closest valid names.
+"""
+import difflib
+import importlib
+import importlib.util
+import json
+import os
+import re
+
+import mxnet as mx
+import numpy as np
+from mxnet.gluon import Block
+
+from ..calibration import calibrate
+from ..convert import convert_model
+from ..modes import freeze_bn
+
+
+class ModelError(ValueError):
+    """A model that cannot be built; the message names the model, option or file."""
+
+
+def _gluoncv(name, kwargs):
+    from gluoncv.model_zoo import get_model  # gluoncv is slow to import: only when used
+    return get_model(name, **kwargs)
+
+
+def _factory(name, kwargs):
+    module, function = name.split(':')
+    return getattr(importlib.import_module(module), function)(**kwargs)
+
+
+# source -> (builder(name, kwargs) -> Block, the form of a model name)
+SOURCES = {
+    'gluoncv': (_gluoncv, 'a GluonCV model zoo name, e.g. cifar_resnet20_v1'),
+    'factory': (_factory, 'module:function returning a Gluon HybridBlock, e.g. mypkg.nets:build'),
+}
+
+
+def source_of(name):
+    """'factory' for ``module:function`` names, else 'gluoncv'."""
+    return 'factory' if ':' in name else 'gluoncv'
+
+
+def gluoncv_names():
+    from gluoncv.model_zoo import get_model_list
+    return get_model_list()
+
+
+def name_problem(source, name, check_module=True):
+    """Why ``name`` is not a model of ``source`` (None when it is): an unknown GluonCV name
+    with the closest names, a malformed factory, a factory module that is not found."""
+    if source == 'factory':
+        if not re.fullmatch(r'[\w.]+:\w+', name):
+            return f"a factory is module:function, got {name!r}"
+        module = name.split(':')[0]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if check_module and not found:
+            return f"cannot build the factory: module {module!r} not found"
+        return None
+    names = gluoncv_names()
+    if name.lower() in names:
+        return None
+    close = difflib.get_close_matches(name.lower(), names, n=3)
+    return "not a GluonCV model name" + (f" (close: {', '.join(close)})" if close else
+                                         " (see gluoncv.model_zoo.get_model_list())")
+
+
+def build(name, kwargs=None, source=None, params=None, pretrained=False, seed=0, ctx=None,
+          input_shape=None, label=None):
+    """The float model ``name`` of ``source`` (default: from the form of the name) called with
+    ``kwargs``, its weights from ``params`` (a ``save_parameters`` file), GluonCV's
+    ``pretrained`` files or a seeded Xavier initialization, on the devices ``ctx``; with
+    ``input_shape`` (C, H, W) it runs once so that every shape is known. Block names are the
+    same in every process (fresh name counters). Raises ModelError naming what is wrong
+    (``label``: how the model is named there, default "the model <name>")."""
+    source = source or source_of(name)
+    if source not in SOURCES:
+        raise ModelError(f"unknown model source {source!r}; valid: {sorted(SOURCES)}")
+    kwargs = dict(kwargs or {})
+    if pretrained:
+        if source != 'gluoncv':
+            raise ModelError(f"{name}: pretrained weights come with GluonCV model names only")
+        kwargs['pretrained'] = True
+    problem = name_problem(source, name)
+    if problem:
+        raise ModelError(f"{name}: {problem}")
+    mx.random.seed(seed)
+    try:
+        with mx.name.NameManager():
+            net = SOURCES[source][0](name, kwargs)
+    except (ImportError, AttributeError) as err:
+        raise ModelError(f"{name}: cannot build the factory: {err}") from None
+    except (TypeError, ValueError) as err:
+        raise ModelError(f"{name} with kwargs {json.dumps(kwargs)}: {err}") from None
+    if not isinstance(net, Block):
+        raise ModelError(f"{name}: the factory returned {type(net).__name__}, not a Gluon "
+                         f"Block")
+    ctx = ctx or [mx.cpu()]
+    if params:
+        load_float(net, params, ctx, label or f"the model {name}")
+    elif not pretrained:
+        net.initialize(mx.init.Xavier(), ctx=ctx)
+    if input_shape is not None:
+        net(mx.nd.zeros((1,) + tuple(input_shape), ctx=ctx[0]))
+    return net
+
+
+def load_float(net, params, ctx, label):
+    """Load float parameters into ``net``; a missing, damaged or mismatched file is a
+    ModelError naming the file and the model (``label``)."""
+    if not os.path.isfile(params):
+        raise ModelError(f"{params}: no such file")
+    try:
+        net.load_parameters(params, ctx=ctx)
+    except (AssertionError, mx.base.MXNetError) as err:
+        raise ModelError(f"{params}: does not match {label} (or is damaged): "
+                         f"{str(err).strip().splitlines()[0]}") from None
+
+
+def calibrated_random(name, size, seed=0):
+    """A converted GluonCV model with random weights and random BN statistics (so that BN
+    folding is not an identity), calibrated ('max') on random inputs, BN frozen: for
+    structure checks and speed measurements, where trained values do not matter."""
+    mx.random.seed(seed)
+    rs = np.random.RandomState(seed)
+    with mx.name.NameManager():
+        net = _gluoncv(name, {'pretrained': False, **({'classes': 10} if 'cifar' in name
+                                                      else {})})
+    net.initialize()
+    data = mx.nd.array(rs.normal(0, 1, (2, 3, size, size)))
+    net(data)
+    for key, param in net.collect_params().items():
+        if key.endswith(('running_var', 'gamma')):
+            param.set_data(mx.nd.array(rs.uniform(0.5, 1.5, param.shape)))
+        elif key.endswith(('running_mean', 'beta')):
+            param.set_data(mx.nd.array(rs.normal(0, 0.2, param.shape)))
+    convert_model(net)
+    calibrate(net, [data], method='max')
+    freeze_bn(net)
+    return net

@@ -1,0 +1,270 @@
+"""The recipe run: its stages in order, each a plain step with its outputs in the run folder
+``<run.out>/<run.name>/``::
+
+    float    optional float pre-training                         -> float.params
+    ptq      convert, calibrate, freeze; accuracy at the recipe's
+             bits and at calibrate.report_bits                    -> ptq.params
+    qat      quantization-aware fine-tuning (schedules of input
+             quantization, BN and range freezing)                 -> qat.params
+    export   qat.deploy.export (ncnn int8 and Caffe)              -> export/
+    verify   qat.deploy.verify (ncnn runtime vs. simulation)      -> verify.json
+
+and at the end ``summary.md`` with ``curves.png``. Randomness is reseeded from (seed, stage,
+epoch, step) at every epoch start and checkpoint, and the data order of an epoch depends on
+(seed, epoch) only, so ``resume=True`` ends exactly where an uninterrupted run ends.
+"""
+import os
+
+import mxnet as mx
+import numpy as np
+
+from ..batches import Reiterable
+from ..calibration import calibrate
+from ..config import QuantScheme
+from ..convert import convert_model, load_parameters
+from ..deploy import export, verify
+from ..fileio import write_json
+from ..metrics import accuracy
+from ..modes import freeze_bn, freeze_ranges, quantize_input
+from ..nn import quant_blocks
+from . import models
+from .data import Augment, Preprocess, epoch_order, iterate, open_split
+from .recipe import load as load_recipe
+from .reports import Scalars, results_table, scheme_name, write_summary
+from .runfolder import RunFolder
+from .trainer import Devices, Trainer
+
+STAGES = ('float', 'ptq', 'qat', 'export', 'verify')
+
+
+def quant_scheme(section, bits=None):
+    """The QuantScheme of a recipe's ``quantize`` section; ``bits`` replaces weight and input
+    bits (not the first layer's nor the per-layer overrides)."""
+    scheme = QuantScheme.from_dict(section)
+    return scheme if bits is None else scheme.with_bits(bits)
+
+
+def build_model(section, input_shape, contexts, seed):
+    """The float net of a recipe's ``model`` section, initialized (seeded) or loaded from
+    ``checkpoint``, with every shape known."""
+    return models.build(section['name'], section['kwargs'], section['source'],
+                        params=section['checkpoint'] or None, seed=seed, ctx=contexts,
+                        input_shape=input_shape)
+
+
+def validation_batches(recipe, preprocess, limit=None):
+    """The recipe's validation data, preprocessed, in order (``limit`` samples at most)."""
+    dataset = open_split(recipe['data'], 'val')
+    order = np.arange(len(dataset))[:limit or None]
+    return iterate(dataset, preprocess, recipe['run']['eval_batch_size'], order=order,
+                   workers=recipe['data']['workers'])
+
+
+class Run(Trainer):
+    """One recipe run: the run folder, devices, data and the stages (see the module doc)."""
+
+    def __init__(self, recipe, resume=False, callbacks=(), out=print):
+        self.recipe, self.callbacks, self.out = recipe, list(callbacks), out
+        run = recipe['run']
+        self.seed = run['seed']
+        self.devices = Devices(run['devices'], run['kvstore'])
+        self.folder = RunFolder(os.path.join(run['out'], run['name']), self.devices.rank,
+                                self.devices.barrier)
+        self.preprocess = Preprocess.from_recipe(recipe['preprocess'])
+        self.folder.start(recipe, resume)
+        self.train_set = open_split(recipe['data'], 'train')
+        self.augment = Augment(recipe['data']['flip'], recipe['data']['pad_crop'])
+        self.scalars = None
+        if run['tensorboard'] and self.devices.rank == 0:
+            self.scalars = Scalars(self.folder.path('tensorboard'),
+                                   self.folder.state['global_step'] + 1 if resume else None)
+        self._final = None
+        self.devices.barrier()  # every worker has read the state before anyone writes
+
+    # ----- data and logging ----------------------------------------------------------------
+    @property
+    def logging(self):
+        return self.scalars is not None
+
+    def log(self, values):
+        if self.scalars is not None:
+            self.scalars.add(self.folder.state['global_step'], values)
+
+    def val_batches(self, limit=None):
+        return validation_batches(self.recipe, self.preprocess, limit)
+
+    def calibration_batches(self):
+        """The first ``calibrate.batches`` training batches in a fixed order, re-iterable
+        (some calibration methods read them twice)."""
+        size = self.recipe['run']['batch_size']
+        order = epoch_order(len(self.train_set), self.seed, 0)
+        order = order[:size * self.recipe['calibrate']['batches']]
+        return Reiterable(lambda: iterate(self.train_set, self.preprocess, size, order=order,
+                                          workers=self.recipe['data']['workers']))
+
+    def evaluate(self, net):
+        return accuracy(net, self.val_batches(), self.devices.contexts[0])
+
+    def _calibrate(self, net):
+        cal = self.recipe['calibrate']
+        calibrate(net, self.calibration_batches(), method=cal['method'],
+                  num_batches=cal['batches'])
+        self.devices.sync_state(net)
+
+    # ----- stages --------------------------------------------------------------------------
+    def _float_net(self):
+        net = build_model(self.recipe['model'], self.preprocess.input_shape,
+                          self.devices.contexts, self.seed)
+        net.hybridize(static_alloc=True)
+        return net
+
+    def _quantized_net(self, bits=None, params=None):
+        """The float net converted (at ``bits``, default the recipe's), loaded from ``params``
+        (a quantized checkpoint) or calibrated."""
+        net = self._float_net()
+        load_parameters(net, self.folder.path('float.params'), ctx=self.devices.contexts)
+        convert_model(net, config=quant_scheme(self.recipe['quantize'], bits))
+        if params is not None:
+            load_parameters(net, params, ctx=self.devices.contexts)
+        else:
+            self._calibrate(net)
+        return net
+
+    def stage_float(self):
+        section = self.recipe['float']
+        net = self._float_net()
+        if section['epochs']:
+            self.train('float', STAGES.index('float'), net, section)
+        self.folder.save(net, 'float.params')
+        acc = self.evaluate(net)
+        self.log({'float/accuracy': acc})
+        self.folder.finish_stage('float', float=acc)
+
+    def stage_ptq(self):
+        results = {}
+        for bits in [None] + self.recipe['calibrate']['report_bits']:
+            net = self._quantized_net(bits)
+            freeze_bn(net)
+            freeze_ranges(net)
+            label = scheme_name(self.recipe['quantize'], bits)
+            results[label] = self.evaluate(net)
+            self.out(f"post-training {label}: val top-1 {results[label]:.2f}%")
+            if bits is None:
+                self.folder.save(net, 'ptq.params')
+        self.log({f'ptq/accuracy_{k}': v for k, v in results.items()})
+        self.folder.finish_stage('ptq', ptq=results)
+
+    def _qat_schedule(self, net, epoch):
+        """The QAT modes of ``epoch``: input quantization, BN and range freezing."""
+        section = self.recipe['qat']
+        on = epoch >= section['input_quant_epoch']
+        wanted = {'bn_frozen': section['freeze_bn_epoch'] is not None
+                  and epoch >= section['freeze_bn_epoch'],
+                  'ranges_frozen': section['freeze_ranges_epoch'] is not None
+                  and epoch >= section['freeze_ranges_epoch']}
+        mode = quant_blocks(net)[0][1].mode
+        if on and not mode['quantize_input'] and epoch > 0:
+            self._calibrate(net)  # the weights moved since calibration
+        if mode['quantize_input'] != on:
+            quantize_input(net, on)
+        if mode['bn_frozen'] != wanted['bn_frozen']:
+            freeze_bn(net, wanted['bn_frozen'])
+        if mode['ranges_frozen'] != wanted['ranges_frozen']:
+            freeze_ranges(net, wanted['ranges_frozen'])
+
+    def stage_qat(self):
+        section = self.recipe['qat']
+        net = self._quantized_net(params=self.folder.path('ptq.params'))
+        if section['epochs']:
+            self.train('qat', STAGES.index('qat'), net, section, on_epoch=self._qat_schedule)
+        freeze_bn(net)
+        freeze_ranges(net)
+        self.folder.save(net, 'qat.params')
+        acc = self.evaluate(net)
+        self.log({'qat/final_accuracy': acc})
+        self.folder.finish_stage('qat', qat=acc)
+
+    def final_net(self):
+        """The deployed form: the QAT result (the PTQ one when QAT has no epochs)."""
+        if self._final is None:
+            self._final = self._quantized_net(params=self.folder.path('qat.params'))
+        return self._final
+
+    def stage_export(self):
+        section = self.recipe['export']
+        if not section['enabled'] or self.devices.rank != 0:
+            return self.folder.finish_stage('export')
+        shape = tuple(section['input_shape']) or self.preprocess.input_shape
+        folder = self.folder.path('export')
+        paths = export(self.final_net(), folder, input_shape=shape, name=section['name'],
+                       winograd=section['winograd'])
+        write_json(os.path.join(folder, 'preprocess.json'), self.preprocess.ncnn())
+        self.out(f"exported to {folder}")
+        self.folder.finish_stage('export', export={k: str(v) for k, v in paths.items()})
+
+    def stage_verify(self):
+        section = self.recipe['verify']
+        if not (section['enabled'] and self.recipe['export']['enabled']) \
+                or self.devices.rank != 0:
+            return self.folder.finish_stage('verify')
+        report_path = self.folder.path('verify.json')
+        report = verify(self.final_net(), self.folder.path('export'),
+                        self.val_batches(section['samples']),
+                        name=self.recipe['export']['name'], report_path=report_path,
+                        **section['thresholds'])
+        ncnn = 100.0 * report['accuracy']['ncnn_int8']
+        self.out(f"verify: {'passed' if report['passed'] else 'FAILED: '}"
+                 f"{'; '.join(report['failures'])} (ncnn int8 top-1 {ncnn:.2f}%, "
+                 f"{report['samples']} images; report {report_path})")
+        self.folder.finish_stage('verify', verify_passed=bool(report['passed']), ncnn=ncnn)
+
+    def run(self):
+        stages = {'float': self.stage_float, 'ptq': self.stage_ptq, 'qat': self.stage_qat,
+                  'export': self.stage_export, 'verify': self.stage_verify}
+        try:
+            for name in STAGES:
+                if name not in self.folder.state['done']:
+                    stages[name]()
+        finally:
+            if self.scalars is not None:
+                self.scalars.close()
+        state = self.folder.state
+        table = results_table(self.recipe, state['results'])
+        if self.devices.rank == 0:
+            write_summary(self.folder.folder, self.recipe, state)
+        results = dict(state['results'], folder=self.folder.folder, table=table)
+        self.out(results['table'])
+        return results
+
+
+def run_recipe(path, overrides=(), resume=False, callbacks=(), out=print, check_files=True):
+    """Run the recipe at ``path`` with ``--set`` style ``overrides``; ``resume`` continues
+    the run folder's last checkpoint. ``callbacks``: functions (stage, epoch, step, net)
+    called after every training step (raise StopRun to stop). Returns the results:
+    accuracies per stage ('float', 'ptq' {scheme: top-1}, 'qat', 'ncnn'), 'verify_passed',
+    'export' paths, the run 'folder' and the final Markdown 'table'."""
+    recipe = load_recipe(path, overrides, check_files=check_files)
+    return Run(recipe, resume=resume, callbacks=callbacks, out=out).run()
+
+
+def load_run(folder):
+    """(final net, resolved recipe, Preprocess) of a run folder written by ``run_recipe``:
+    the QAT result (the PTQ one if QAT did not run), on the CPU, modes and configs
+    restored."""
+    recipe_file = os.path.join(folder, 'recipe.yaml')
+    if not os.path.isfile(recipe_file):
+        raise FileNotFoundError(f"{folder} is not a run folder (no recipe.yaml): run "
+                                f"`qat train` first")
+    recipe = load_recipe(recipe_file, check_files=False)
+    params = [os.path.join(folder, name) for name in ('qat.params', 'ptq.params')]
+    params = [path for path in params if os.path.isfile(path)]
+    if not params:
+        raise FileNotFoundError(f"{folder}: neither qat.params nor ptq.params; the run has "
+                                f"not reached post-training quantization (resume it)")
+    preprocess = Preprocess.from_recipe(recipe['preprocess'])
+    contexts = [mx.cpu()]
+    net = build_model(dict(recipe['model'], checkpoint=''), preprocess.input_shape, contexts,
+                      recipe['run']['seed'])
+    convert_model(net, config=quant_scheme(recipe['quantize']))
+    load_parameters(net, params[0], ctx=contexts)
+    return net, recipe, preprocess

@@ -1,0 +1,37 @@
+"""Calibration: every quantized block's input range (and, for EasyQuant, weight scales) from
+the float activations of a few batches.
+
+``calibrate`` runs any method of the one registry ``METHODS`` (``methods``); the statistics
+are collected by ``observers`` and reduced by the pure numpy functions of ``thresholds``;
+``easyquant`` is the scale search.
+"""
+from ..nn import quant_blocks
+from . import easyquant, thresholds
+from .methods import METHODS, Method, check_options, set_ranges
+from .observers import LOG_EVERY, collect_histograms
+
+
+def calibrate(net, data, method='ema', num_batches=None, log_every=LOG_EVERY, progress=None,
+              **options):
+    """Set the input range of every quantized block of ``net`` from float activations.
+
+    data: iterable of input batches (NDArray, or (data, label) tuples); re-iterable (e.g. a
+    list or a DataLoader, not a generator) for the histogram methods and EasyQuant.
+    method: a key of METHODS. num_batches: stop after this many batches (in each pass).
+    log_every: log.info progress every this many batches (0: never); progress: a function
+    taking one progress line (EasyQuant's per-layer results).
+    options: the method's options (``METHODS[method].options``), e.g. ``bins=2048``,
+    ``percentile=99.99``, ``distribution='laplace'``, EasyQuant's ``max_samples``.
+    Each block's bits and signedness come from its ``config``. Deterministic: the same data
+    and settings give identical thresholds. Returns {block name: threshold}."""
+    spec = check_options(method, options)
+    if not spec.search:
+        return set_ranges(net, data, method, num_batches, log_every, **options)
+    easyquant.search(net, data, progress=progress,
+                     **{k: v for k, v in options.items() if v is not None})
+    return {block.name: block.input_threshold() for _, block in quant_blocks(net)
+            if block.input_threshold() is not None}
+
+
+__all__ = ['METHODS', 'Method', 'calibrate', 'collect_histograms', 'easyquant', 'set_ranges',
+           'thresholds']
