@@ -223,7 +223,7 @@ def to_float(net):
     trained parameters). Returns ``net``."""
     for path, parent, key, child in list(walk(net)):
         if isinstance(child, (QuantBlock, FoldedBatchNorm)):
-            _replace_child(parent, key, child, child._originals.blocks[0])
+            _replace_child(parent, key, child, child.float_blocks[0])
     clear_cached_graphs(net)
     for fn in MODE_FUNCTIONS:
         vars(net).pop(fn.__name__, None)

@@ -4,7 +4,7 @@ Every function takes the array namespace ``F`` first (``mx.nd`` or ``mx.sym``), 
 code runs imperatively and inside a hybridized graph. ``qat.reference`` is the numpy oracle of
 the same math; tests hold the two against each other.
 
-Conventions (ncnn's, see the ncnn int8 contract §3):
+Conventions (ncnn's, see ``docs/ncnn-int8-contract.md`` §3.1, §3.3):
   * a range is a threshold ``T > 0``; the scale is the multiplier ``s = qmax / T``;
   * codes are ``q = saturate(round_half_away_from_zero(float32(x * s)))``;
   * signed codes lie in ``[-qmax, qmax]`` with ``qmax = 2^(bits-1) - 1`` (-128 is never used).

@@ -32,9 +32,19 @@ def progress(iterable=None, label='', total=None, enabled=True, **kwargs):
 
 
 
+def label_axis(axis, xlabel, ylabel, legend=True):
+    """Axis labels, a light grid and (with ``legend``) a small legend."""
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.grid(alpha=0.3)
+    if legend:
+        axis.legend(fontsize=8)
+
+
 def save_figure(fig, path):
-    """Write a matplotlib figure as PNG at ``path`` atomically and close it."""
+    """Lay out a matplotlib figure, write it as PNG at ``path`` atomically and close it."""
     import matplotlib.pyplot as plt
+    fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format='png', dpi=100)
     plt.close(fig)
@@ -76,7 +86,6 @@ def bar_panels(names, panels, title, path):
     axes[-1, 0].set_xticks(positions)
     axes[-1, 0].set_xticklabels(names, rotation=90, fontsize=7)
     axes[0, 0].set_title(title)
-    fig.tight_layout()
     return save_figure(fig, path)
 
 

@@ -122,3 +122,14 @@ def tiny_recipe(tmp_path, name='run', **sections):
     path = tmp_path / f'{name}.yaml'
     path.write_text(yaml.safe_dump(text))
     return str(path)
+
+
+def random_batches(seed=0, batches=2, samples=8, size=8):
+    """``batches`` NDArray batches (samples, 3, size, size) of N(0, 1) values from ``seed``."""
+    rs = np.random.RandomState(seed)
+    return [mx.nd.array(rs.normal(0, 1, (samples, 3, size, size))) for _ in range(batches)]
+
+
+def random_image(h, w, seed):
+    """An (h, w, 3) uint8 image of uniform noise from ``seed``."""
+    return np.random.RandomState(seed).randint(0, 256, (h, w, 3)).astype(np.uint8)

@@ -6,7 +6,7 @@ batches) are exported; ncnn runs the fp32 and int8 models. Tolerances are named:
   FLOAT_ROUNDING_LSB  fp32 layers of the int8 model vs the simulation
   every int8 layer of ncnn vs the simulation: 0 LSB with packing off (bit-exact), hence
   >= 99.9 % (WITHIN_1LSB) of output elements within 1 LSB; with the default packing the
-  pack-8 depthwise kernel's approximate reciprocal (contract §4) flips codes that spread
+  pack-8 depthwise kernel's approximate reciprocal (docs/ncnn-int8-contract.md §4.2) flips codes that spread
   through a random-init MobileNet (top-1 still agrees).
 """
 import json
@@ -63,7 +63,7 @@ def test_export_writes_every_file_and_nothing_else(exported):
 
 def test_fp32_ncnn_matches_float_and_int8_matches_simulation(exported):
     """ncnn's default (packed) kernels. Its pack-8 depthwise kernel uses an approximate
-    reciprocal (contract §4), so MobileNets are not bit-exact there: the 1-LSB criterion is
+    reciprocal (docs/ncnn-int8-contract.md §4.2), so MobileNets are not bit-exact there: the 1-LSB criterion is
     judged on the exact path below; here the top-1 and the fp32 model."""
     net, data, folder, _, _ = exported
     report = verify(net, folder, [data[0]], packing=True, min_within_1lsb=0.0)
@@ -117,7 +117,7 @@ def test_every_int8_weight_code_identical(exported):
 
 
 def _reference_layer(layer, inputs, top_scale):
-    """ncnn's int8 Convolution / InnerProduct in numpy integer arithmetic (contract §3.2)."""
+    """ncnn's int8 Convolution / InnerProduct in numpy integer arithmetic (docs/ncnn-int8-contract.md §3.2)."""
     quant, p = layer.quant, layer.params
     x = inputs[0]
     requantized_input = x.dtype == np.int32

@@ -7,6 +7,8 @@ float32 tensors (summation order only).
 """
 import os
 
+import functools
+
 import mxnet as mx
 import numpy as np
 import pytest
@@ -19,7 +21,7 @@ from qat.deploy.table import read_table
 from qat.modes import deployed, quantized_only
 from qat.probes import capture
 
-from .helpers import randomize_bn
+from .helpers import random_batches, randomize_bn
 
 COSINE_ATOL = 1e-9
 FAST_GRID = 24  # grid steps in tests: the search logic does not depend on the count
@@ -63,9 +65,7 @@ def mixed_net(seed=0):
     return net
 
 
-def image_data(seed=2, batches=2, size=8):
-    rs = np.random.RandomState(seed)
-    return [mx.nd.array(rs.normal(0, 1, (8, 3, size, size))) for _ in range(batches)]
+image_data = functools.partial(random_batches, seed=2, batches=2, samples=8)
 
 
 # ----- the weight-threshold factor -----------------------------------------------------------

@@ -4,7 +4,6 @@ that agree with the simulation; the table is deterministic."""
 import argparse
 import os
 
-import cv2
 import numpy as np
 import pytest
 from mxnet.gluon import nn
@@ -26,21 +25,6 @@ def tiny_net(classes=4):
                 nn.BatchNorm(), nn.Activation('relu'), nn.GlobalAvgPool2D(),
                 nn.Dense(classes))
     return net
-
-
-@pytest.fixture(scope='module')
-def images(tmp_path_factory):
-    """A folder of 10 generated color images of various sizes, and a list file naming them
-    (relative to the list's folder)."""
-    folder = tmp_path_factory.mktemp('images')
-    rs = np.random.RandomState(0)
-    names = []
-    for i in range(10):
-        name = f"img{i}.{'png' if i % 2 else 'jpg'}"
-        cv2.imwrite(str(folder / name), rs.randint(0, 256, (18 + i, 22, 3)).astype(np.uint8))
-        names.append(name)
-    (folder / 'list.txt').write_text('\n'.join(names) + '\n')
-    return folder
 
 
 def run_cli(argv, capsys):

@@ -6,6 +6,8 @@ tensors in another order).
 """
 import os
 
+import functools
+
 import mxnet as mx
 import numpy as np
 import pytest
@@ -19,7 +21,7 @@ from qat.report import write_report
 from qat.deploy import export, verify
 from qat.deploy.table import read_table
 
-from .helpers import randomize_bn
+from .helpers import random_batches, randomize_bn
 
 METRIC_ATOL = 1e-9
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
@@ -41,9 +43,7 @@ def chain_net(seed=0):
     return net
 
 
-def inputs(seed=3, batches=3, size=8):
-    rs = np.random.RandomState(seed)
-    return [mx.nd.array(rs.normal(0, 1, (16, 3, size, size))) for _ in range(batches)]
+inputs = functools.partial(random_batches, seed=3, batches=3, samples=16)
 
 
 def self_labeled(net, batches):

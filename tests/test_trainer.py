@@ -15,7 +15,7 @@ from qat.analysis.stats import layer_stats
 from qat.app import data, runfolder, stages, trainer
 from qat.app.recipe import load as load_recipe
 from qat.convert import convert_model
-from tests.helpers import tiny_net, tiny_recipe
+from tests.helpers import random_image, tiny_net, tiny_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -273,31 +273,9 @@ def test_learning_rate_schedules():
 
 
 # ----- data ----------------------------------------------------------------------------------
-def _image(h, w, seed):
-    return np.random.RandomState(seed).randint(0, 256, (h, w, 3)).astype(np.uint8)
-
-
 def section(**values):
     return dict({'source': 'digits', 'root': '', 'train': 'train', 'val': 'val',
                  'val_fraction': 0.2, 'workers': 0, 'flip': False, 'pad_crop': 0}, **values)
-
-
-@pytest.fixture
-def image_folder(tmp_path):
-    """root/{train,val}/{cat,dog}/*.png|jpg written with cv2 (BGR on disk)."""
-    import cv2
-    rgb = {}
-    for split, count in (('train', 3), ('val', 2)):
-        for label, name in enumerate(('cat', 'dog')):
-            folder = tmp_path / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                img = _image(10, 12, hash((split, name, i)) % 1000)
-                path = str(folder / f'{i}.png')
-                cv2.imwrite(path, img[:, :, ::-1])
-                rgb[path] = (img, label)
-            cv2.imwrite(str(folder / 'lossy.jpg'), _image(10, 12, 7))
-    return tmp_path, rgb
 
 
 def test_image_folder_loads_classes_and_rgb_pixels(image_folder):
@@ -346,7 +324,7 @@ def test_list_file(image_folder):
 
 
 def test_recordio(tmp_path):
-    images = [_image(9, 11, i) for i in range(5)]
+    images = [random_image(9, 11, i) for i in range(5)]
     for split in ('train', 'val'):
         record = mx.recordio.MXIndexedRecordIO(str(tmp_path / f'{split}.idx'),
                                                str(tmp_path / f'{split}.rec'), 'w')
@@ -384,20 +362,20 @@ def test_cifar10_from_the_binary_files_on_disk(tmp_path, monkeypatch):
     np.testing.assert_array_equal(image, expected[1:].reshape(3, 32, 32).transpose(1, 2, 0))
 
 
-def test_digits_source_matches_the_legacy_arrays():
+def test_digits_arrays_are_the_digits_source_preprocessed():
     pre = data.Preprocess(size=(16, 16), mean=(127.5,) * 3, std=(127.5,) * 3)
     (_, y_train), (x_test, y_test) = data.digits(size=16)
     val = data.open_split(section(), 'val')
     assert len(val) == len(y_test) and len(data.open_split(section(), 'train')) == len(y_train)
     x, y = next(data.iterate(val, pre, len(val)))
     np.testing.assert_array_equal(y.asnumpy(), y_test)
-    # same images and normalization; the resize differs (cv2 vs MXNet bilinear) at the edges
-    assert np.abs(x.asnumpy() - x_test).mean() < 0.1
+    # one preprocessing path: the arrays are the recipe's preprocessed images, exactly
+    np.testing.assert_array_equal(x.asnumpy(), x_test)
 
 
 def test_preprocess_is_ncnns_formula():
     """(x - mean) * norm per channel, after a resize and the pixel-order swap."""
-    rgb = _image(4, 6, 1).astype(np.float32)
+    rgb = random_image(4, 6, 1).astype(np.float32)
     pre = data.Preprocess(size=(4, 6), mean=(10, 20, 30), std=(2, 4, 8), pixel='BGR')
     out = pre([rgb])[0]
     bgr = rgb[:, :, ::-1]
@@ -482,3 +460,22 @@ def test_layer_stats_report_the_weight_scales_the_net_quantizes_with():
     after = layer_stats(net, x)
     key = f'weight_scale/{block.name}'
     assert abs(after[key] - before[key] / 2) <= 1e-6 * before[key]
+
+
+def test_run_folder_holds_the_summary_and_the_curves(runs):
+    """summary.md: the final table and one row per epoch; curves.png: a real PNG. The killed
+    and resumed run writes the same summary (its history is the uninterrupted one's)."""
+    whole, resumed = runs
+    text = open(os.path.join(whole['folder'], 'summary.md')).read()
+    assert whole['table'] in text
+    records, _ = history(whole['folder'])
+    epoch_rows = [line for line in text.splitlines()
+                  if line.startswith(('| float |', '| qat |'))]
+    assert len(epoch_rows) == len(records) == 5
+    with open(os.path.join(whole['folder'], 'curves.png'), 'rb') as handle:
+        assert handle.read(8) == b'\x89PNG\r\n\x1a\n'
+    again = open(os.path.join(resumed['folder'], 'summary.md')).read()
+    rows = [line.rsplit('|', 2)[0] for line in again.splitlines()    # seconds differ
+            if line.startswith(('| float |', '| qat |', '| W'))]
+    assert rows == [line.rsplit('|', 2)[0] for line in text.splitlines()
+                    if line.startswith(('| float |', '| qat |', '| W'))]

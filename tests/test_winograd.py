@@ -205,7 +205,7 @@ def test_safe_layers_are_exact_in_ncnn(tmp_path, name, codes, x_range):
 def test_contract_probe(tmp_path):
     """(c) 8-bit all-equal codes. The worst case (all inputs 127): the bound's threshold
     12 | 13 channels is where ncnn starts to fail (and 26, where 576 y wraps int32). The
-    contract's probe input (the sign tile [-1,-1,1,1] x [-1,-1,1,1], which maximizes the
+    probe input of docs/ncnn-int8-contract.md §4.1 (the sign tile [-1,-1,1,1] x [-1,-1,1,1], which maximizes the
     transformed input |V| = 100 * 127, not y): ok at 48 channels, wrong at 64, as reported,
     because its y is smaller; the runtime model predicts every output in both cases."""
     sign = np.array([-1, -1, 1, 1])

@@ -17,7 +17,7 @@ from ..batches import labeled_batches
 from ..metrics import top1
 from ..modes import deployed, quantized_only
 from ..nn import quant_blocks
-from ..report import format_table, pyplot, save_figure, write_report
+from ..report import format_table, label_axis, pyplot, save_figure, write_report
 from .sensitivity import ranked_layers, sensitivity
 
 log = logging.getLogger(__name__)
@@ -141,12 +141,9 @@ def plot_mixed_precision(result, path):
                  label='budget')
     chosen = result['steps'][result['chosen']]
     axis.plot([len(chosen['layers'])], [chosen['accuracy']], 's', color='g', label='chosen')
-    axis.set_xlabel('float layers' if result['action'] == 'float' else 'layers promoted')
-    axis.set_ylabel('top-1 accuracy (%)')
     axis.set_xticks(counts)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
+    label_axis(axis, 'float layers' if result['action'] == 'float' else 'layers promoted',
+               'top-1 accuracy (%)')
     return save_figure(figure, path)
 
 

@@ -78,8 +78,8 @@ def _training(epochs, lr, doc):
         'lr': Key(lr, 'float', 'peak learning rate (per sample-averaged batch)', positive()),
         'momentum': Key(0.9, 'float', 'momentum (sgd, nag)', fraction()),
         'wd': Key(1e-4, 'float', 'weight decay', at_least(0)),
-        'schedule': Key('cosine', 'str', 'learning-rate schedule over the stage',
-                        one_of(SCHEDULES)),
+        'schedule': Key('cosine', 'str', 'learning-rate schedule over the stage '
+                        '(`mx.lr_scheduler`), times the warm-up', one_of(SCHEDULES)),
         'warmup_epochs': Key(0.0, 'float', 'linear warm-up from 0 over this many epochs',
                              at_least(0)),
         'milestones': Key([], 'ints', 'step schedule: epochs at which lr is multiplied by '

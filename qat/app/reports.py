@@ -5,7 +5,7 @@ import os
 import time
 
 from ..fileio import atomic_write
-from ..report import format_table, pyplot, save_figure
+from ..report import format_table, label_axis, pyplot, save_figure
 
 
 class Scalars:
@@ -58,8 +58,11 @@ def results_table(recipe, results):
     """The final Markdown table of a run's accuracies."""
     q = recipe['quantize']
     rows = [('float32', 'float', _pct(results.get('float')))]
-    rows += [(scheme, 'PTQ (simulated)', _pct(acc))
-             for scheme, acc in results.get('ptq', {}).items()]
+    ptq = results.get('ptq', {})
+    order = [scheme_name(q)] + [scheme_name(q, b) for b in recipe['calibrate']['report_bits']]
+    # the recipe's order (a resumed run reads the results back from key-sorted JSON)
+    rows += [(scheme, 'PTQ (simulated)', _pct(ptq[scheme]))
+             for scheme in dict.fromkeys(order) if scheme in ptq]
     if 'qat' in results:
         rows.append((scheme_name(q), f"QAT {recipe['qat']['epochs']} epochs (simulated)",
                      _pct(results['qat'])))
@@ -80,12 +83,8 @@ def plot_curves(history, path):
         epochs = [r['epoch'] for r in records]
         loss_axis.plot(epochs, [r['loss'] for r in records], 'o-', label=stage)
         acc_axis.plot(epochs, [r['accuracy'] for r in records], 'o-', label=stage)
-    for axis, label in ((loss_axis, 'training loss'), (acc_axis, 'val top-1 (%)')):
-        axis.set_xlabel('epoch')
-        axis.set_ylabel(label)
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    fig.tight_layout()
+    label_axis(loss_axis, 'epoch', 'training loss')
+    label_axis(acc_axis, 'epoch', 'val top-1 (%)')
     return save_figure(fig, path)
 
 

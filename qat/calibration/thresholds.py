@@ -1,6 +1,6 @@
 """Input-range (threshold) selection from a histogram: pure numpy, deterministic.
 
-Conventions (ncnn's, see the ncnn int8 contract §3 and ``qat.ops``): a range is a threshold
+Conventions (ncnn's, see ``docs/ncnn-int8-contract.md`` §3.1 and ``qat.ops``): a range is a threshold
 ``T > 0``; the scale is ``s = qmax / T`` with ``qmax = 2^(bits-1) - 1`` for signed inputs
 (codes in [-qmax, qmax]) and ``2^bits - 1`` for unsigned ones (codes in [0, qmax]); the
 simulation quantizes ``x -> clip(round_half_away(x * s), lo, qmax) / s``.

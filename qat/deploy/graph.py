@@ -104,7 +104,7 @@ def block_index(net):
     for _, block in quant_blocks(net):
         index[block.prefix + 'fwd'] = (block, 'layer')
         if isinstance(block, QConv2DBatchNorm):
-            index[block._originals.blocks[1].prefix + 'fwd'] = (block, 'bn')
+            index[block.float_blocks[1].prefix + 'fwd'] = (block, 'bn')
     return index
 
 

@@ -41,7 +41,7 @@ ACTIVATIONS = ('relu', 'leaky', 'clip', 'sigmoid')
 
 @dataclass
 class Quant:
-    """What makes a Convolution / InnerProduct int8 in ncnn (contract §3.2).
+    """What makes a Convolution / InnerProduct int8 in ncnn (docs/ncnn-int8-contract.md §3.2).
 
     input_scale: s_in = qmax / threshold (float32) of the layer's input blob; None for
         weight-only quantization, which ncnn runs in fp32 with the weights codes / s_w.

@@ -1,6 +1,7 @@
 """Write ncnn models (.param text + .bin weights), fp32 or int8, from the deployment graph.
 
-Formats and arithmetic follow the ncnn int8 contract (``shared/docs/ncnn-int8-contract.md``):
+Formats and arithmetic follow the project's ncnn int8 contract (``docs/ncnn-int8-contract.md``:
+§2 the files, §3 the arithmetic):
 the int8 model is what ``ncnn2int8`` would write from the fp32 model and our table, with the
 trained integer weight codes stored as int8 (tag 0x000D4B38), raw float32 scales, fused
 activations, and requantization (8=10x) between consecutive int8 convolutions.
@@ -264,7 +265,7 @@ def read_param(path):
 
 def read_weights(param_path, bin_path):
     """{layer name: {blob name: array}} of the weighted layers of an ncnn model, read back
-    following the blob order of the contract (§2): 'weight' (int8 codes or float32), 'bias',
+    following the blob order of the contract (§2.4): 'weight' (int8 codes or float32), 'bias',
     'weight_scales', 'input_scale', 'top_scale' / BatchNorm 'slope', 'mean', 'var', 'bias'."""
     data = open(bin_path, 'rb').read()
     offset, weights = 0, {}

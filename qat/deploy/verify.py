@@ -33,7 +33,7 @@ THRESHOLDS = {
 
 
 # ncnn options for comparisons: fp16 storage off (else fp32 weights are stored as fp16,
-# contract §3.5); int8 inference on (required for int8 models).
+# docs/ncnn-int8-contract.md §3.5); int8 inference on (required for int8 models).
 EXACT_OPTIONS = {'use_fp16_storage': False, 'use_fp16_packed': False,
                  'use_fp16_arithmetic': False, 'use_int8_inference': True}
 

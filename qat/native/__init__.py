@@ -12,9 +12,10 @@ import logging
 import os
 import shutil
 import subprocess
-import tempfile
 
 import mxnet as mx
+
+from ..fileio import atomic_path
 
 log = logging.getLogger(__name__)
 SOURCE = os.path.join(os.path.dirname(__file__), 'fakequant.cc')
@@ -44,22 +45,16 @@ def _compile(target):
     compiler = os.environ.get('CXX', 'g++')
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler ({compiler!r}) on PATH")
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=os.path.dirname(target), suffix='.so')
-    os.close(handle)
     try:
-        subprocess.run([compiler, '-shared', '-fPIC', '-std=c++17', '-O3', '-march=native',
-                        # no implicit FMA contraction: x*s must round before the add
-                        '-ffp-contract=off', '-fopenmp', SOURCE,
-                        os.path.join(mxnet_dir, 'src', 'lib_api.cc'),
-                        '-I', os.path.join(mxnet_dir, 'include'), '-o', tmp],
-                       check=True, capture_output=True, text=True)
-        os.replace(tmp, target)
+        with atomic_path(target, suffix='.so') as tmp:
+            subprocess.run([compiler, '-shared', '-fPIC', '-std=c++17', '-O3', '-march=native',
+                            # no implicit FMA contraction: x*s must round before the add
+                            '-ffp-contract=off', '-fopenmp', SOURCE,
+                            os.path.join(mxnet_dir, 'src', 'lib_api.cc'),
+                            '-I', os.path.join(mxnet_dir, 'include'), '-o', tmp],
+                           check=True, capture_output=True, text=True)
     except subprocess.CalledProcessError as err:
         raise RuntimeError(f"{compiler} failed on {SOURCE}:\n{err.stderr[-2000:]}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def available():

@@ -4,7 +4,7 @@ Each block shares its Parameters with the float block(s) it replaces, keeps the 
 prefix (so parameter and op names do not change), computes exactly the float block's function
 while quantization is disabled, and returns to float with ``to_float()``.
 
-The quantized forward is written in ncnn's own form (contract §3.2): integer codes of the
+The quantized forward is written in ncnn's own form (docs/ncnn-int8-contract.md §3.2): integer codes of the
 input and of the weights, a convolution of the codes (exact integers in float32), then one
 per-channel multiply by ``1 / (s_in * s_w)`` and the float bias.
 """
@@ -231,6 +231,11 @@ class QuantBlock(HybridBlock):
         return self.act(out) if getattr(self, 'act', None) is not None else out
 
     # ----- back to float -----------------------------------------------------------------
+    @property
+    def float_blocks(self):
+        """The float block(s) this block replaced (conv, or conv and its BatchNorm)."""
+        return self._originals.blocks
+
     def to_float(self):
         """The float block(s) this block replaced, sharing the (trained) parameters."""
         blocks = self._originals.blocks
@@ -422,6 +427,11 @@ class FoldedBatchNorm(HybridBlock):
         super().__init__(prefix=bn.prefix + 'folded_')
         self._originals = _Originals(bn)
         self._into = into.name
+
+    @property
+    def float_blocks(self):
+        """The BatchNorm this block stands for."""
+        return self._originals.blocks
 
     def hybrid_forward(self, F, x):
         return x
