@@ -1,12 +1,16 @@
-"""Post-training quantization benchmark (run by ``tools/bench_ptq.py``).
+"""Post-training quantization on digits: accuracy per calibration method and bit width,
+automatic mixed precision at W4A4, and KL calibration throughput.
 
-A float net is trained on the bundled digits (seeded); the training split is divided into a
-training part and a held-out validation part (``VAL_SIZE`` images: calibration, the
-EasyQuant search sample and the mixed-precision choice), and accuracies are reported on the
-digits test split, which none of the choices sees.
+    python -m benchmarks.ptq [--model cifar_resnet20_v1] [--size 16] [--epochs 10] [--seed 0]
 
-* accuracy per calibration method (every ``qat.ptq.METHODS`` key) and scheme (W8A8, W7A7,
-  W6A6, W4A4; the first layer kept at 8 bits);
+A float net is trained on the bundled digits (seeded; cached in ``checkpoints/``); the
+training split is divided into a training part and a held-out validation part (``VAL_SIZE``
+images: calibration, the EasyQuant search sample and the mixed-precision choice), and
+accuracies are reported on the digits test split, which none of the choices sees.
+
+* accuracy and SQNR of the test logits per calibration method (every
+  ``qat.CALIBRATION_METHODS`` key) and scheme (W8A8, W7A7, W6A6, W4A4, W3A3; the first layer
+  kept at 8 bits), and each method's calibration time at W8A8;
 * automatic mixed precision at W4A4 (at most ``MAX_FLOAT_FRACTION`` of the layers fp32,
   budget ``BUDGET`` points on the validation part) for every method;
 * KL calibration throughput on resnet18_v1 at 224x224 (random weights and images).
@@ -17,15 +21,16 @@ import time
 import mxnet as mx
 import numpy as np
 
-from .benchmarks import format_table
-from .calibrate import calibrate
-from .config import QuantConfig
-from .convert import convert_model, first_layer, freeze_bn, load_parameters, save_parameters
-from .data import batches, digits
-from .mixed_precision import max_layers_for, mixed_precision
-from .ptq import METHODS, post_training_quantize
-from .sensitivity import ErrorStats
-from .train import evaluate, fit
+from qat import (CALIBRATION_METHODS, QuantConfig, QuantScheme, calibrate, convert_model,
+                 freeze_bn, load_parameters, save_parameters)
+from qat.analysis.mixed_precision import max_layers_for, mixed_precision
+from qat.app.data import batches, digits
+from qat.app.models import build
+from qat.app.trainer import evaluate, fit
+from qat.metrics import ErrorStats
+from qat.report import format_table
+
+from .common import parser
 
 # name -> weight and input bits (W3A3 added below the asked range: digits saturate above it)
 SCHEMES = {'W8A8': 8, 'W7A7': 7, 'W6A6': 6, 'W4A4': 4, 'W3A3': 3}
@@ -36,12 +41,7 @@ MAX_FLOAT_FRACTION = 0.10  # at most this fraction of the layers kept fp32
 
 
 def _build(model, seed):
-    from gluoncv.model_zoo import get_model
-    mx.random.seed(seed)
-    with mx.name.NameManager():
-        net = get_model(model, classes=10, pretrained=False)
-    net.initialize(mx.init.Xavier())
-    return net
+    return build(model, {'classes': 10}, seed=seed)
 
 
 def splits(size, seed):
@@ -75,8 +75,8 @@ def quantized_model(model, params, bits, seed):
     """The float net converted at ``bits`` (first layer 8 bits), BN frozen."""
     net = _build(model, seed)
     load_parameters(net, params)
-    config = QuantConfig(weight_bits=bits, input_bits=bits)
-    convert_model(net, config=config, layer_configs={first_layer(net): QuantConfig()})
+    convert_model(net, config=QuantScheme(QuantConfig(weight_bits=bits, input_bits=bits),
+                                          first_layer_bits=8))
     freeze_bn(net)
     return net
 
@@ -95,10 +95,10 @@ def method_accuracies(model, params, size, seed, methods=None, schemes=None, out
     reference = logits(reference, test[0])
     results = {}
     for scheme in schemes or SCHEMES:
-        for method in methods or METHODS:
+        for method in methods or CALIBRATION_METHODS:
             net = quantized_model(model, params, SCHEMES[scheme], seed)
             started = time.perf_counter()
-            post_training_quantize(net, calibration, method)
+            calibrate(net, calibration, method)
             seconds = time.perf_counter() - started
             sqnr = ErrorStats().add(reference, logits(net, test[0])).sqnr
             results[scheme, method] = (evaluate(net, *test), sqnr, seconds)
@@ -115,9 +115,9 @@ def mixed_precision_recovery(model, params, size, seed, scheme='W4A4', methods=N
     _, val, test = splits(size, seed)
     calibration = list(batches(*val, BATCH))
     results = {}
-    for method in methods or METHODS:
+    for method in methods or CALIBRATION_METHODS:
         net = quantized_model(model, params, SCHEMES[scheme], seed)
-        post_training_quantize(net, calibration, method)
+        calibrate(net, calibration, method)
         before = evaluate(net, *test)
         result = mixed_precision(net, calibration, BUDGET,
                                  max_layers=max_layers_for(net, MAX_FLOAT_FRACTION))
@@ -131,10 +131,7 @@ def kl_throughput(model='resnet18_v1', size=224, batch_size=8, num_batches=4, se
     """(images/s of ``calibrate(method='kl')`` (both passes, histograms and the KL search
     included), its seconds, images/s of one hybridized float forward pass) on a
     random-weight GluonCV net with random images."""
-    from gluoncv.model_zoo import get_model
-    mx.random.seed(seed)
-    net = get_model(model, pretrained=False)
-    net.initialize(mx.init.Xavier())
+    net = build(model, seed=seed)
     rs = np.random.RandomState(seed)
     data = [mx.nd.array(rs.uniform(-1, 1, (batch_size, 3, size, size)).astype(np.float32))
             for _ in range(num_batches)]
@@ -157,13 +154,13 @@ def report(model='cifar_resnet20_v1', size=16, epochs=10, seed=0, out=print):
     out(f"float test accuracy {float_accuracy:.2f}%")
     accuracies = method_accuracies(model, params, size, seed, out=out)
     rows = [[method] + [f"{accuracies[scheme, method][0]:.2f}" for scheme in SCHEMES]
-            for method in METHODS]
+            for method in CALIBRATION_METHODS]
     rows.insert(0, ['float'] + [f"{float_accuracy:.2f}"] * len(SCHEMES))
     tables = [f"PTQ top-1 (%) of {model} on digits test ({size}x{size}), calibrated on "
               f"{VAL_SIZE} held-out images, first layer 8-bit\n\n"
               + format_table(rows, ['method'] + list(SCHEMES))]
     rows = [[method] + [f"{accuracies[scheme, method][1]:.2f}" for scheme in SCHEMES]
-            + [f"{accuracies['W8A8', method][2]:.1f}"] for method in METHODS]
+            + [f"{accuracies['W8A8', method][2]:.1f}"] for method in CALIBRATION_METHODS]
     tables.append("SQNR (dB) of the test logits vs float (higher is better), and the "
                   "calibration time at W8A8\n\n"
                   + format_table(rows, ['method'] + list(SCHEMES) + ['seconds (W8A8)']))
@@ -184,3 +181,18 @@ def report(model='cifar_resnet20_v1', size=16, epochs=10, seed=0, out=print):
     for table in tables:
         out('\n' + table)
     return tables
+
+
+def main(argv=None):
+    arguments = parser('benchmarks.ptq', __doc__)
+    arguments.add_argument('--model', default='cifar_resnet20_v1', help='GluonCV model name')
+    arguments.add_argument('--size', type=int, default=16, help='input size (pixels)')
+    arguments.add_argument('--epochs', type=int, default=10, help='float training epochs')
+    arguments.add_argument('--seed', type=int, default=0)
+    args = arguments.parse_args(argv)
+    report(args.model, args.size, args.epochs, args.seed,
+           out=lambda line: print(line, flush=True))
+
+
+if __name__ == '__main__':
+    main()

@@ -28,7 +28,7 @@ from qat.deploy import winograd
 from qat.deploy.ir import Graph, Layer
 from qat.deploy.graph import ExportError
 from qat.deploy.table import read_table
-from qat.deploy.verify import EXACT_OPTIONS, NcnnModel
+from qat.deploy.verify import EXACT_OPTIONS, THRESHOLDS, NcnnModel, _failures
 
 FP32_RELATIVE = 1e-4
 FLOAT_ROUNDING_LSB = 1e-3  # a few float32 ulps of a value, in LSBs of its int8 step
@@ -448,3 +448,16 @@ def test_batchnorm_left_by_the_converter_is_folded_into_its_conv(tmp_path, how):
     assert report['fp32']['max_relative_error'] <= FP32_RELATIVE
     assert report['int8']['top1_agreement'] == 1.0
     assert report['int8']['within_1lsb'] >= WITHIN_1LSB
+
+
+def test_a_nan_figure_fails_every_threshold():
+    """NaN compares false with everything: a report with NaN outputs must not pass."""
+    nan = float('nan')
+    report = {'int8': {'top1_agreement': nan, 'within_1lsb': 1.0},
+              'fp32': {'max_relative_error': nan}}
+    failures = _failures(report, dict(THRESHOLDS))
+    assert [line.split(':')[0] for line in failures] == ['min_top1_agreement',
+                                                          'max_fp32_relative_error']
+    good = {'int8': {'top1_agreement': 1.0, 'within_1lsb': 1.0},
+            'fp32': {'max_relative_error': 0.0}}
+    assert _failures(good, dict(THRESHOLDS)) == []

@@ -164,7 +164,7 @@ class ImageBatches:
                 if self.progress and (number % every == 0 or number == len(self)):
                     self.progress(f"      images, pass {self.passes}: {number}/{len(self)} "
                                   f"batches ({time.perf_counter() - start:.1f} s)")
-        except ValueError as err:  # qat.data names the image that cannot be decoded
+        except ValueError as err:  # qat.app.data names the image that cannot be decoded
             raise UsageError(f"--images: {err}") from None
 
 

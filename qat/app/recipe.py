@@ -318,28 +318,32 @@ def _override_value(key, raw):
     return value
 
 
-def load(path=None, overrides=(), check_files=True):
-    """Read, override and validate a recipe. Returns nested dicts (every key present).
+def _read(path):
+    """The mapping in the YAML file ``path`` ({} for None)."""
+    if path is None:
+        return {}
+    if not os.path.isfile(path):
+        raise RecipeError(f"{path}: recipe file not found")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections "
+                          f"({', '.join(_valid_keys())}), got {type(raw).__name__}")
+    return raw
 
-    path: YAML file (None: the defaults). overrides: 'a.b=value' strings (or (key, value)
-    pairs of already-typed values). check_files: also require data files, the model
-    checkpoint and factory module to exist. Raises RecipeError listing every problem, each
-    naming the file (or --set) and the key."""
-    origin = path or '<defaults>'
-    raw = {}
-    if path is not None:
-        if not os.path.isfile(path):
-            raise RecipeError(f"{path}: recipe file not found")
-        with open(path) as f:
-            try:
-                raw = yaml.safe_load(f) or {}
-            except yaml.YAMLError as err:
-                raise RecipeError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise RecipeError(f"{path}: a recipe is a mapping of sections "
-                              f"({', '.join(_valid_keys())}), got {type(raw).__name__}")
-    problems, given = [], {}
-    recipe = defaults()
+
+def _renamed(dotted, where):
+    if dotted in RENAMED:
+        log.warning("%s: %s is now called %s", where, dotted, RENAMED[dotted])
+        return RENAMED[dotted]
+    return dotted
+
+
+def _apply_file(recipe, raw, origin, given, problems):
+    """Put the file's keys into ``recipe``; record where each came from in ``given``."""
     for section, values in raw.items():
         if section not in SCHEMA:
             problems.append(_unknown(str(section), _valid_keys(), origin))
@@ -349,21 +353,20 @@ def load(path=None, overrides=(), check_files=True):
                             f"{values!r}")
             continue
         for name, value in values.items():
-            if f"{section}.{name}" in RENAMED:
-                new = RENAMED[f"{section}.{name}"]
-                log.warning("%s: %s.%s is now called %s", origin, section, name, new)
-                name = new.split('.', 1)[1]
+            name = _renamed(f"{section}.{name}", origin).partition('.')[2]
             if name not in SCHEMA[section]:
                 problems.append(_unknown(f"{section}.{name}", _valid_keys(section), origin))
                 continue
             recipe[section][name] = value
             given[f"{section}.{name}"] = origin
+
+
+def _apply_overrides(recipe, overrides, given, problems):
+    """Put the ``--set`` overrides into ``recipe`` (typed by the schema)."""
+    where = '--set'
     for item in overrides:
         dotted, value = parse_override(item) if isinstance(item, str) else item
-        where = '--set'
-        if dotted in RENAMED:
-            log.warning("--set %s: now called %s", dotted, RENAMED[dotted])
-            dotted = RENAMED[dotted]
+        dotted = _renamed(dotted, where)
         section, _, rest = dotted.partition('.')
         name, _, inner = rest.partition('.')
         if section not in SCHEMA:
@@ -379,11 +382,13 @@ def load(path=None, overrides=(), check_files=True):
             if key.type != 'dict':
                 problems.append(f"{where}: {section}.{name} is not a mapping")
                 continue
-            target = dict(recipe[section][name] or {})
-            target[inner] = value
-            value = target
+            value = dict(recipe[section][name] or {}, **{inner: value})
         recipe[section][name] = value
         given[f"{section}.{name}"] = where
+
+
+def _check_types_and_rules(recipe, origin, given, problems):
+    """Coerce every value to its schema type and check its rule."""
     for section, keys in SCHEMA.items():
         for name, key in keys.items():
             dotted = f"{section}.{name}"
@@ -401,6 +406,20 @@ def load(path=None, overrides=(), check_files=True):
                     expected = (f"one of {', '.join(map(str, describe()))}"
                                 if callable(describe) else describe)
                     problems.append(f"{where}: {dotted}: must be {expected}, got {value!r}")
+
+
+def load(path=None, overrides=(), check_files=True):
+    """Read, override and validate a recipe. Returns nested dicts (every key present).
+
+    path: YAML file (None: the defaults). overrides: 'a.b=value' strings (or (key, value)
+    pairs of already-typed values). check_files: also require data files, the model
+    checkpoint and factory module to exist. Raises RecipeError listing every problem, each
+    naming the file (or --set) and the key."""
+    origin = path or '<defaults>'
+    recipe, given, problems = defaults(), {}, []
+    _apply_file(recipe, _read(path), origin, given, problems)
+    _apply_overrides(recipe, overrides, given, problems)
+    _check_types_and_rules(recipe, origin, given, problems)
     if not problems:
         problems += [f"{given.get(k, origin)}: {k}: {msg}"
                      for k, msg in _consistency(recipe, given, check_files)]

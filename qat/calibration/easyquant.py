@@ -66,7 +66,7 @@ def channel_sums(output, target, channel_axis):
 
 def _scale_sets(block):
     """(number of weight scales, output channels per scale); the channels of one scale are
-    contiguous (see ``qat.layers.shared_factor``)."""
+    contiguous (see ``qat.nn.layers.shared_factor``)."""
     channels = block.weight_threshold_factor.shape[0]
     if block.config.weight_granularity == 'tensor':
         per_set = channels

@@ -47,7 +47,7 @@ class Method:
 
 
 def _from_histogram(function):
-    """A ``qat.thresholds`` method applied with the block's input bits and signedness."""
+    """A ``thresholds`` method applied with the block's input bits and signedness."""
     def reduce(hist, config, **options):
         return function(hist, config.input_bits, config.input_signed, **options)
     reduce.__name__ = function.__name__

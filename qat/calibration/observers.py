@@ -121,7 +121,7 @@ def collect(net, blocks, data, num_batches, log_every, method, bins=None):
 
 def collect_histograms(net, data, bins=th.DEFAULT_BINS, num_batches=None,
                        log_every=LOG_EVERY):
-    """{block name: ``qat.thresholds.Histogram``} of the float inputs of every quantized
+    """{block name: ``thresholds.Histogram``} of the float inputs of every quantized
     block (two passes over the re-iterable ``data``); the net is left as it was."""
     blocks = quantized(net)
     check_reiterable(data, 'collect_histograms')

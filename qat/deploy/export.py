@@ -42,7 +42,7 @@ def _winograd_layers(graph):
 # Winograd policy -> the int8 convs that get 31=64 (no Winograd). ncnn's int8 Winograd
 # F(4,3) divides by 576 in float32 and is exact only while |conv output| <= 1864136
 # (qat.deploy.winograd): most 8-bit layers cannot be proven safe. Default 'off', measured
-# (tools/bench_deploy.py): exact and, on this AVX-512 CPU, the fastest int8 path.
+# (python -m benchmarks.deploy): exact and, on this AVX-512 CPU, the fastest int8 path.
 WINOGRAD_POLICIES = {
     # Guard only the layers whose worst-case int32 accumulation the bound cannot prove safe.
     'bound': lambda graph: {layer.name for layer, variant in _winograd_layers(graph)

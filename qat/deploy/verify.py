@@ -157,6 +157,32 @@ def consumer_scales(manifest):
     return scales
 
 
+def _run_ncnn(folder, name, samples, blobs, output, threads, packing):
+    """({blob: [per-sample array]} of the int8 model, [output per sample] of the fp32 model)
+    of the export ``name`` in ``folder``, with the exact-comparison options."""
+    names = file_names(name)
+    options = dict(EXACT_OPTIONS, use_packing_layout=packing)
+    model8 = NcnnModel(os.path.join(folder, names['int8_param']),
+                       os.path.join(folder, names['int8_bin']), threads, **options)
+    model32 = NcnnModel(os.path.join(folder, names['param']), os.path.join(folder, names['bin']),
+                        threads, **options)
+    ncnn8, ncnn32 = {blob: [] for blob in blobs}, []
+    for sample in samples:
+        for blob, value in model8.run(sample, blobs).items():
+            ncnn8[blob].append(value)
+        ncnn32.append(model32.run(sample, [output])[output])
+    return ncnn8, ncnn32
+
+
+def _failures(report, limits):
+    """One line per threshold the report misses (a NaN misses every threshold)."""
+    checks = {'min_top1_agreement': report['int8']['top1_agreement'],
+              'min_within_1lsb': report['int8']['within_1lsb'],
+              'max_fp32_relative_error': report['fp32']['max_relative_error']}
+    return [f"{key}: {value:.6g} (limit {limits[key]:.6g})" for key, value in checks.items()
+            if not (value <= limits[key] if key.startswith('max') else value >= limits[key])]
+
+
 def verify(net, folder, data, name='model', report_path=None, max_samples=None, threads=1,
            packing=True, per_layer=True, **thresholds):
     """Run ``folder``'s ncnn models on ``data`` and compare with ``net``.
@@ -168,7 +194,6 @@ def verify(net, folder, data, name='model', report_path=None, max_samples=None, 
         raise ValueError(f"unknown verify threshold(s) {sorted(unknown)}; valid: "
                          f"{sorted(THRESHOLDS)}")
     limits = dict(THRESHOLDS, **thresholds)
-    names = file_names(name)
     manifest = read_manifest(folder, name)
     if not quant_blocks(net):
         raise ValueError(f"{net.name} has no quantized blocks: verify needs the converted net")
@@ -186,18 +211,8 @@ def verify(net, folder, data, name='model', report_path=None, max_samples=None, 
     with temporary_mode(net, quantize=False):
         float_out = simulate(net, batches, [by_name[output]['source']])
     samples = np.concatenate([b.asnumpy() for b in batches])
-    options = dict(EXACT_OPTIONS, use_packing_layout=packing)
-    model8 = NcnnModel(os.path.join(folder, names['int8_param']),
-                       os.path.join(folder, names['int8_bin']), threads, **options)
-    model32 = NcnnModel(os.path.join(folder, names['param']), os.path.join(folder, names['bin']),
-                        threads, **options)
-    blobs = [layer['name'] for layer in layers]
-    ncnn8 = {blob: [] for blob in blobs}
-    ncnn32 = []
-    for sample in samples:
-        for blob, value in model8.run(sample, blobs).items():
-            ncnn8[blob].append(value)
-        ncnn32.append(model32.run(sample, [output])[output])
+    ncnn8, ncnn32 = _run_ncnn(folder, name, samples, [layer['name'] for layer in layers],
+                              output, threads, packing)
     scales = consumer_scales(manifest)
     per_layer_report = []
     for layer in layers:
@@ -227,13 +242,7 @@ def verify(net, folder, data, name='model', report_path=None, max_samples=None, 
         report['accuracy'] = {key: top1(values, labels) for key, values in
                               (('float', out_float), ('simulated', out_sim),
                                ('ncnn_fp32', out32), ('ncnn_int8', out8))}
-    checks = {'min_top1_agreement': report['int8']['top1_agreement'],
-              'min_within_1lsb': report['int8']['within_1lsb'],
-              'max_fp32_relative_error': report['fp32']['max_relative_error']}
-    report['failures'] = [f"{key}: {value:.6g} (limit {limits[key]:.6g})"
-                          for key, value in checks.items()
-                          if (value > limits[key] if key.startswith('max') else
-                              value < limits[key])]
+    report['failures'] = _failures(report, limits)
     report['passed'] = not report['failures']
     if report_path is not None:
         write_json(report_path, report)

@@ -183,7 +183,7 @@ class QuantBlock(HybridBlock):
 
     def _quantized_input(self, F, x, range_ema, range_ema_var, anchor):
         """(codes of x, s_in, token) when input quantization is on, else (x, None, None).
-        ``token`` is a (1,) zero to add on ``anchor``'s gradient path (see qat.ranges)."""
+        ``token`` is a (1,) zero to add on ``anchor``'s gradient path (see qat.nn.ranges)."""
         if not self._mode['quantize_input']:
             return x, None, None
         cfg = self.config

@@ -1,0 +1,19 @@
+"""The benchmarks of gluon-qat: measured side by side (interleaved rounds, medians, ratios),
+each printing Markdown tables. Run them from the repository root:
+
+    python -m benchmarks.train_step   training-step time of converted vs float nets
+    python -m benchmarks.accuracy     float vs PTQ vs QAT top-1 on digits at W8A8 ... W2A2,
+                                      through the recipe trainer
+    python -m benchmarks.ptq          PTQ accuracy per calibration method and bit width,
+                                      W4A4 mixed precision, KL calibration throughput
+    python -m benchmarks.deploy       ncnn int8 vs fp32 latency and size of exported GluonCV
+                                      models, per Winograd policy
+    python -m benchmarks.agreement    ncnn vs simulation agreement of exported GluonCV models
+    python -m benchmarks.winograd     which int8 convs the Winograd bound proves safe, and the
+                                      latency of the guards
+
+``python -m benchmarks.<name> --help`` lists a benchmark's options. ``common`` holds what
+they share (command line, the GluonCV zoo, interleaved median timing). The package is not
+installed with ``qat``: it is the repository's measuring kit, and the library never imports
+it.
+"""
