@@ -4,7 +4,6 @@ Conv -> BatchNorm pairs are found from the network's dataflow (a symbolic trace)
 block names: a Conv2D whose output feeds exactly one op, a BatchNorm, absorbs that BatchNorm.
 """
 import fnmatch
-import json
 import logging
 import os
 
@@ -12,9 +11,11 @@ import mxnet as mx
 from mxnet.gluon import HybridBlock, nn
 
 from .config import QuantConfig, QuantScheme
+from .errors import MissingFileError, UserError
 from .fileio import atomic_path
 from .modes import MODE_FUNCTIONS, clear_cached_graphs
 from .nn import FoldedBatchNorm, QConv2D, QConv2DBatchNorm, QDense, QuantBlock, quant_blocks, walk
+from .symbol import SymbolGraph, trace_symbol
 
 log = logging.getLogger(__name__)
 
@@ -39,46 +40,27 @@ def _replace_child(parent, key, old, new):
             object.__setattr__(parent, attr, new)
 
 
-def _graph_nodes(net, input_names):
-    """Trace ``net`` symbolically; return the list of graph nodes (dicts) or None."""
+def conv_bn_pairs(net, input_names=('data',)):
+    """{conv block: bn block} for every Conv2D whose only consumer is a BatchNorm(axis=1),
+    found from the traced dataflow of ``net`` (both nodes named uniquely, so that the names
+    identify the blocks)."""
     try:
-        inputs = [mx.sym.var(name) for name in input_names]
-        out = net(*inputs)
-        if isinstance(out, (list, tuple)):
-            out = mx.sym.Group(list(out))
-        return json.loads(out.tojson())['nodes']
+        graph = SymbolGraph(trace_symbol(net, input_names), net, input_names)
     except Exception as err:  # a non-hybridizable net: no structural pairing possible
         log.warning("could not trace %s symbolically (%s: %s); conv+BN pairs will not get "
                     "fake batchnorm", net.name, type(err).__name__, err)
-        return None
-
-
-def conv_bn_pairs(net, input_names=('data',)):
-    """{conv block: bn block} for every Conv2D whose only consumer is a BatchNorm(axis=1),
-    found from the traced dataflow of ``net``."""
-    nodes = _graph_nodes(net, input_names)
-    if nodes is None:
         return {}
-    by_op_name = {}
-    for _, _, _, block in walk(net):
-        by_op_name.setdefault(block.prefix + 'fwd', []).append(block)
-    consumers = {}
-    for index, node in enumerate(nodes):
-        for source, *_ in node.get('inputs', []):
-            consumers.setdefault(source, []).append(index)
-    names = [node['name'] for node in nodes]
     pairs = {}
-    for index, node in enumerate(nodes):
-        if node['op'] != 'Convolution' or names.count(node['name']) != 1:
+    for index, node in enumerate(graph.nodes):
+        user = graph.only_consumer(index)
+        if node['op'] != 'Convolution' or user is None or not graph.unique(index):
             continue
-        users = consumers.get(index, [])
-        if len(users) != 1 or nodes[users[0]]['op'] != 'BatchNorm':
+        bn_node = graph.nodes[user]
+        if bn_node['op'] != 'BatchNorm' or not graph.unique(user) \
+                or int(bn_node.get('attrs', {}).get('axis', 1)) != 1:
             continue
-        bn_node = nodes[users[0]]
-        if names.count(bn_node['name']) != 1 or int(bn_node['attrs'].get('axis', 1)) != 1:
-            continue
-        convs = [b for b in by_op_name.get(node['name'], []) if type(b) is nn.Conv2D]
-        bns = [b for b in by_op_name.get(bn_node['name'], []) if type(b) is nn.BatchNorm]
+        convs = [b for b in graph.blocks_of(node['name']) if type(b) is nn.Conv2D]
+        bns = [b for b in graph.blocks_of(bn_node['name']) if type(b) is nn.BatchNorm]
         if len(convs) == 1 and len(bns) == 1 and convs[0].act is None:
             pairs[convs[0]] = bns[0]
     return pairs
@@ -90,7 +72,7 @@ def first_layer(net):
     for _, _, _, block in walk(net):
         if isinstance(block, (nn.Conv2D, nn.Dense, QuantBlock)):
             return block.name
-    raise ValueError(f"{net.name} has no Conv2D or Dense layer")
+    raise UserError(f"{net.name} has no Conv2D or Dense layer")
 
 
 def _matches(block, path, patterns):
@@ -254,12 +236,12 @@ def load_parameters(net, path, ctx=None, **kwargs):
     config it was converted with. Anything else missing or mismatched is an error naming the
     file."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"parameter file not found: {path}")
+        raise MissingFileError(f"parameter file not found: {path}")
     expected = net._collect_params_with_prefix()
     try:
         saved = set(mx.nd.load(path))
     except mx.base.MXNetError as err:
-        raise ValueError(f"{path}: not a readable parameter file (truncated or damaged?): "
+        raise UserError(f"{path}: not a readable parameter file (truncated or damaged?): "
                          f"{str(err).splitlines()[0]}") from None
     missing = set(expected) - saved
     migrated = {key: suffix for key in missing for suffix in MIGRATIONS

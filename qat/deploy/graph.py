@@ -8,16 +8,16 @@ folded on the way: Convolution -> BatchNorm (the fold of ``qat.ops.fold_bn``), a
 Convolution/InnerProduct's only consumer being an activation (fused, as ncnn runs it).
 Dropout and identities disappear. Any other op is an error naming the op and its block.
 """
-import json
 import re
 
-import mxnet as mx
 import numpy as np
 from mxnet import nd
 
 from .. import ops
+from ..errors import UserError
 from ..modes import temporary_mode
-from ..nn import QConv2DBatchNorm, quant_blocks, walk
+from ..nn import QConv2DBatchNorm, quant_blocks
+from ..symbol import SymbolGraph, trace_symbol
 from .ir import Graph, Layer, Quant
 
 # MXNet op -> how it maps (the one table of supported ops; the handlers are below).
@@ -29,7 +29,7 @@ PASS_THROUGH_OPS = ('Dropout', '_copy', 'identity')
 SOFTMAX_OPS = ('softmax', 'SoftmaxActivation', 'SoftmaxOutput')
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """The net cannot be exported as it is; the message names the op, layer or value."""
 
 
@@ -87,15 +87,11 @@ def _layer_name(node_name, taken):
 def _float_trace(net, input_names):
     """Symbol of ``net`` computed in float mode (modes restored afterwards)."""
     with temporary_mode(net, quantize=False):
-        inputs = [mx.sym.var(name) for name in input_names]
         try:
-            out = net(*inputs)
+            return trace_symbol(net, input_names)
         except Exception as err:
             raise ExportError(f"{net.name} cannot be traced symbolically ({type(err).__name__}: "
                               f"{err}); only HybridBlocks can be exported") from err
-    if isinstance(out, (list, tuple)):
-        out = mx.sym.Group(list(out))
-    return out
 
 
 def block_index(net):
@@ -162,51 +158,27 @@ def _fold_real_bn(quant, weight, bias, bn_params, bn_attrs, groups, name):
     return quant, folded_w, folded_b
 
 
-class _Tracer:
+class _Tracer(SymbolGraph):
+    """One pass over the float-mode graph of ``net`` (nodes, consumers, shapes: the
+    ``SymbolGraph``), building the IR layers."""
+
     def __init__(self, net, input_shape, input_names):
-        self.net = net
-        sym = _float_trace(net, input_names)
-        graph = json.loads(sym.tojson())
-        self.nodes = graph['nodes']
-        self.heads = [head[0] for head in graph['heads']]
-        internals = sym.get_internals()
-        shapes = {name: tuple(input_shape) for name in input_names}
-        _, out_shapes, _ = internals.infer_shape(**{n: (1,) + tuple(s) for n, s in shapes.items()})
-        self.shapes = dict(zip(internals.list_outputs(), out_shapes))
-        self.input_names, self.input_shape = input_names, tuple(input_shape)
+        super().__init__(_float_trace(net, input_names), net, input_names,
+                         {name: (1,) + tuple(input_shape) for name in input_names})
+        self.input_shape = tuple(input_shape)
         self.blocks = block_index(net)
         self.values = _values(net)
-        self.consumers = {}
-        for index, node in enumerate(self.nodes):
-            for source, *_ in node.get('inputs', []):
-                self.consumers.setdefault(source, []).append(index)
         self.blob = {}        # node index -> IR layer name holding its output
         self.absorbed = set()  # node indices folded into an earlier layer
         self.layers, self.taken = [], set()
 
     # ----- helpers -----------------------------------------------------------------------
-    def shape(self, index):
-        node = self.nodes[index]
-        return self.shapes[node['name'] + ('' if node['op'] == 'null' else '_output')]
-
-    def only_consumer(self, index):
-        users = self.consumers.get(index, [])
-        if len(users) == 1 and index not in self.heads:
-            return users[0]
-        return None
-
-    def data_inputs(self, node):
-        return [source for source, *_ in node['inputs'] if self.nodes[source]['op'] != 'null'
-                or self.nodes[source]['name'] in self.input_names]
-
     def param(self, node, position):
         return self.values[self.nodes[node['inputs'][position][0]]['name']]
 
     def describe(self, node):
-        """'op X (node N in block B)', B the innermost block whose prefix N starts with."""
-        owners = [b for b in [self.net] + [c for *_, c in walk(self.net)]
-                  if b.prefix and node['name'].startswith(b.prefix)]
-        owner = max(owners, key=lambda b: len(b.prefix), default=None)
+        """'op X (node N in block B)', B the block that owns N (``SymbolGraph.owner``)."""
+        owner = self.owner(node['name'])
         where = f" in block {owner.name}" if owner is not None else ''
         return f"op {node['op']!r} (node {node['name']!r}{where})"
 

@@ -15,10 +15,12 @@ import numpy as np
 
 from .. import reference
 from ..batches import labeled_batches
+from ..errors import MissingFileError, UserError
 from ..fileio import write_json
 from ..metrics import top1
 from ..modes import temporary_mode
 from ..nn import quant_blocks
+from ..symbol import SymbolGraph, trace_symbol
 from .export import file_names, read_manifest
 from .graph import block_index
 
@@ -48,13 +50,13 @@ class NcnnModel:
         self.net.opt.num_threads = threads
         for key, value in options.items():
             if not hasattr(self.net.opt, key):
-                raise ValueError(f"unknown ncnn option {key!r}")
+                raise UserError(f"unknown ncnn option {key!r}")
             setattr(self.net.opt, key, value)
         for path in (param, binary):
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"ncnn model file not found: {path}")
+                raise MissingFileError(f"ncnn model file not found: {path}")
         if self.net.load_param(param) != 0 or self.net.load_model(binary) != 0:
-            raise ValueError(f"ncnn could not load {param} / {binary}")
+            raise UserError(f"ncnn could not load {param} / {binary}")
         self._ncnn = ncnn
 
     def run(self, sample, blobs, input_name='data'):
@@ -75,16 +77,16 @@ class NcnnModel:
         return results
 
 
-def _sim_node_names(net, sources, available):
-    """Name in the quantized graph of each float-graph node (a quantized layer's output is
-    its ``dequantize`` node there; every other node keeps its name)."""
+def _sim_node_names(net, sources, graph):
+    """Name in the quantized graph (a ``SymbolGraph``) of each float-graph node (a quantized
+    layer's output is its ``dequantize`` node there; every other node keeps its name)."""
     index = block_index(net)
     names = []
     for source in sources:
         block, role = index.get(source, (None, None))
         dequantize = block.prefix + 'dequantize' if block is not None else None
-        if block is not None and (role == 'layer' or source + '_output' not in available) \
-                and dequantize + '_output' in available:
+        if block is not None and (role == 'layer' or not graph.has_op(source)) \
+                and graph.has_op(dequantize):
             names.append(dequantize)
         else:
             names.append(source)
@@ -94,16 +96,12 @@ def _sim_node_names(net, sources, available):
 def simulate(net, batches, sources, input_name='data'):
     """Outputs of the graph nodes ``sources`` (float-graph names) of ``net`` in its current
     modes, inference mode, concatenated over ``batches``: {source: array (N, ...)}."""
-    sym = net(mx.sym.var(input_name))
-    if isinstance(sym, (list, tuple)):
-        sym = mx.sym.Group(list(sym))
-    internals = sym.get_internals()
-    available = set(internals.list_outputs())
-    names = _sim_node_names(net, sources, available)
-    missing = [n for n in names if n + '_output' not in available]
+    graph = SymbolGraph(trace_symbol(net, (input_name,)))
+    names = _sim_node_names(net, sources, graph)
+    missing = [n for n in names if not graph.has_op(n)]
     if missing:
-        raise ValueError(f"nodes not found in the simulated graph: {missing}")
-    outputs = mx.sym.Group([internals[n + '_output'] for n in names])
+        raise UserError(f"nodes not found in the simulated graph: {missing}")
+    outputs = mx.sym.Group([graph.op_output(n) for n in names])
     with warnings.catch_warnings():  # MXNet cannot infer the input's type before a call
         warnings.simplefilter('ignore', UserWarning)
         block = mx.gluon.SymbolBlock(outputs, mx.sym.var(input_name),
@@ -191,12 +189,12 @@ def verify(net, folder, data, name='model', report_path=None, max_samples=None, 
     thresholds: override THRESHOLDS. Returns the report (``report['passed']``)."""
     unknown = set(thresholds) - set(THRESHOLDS)
     if unknown:
-        raise ValueError(f"unknown verify threshold(s) {sorted(unknown)}; valid: "
+        raise UserError(f"unknown verify threshold(s) {sorted(unknown)}; valid: "
                          f"{sorted(THRESHOLDS)}")
     limits = dict(THRESHOLDS, **thresholds)
     manifest = read_manifest(folder, name)
     if not quant_blocks(net):
-        raise ValueError(f"{net.name} has no quantized blocks: verify needs the converted net")
+        raise UserError(f"{net.name} has no quantized blocks: verify needs the converted net")
     batches, labels = labeled_batches(data, max_samples)
     layers = [layer for layer in manifest['layers'] if layer['kind'] != 'Input'
               and layer['source']]

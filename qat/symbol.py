@@ -1,0 +1,105 @@
+"""symbol: the one walker of a Gluon net's MXNet symbol graph.
+
+Conv -> BatchNorm pairing (``qat.convert``), export tracing (``qat.deploy.graph``) and the
+verifier's lookup of simulated nodes (``qat.deploy.verify``) all read the same dataflow, so
+they share one reading of it: the ``tojson()`` nodes, who consumes what, which node is the
+only consumer of another, and which block an op node belongs to (Gluon names a block's op
+``<prefix>fwd`` and every node inside it ``<prefix>...``).
+"""
+import json
+from collections import Counter
+
+import mxnet as mx
+
+from .nn import walk
+
+
+def trace_symbol(net, input_names=('data',)):
+    """The symbol of ``net`` called on ``mx.sym.var`` inputs; several outputs become one
+    ``Group`` so that the graph's heads list them all. A net that cannot be traced raises
+    whatever it raises (the callers word the error for their purpose)."""
+    out = net(*[mx.sym.var(name) for name in input_names])
+    if isinstance(out, (list, tuple)):
+        out = mx.sym.Group(list(out))
+    return out
+
+
+class SymbolGraph:
+    """The parsed graph of ``symbol`` (usually ``trace_symbol(net, input_names)``).
+
+    nodes: the ``tojson()`` node dicts, in topological order; heads: indices of the graph
+    outputs; consumers: {node index: [indices of the nodes reading it]}; outputs: the names of
+    all internal outputs (``<name>_output`` for an op, a variable's own name); shapes:
+    {output name: shape}, inferred once for ``input_shapes`` ({input name: full shape}), or
+    None without them. ``net`` (optional) answers which block a node belongs to.
+    """
+
+    def __init__(self, symbol, net=None, input_names=('data',), input_shapes=None):
+        graph = json.loads(symbol.tojson())
+        self.net, self.input_names = net, tuple(input_names)
+        self.nodes = graph['nodes']
+        self.heads = [head[0] for head in graph['heads']]
+        self.consumers = {}
+        for index, node in enumerate(self.nodes):
+            for source, *_ in node.get('inputs', []):
+                self.consumers.setdefault(source, []).append(index)
+        self._counts = Counter(node['name'] for node in self.nodes)
+        self.internals = symbol.get_internals()
+        self.outputs = self.internals.list_outputs()
+        self._available = set(self.outputs)
+        self.shapes = None
+        if input_shapes is not None:
+            _, out_shapes, _ = self.internals.infer_shape(**input_shapes)
+            self.shapes = dict(zip(self.outputs, out_shapes))
+        # [net] + its descendants, in network order (the tie-break of ``owner``).
+        self._blocks = [net] + [child for *_, child in walk(net)] if net is not None else []
+        self._by_op_name = {}
+        for block in self._blocks[1:]:
+            self._by_op_name.setdefault(block.prefix + 'fwd', []).append(block)
+
+    def only_consumer(self, index):
+        """The index of the one node reading node ``index``, or None if more or none read it
+        or it is a graph output (then its value is needed as it is, so it cannot be folded
+        into its consumer)."""
+        users = self.consumers.get(index, [])
+        if len(users) == 1 and index not in self.heads:
+            return users[0]
+        return None
+
+    def data_inputs(self, node):
+        """Indices of the inputs of ``node`` that carry data: op outputs and the net's inputs,
+        not parameters."""
+        return [source for source, *_ in node['inputs'] if self.nodes[source]['op'] != 'null'
+                or self.nodes[source]['name'] in self.input_names]
+
+    def unique(self, index):
+        """True if no other node has node ``index``'s name (a name then identifies it)."""
+        return self._counts[self.nodes[index]['name']] == 1
+
+    def output_name(self, index):
+        """The internal output name of node ``index`` (a key of ``shapes``)."""
+        node = self.nodes[index]
+        return node['name'] + ('' if node['op'] == 'null' else '_output')
+
+    def shape(self, index):
+        """The inferred output shape of node ``index`` (needs ``input_shapes``)."""
+        return self.shapes[self.output_name(index)]
+
+    def has_op(self, name):
+        """True if the graph has an op named ``name`` with the single output
+        ``<name>_output``."""
+        return name + '_output' in self._available
+
+    def op_output(self, name):
+        """The symbol of op ``name``'s output, to compute it on its own."""
+        return self.internals[name + '_output']
+
+    def owner(self, name):
+        """The innermost block whose prefix node ``name`` starts with (None if none does)."""
+        owners = [b for b in self._blocks if b.prefix and name.startswith(b.prefix)]
+        return max(owners, key=lambda b: len(b.prefix), default=None)
+
+    def blocks_of(self, name):
+        """The descendant blocks whose op is named exactly ``name`` (``<prefix>fwd``); more
+        than one when blocks share a prefix."""
+        return self._by_op_name.get(name, [])
