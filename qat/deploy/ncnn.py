@@ -5,11 +5,17 @@ Formats and arithmetic follow the project's ncnn int8 contract (``docs/ncnn-int8
 the int8 model is what ``ncnn2int8`` would write from the fp32 model and our table, with the
 trained integer weight codes stored as int8 (tag 0x000D4B38), raw float32 scales, fused
 activations, and requantization (8=10x) between consecutive int8 convolutions.
+
+One exception to "what ncnn2int8 would write": an int8 grouped convolution that ncnn's
+ConvolutionDepthWise computes wrongly with packing on (``splits_groups``: a multiple of 8
+outputs per group, dequantized output; contract §4.3) is written as Slice -> one int8
+Convolution per group -> Concat, the per-group convolutions ncnn itself would run.
 """
 import struct
 
 import numpy as np
 
+from ..errors import UserError
 from .ir import ACTIVATIONS
 
 MAGIC = 7767517
@@ -19,6 +25,16 @@ TAG_INT8 = 0x000D4B38
 ACTIVATION_TYPES = {None: 0, 'relu': 1, 'leaky': 2, 'clip': 3, 'sigmoid': 4}
 assert set(ACTIVATION_TYPES) - {None} == set(ACTIVATIONS)
 NO_WINOGRAD = 64  # 31= feature mask bit 6: this layer never runs Winograd
+# ncnn's int8 ConvolutionDepthWise gives garbage (or NaN) with packing on for a grouped,
+# non-depthwise conv with a multiple of this many outputs per group and a dequantized
+# (not requantized, 8=1) output. It runs one Convolution per group into a slice of its
+# output prepared with elempack 4 (num_output_g % 4 == 0), while the x86 AVX / AVX-512
+# int8 Convolution writes its dequantized (fp32) result with elempack 8 or 16 when
+# num_output_g % 8 == 0: Mat::create then allocates a new Mat, and the slice of the layer's
+# output is never written (ncnn a4d2ea1d, convolutiondepthwise_x86.cpp forward_int8_x86 vs
+# convolution_x86.cpp forward_int8_x86). Requantized outputs (8=101) use elempack 8 on both
+# sides and are exact; so is the fp32 path.
+PACKING_BUG_GROUP_OUTPUTS = 8
 
 
 def _float(value):
@@ -31,13 +47,20 @@ def _params(pairs):
     """``id=value`` tokens; float values formatted exactly, lists as ``-233NN=n,v,...``."""
     tokens = []
     for key, value in pairs:
-        if isinstance(value, (list, tuple)):
+        if isinstance(value, IntArray):
+            tokens.append(f"-233{key:02d}={len(value)}," + ','.join(str(int(v)) for v in value))
+        elif isinstance(value, (list, tuple)):
             tokens.append(f"-233{key:02d}={len(value)}," + ','.join(_float(v) for v in value))
         elif isinstance(value, float):
             tokens.append(f"{key}={_float(value)}")
         else:
             tokens.append(f"{key}={int(value)}")
     return tokens
+
+
+class IntArray(tuple):
+    """An array parameter of integers (Slice's slices), written without a decimal point:
+    ncnn reads an array element with '.' or 'e' as a float."""
 
 
 class _Bin:
@@ -73,31 +96,58 @@ def _activation_params(activation):
     return pairs
 
 
+def is_depthwise(layer):
+    """ncnn's depthwise test (input channels == groups == outputs); other grouped convs run
+    as one Convolution per group inside ConvolutionDepthWise."""
+    p = layer.params
+    return layer.weights['weight'].shape[1] * p['groups'] == p['groups'] == p['num_output']
+
+
+def splits_groups(graph, layer):
+    """True when the int8 model writes ``layer`` as Slice -> one int8 Convolution per group
+    -> Concat instead of ConvolutionDepthWise: an int8 grouped (not depthwise) conv with a
+    multiple of PACKING_BUG_GROUP_OUTPUTS outputs per group whose output is dequantized,
+    the class ncnn gets wrong with packing on (contract §4.3)."""
+    p, quant = layer.params, layer.quant
+    if layer.kind != 'Convolution' or quant is None or not quant.int8 or p['groups'] == 1 \
+            or is_depthwise(layer):
+        return False
+    return (p['num_output'] // p['groups']) % PACKING_BUG_GROUP_OUTPUTS == 0 \
+        and requantized_scale(graph, layer) is None
+
+
 def requantized_scale(graph, layer):
     """The top scale ncnn fuses into an int8 conv (8=10x), or None.
 
     Fused when every consumer of the conv's output is an int8 Convolution with the same input
     scale (through a Split all consumers get one scale, so they must agree), and the output
-    is not a network output: the consumers then read int8 codes directly (contract §3.4)."""
+    is not a network output: the consumers then read int8 codes directly (contract §3.4).
+    A consumer written as per-group convolutions (``splits_groups``) reads through a Slice,
+    which ncnn's x86 runtime cannot cut in int8 (it repacks pack-8 int8 as float): no
+    fusion into it."""
     quant = layer.quant
     if layer.kind != 'Convolution' or quant is None or not quant.int8 \
             or layer.name in graph.outputs:
         return None
     users = graph.consumers(layer.name)
     if not users or any(u.kind != 'Convolution' or u.quant is None or not u.quant.int8
-                        for u in users):
+                        or splits_groups(graph, u) for u in users):
         return None
     scales = {float(u.quant.input_scale) for u in users}
     return users[0].quant.input_scale if len(scales) == 1 else None
 
 
+def _conv_geometry(p, num_output, weight_size):
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = p['kernel'], p['stride'], p['pad'], p['dilate']
+    return [(0, num_output), (1, kw), (11, kh), (2, dw), (12, dh), (3, sw), (13, sh),
+            (4, pw), (14, ph), (5, int(p['bias_term'])), (6, weight_size)]
+
+
 def _conv(layer, graph, int8, guarded, out):
     p, quant = layer.params, layer.quant
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = p['kernel'], p['stride'], p['pad'], p['dilate']
     weight = layer.weights['weight']
     grouped = p['groups'] > 1
-    pairs = [(0, p['num_output']), (1, kw), (11, kh), (2, dw), (12, dh), (3, sw), (13, sh),
-             (4, pw), (14, ph), (5, int(p['bias_term'])), (6, weight.size)]
+    pairs = _conv_geometry(p, p['num_output'], weight.size)
     if grouped:
         pairs.append((7, p['groups']))
     use_int8 = int8 and quant is not None and quant.int8
@@ -114,6 +164,39 @@ def _conv(layer, graph, int8, guarded, out):
         if top_scale is not None:
             out.raw([top_scale])
     return ('ConvolutionDepthWise' if grouped else 'Convolution'), pairs
+
+
+def _split_conv(layer, bottom, guarded, out):
+    """The lines [(type, name, bottoms, tops, pairs)] of an int8 grouped conv written as
+    Slice -> one int8 Convolution per group -> Concat (``splits_groups``); blobs into ``out``.
+
+    Each group's Convolution is the one ncnn's ConvolutionDepthWise would create: that
+    group's codes and bias, its scale for each of its outputs (8=2), the layer's input
+    scale, the fused activation, and ``31=64`` when the layer is Winograd-guarded (the
+    per-group channel counts, hence ncnn's Winograd choice, are the same). The Concat
+    carries the layer's name, so the output blob keeps it."""
+    p, quant = layer.params, layer.quant
+    groups = p['groups']
+    codes, bias = quant.weight_codes, layer.weights.get('bias')
+    outputs, inputs = p['num_output'] // groups, codes.shape[1]
+    slices = [f"{layer.name}_slice_{g}" for g in range(groups)]
+    parts = [f"{layer.name}_group_{g}" for g in range(groups)]
+    lines = [('Slice', f"{layer.name}_slice", [bottom], slices,
+              [(0, IntArray([inputs] * groups)), (1, 0)])]
+    for g in range(groups):
+        rows = slice(g * outputs, (g + 1) * outputs)
+        pairs = _conv_geometry(p, outputs, codes[rows].size) + [(8, 2)]
+        pairs += _activation_params(p['activation'])
+        if layer.name in guarded:
+            pairs.append((31, NO_WINOGRAD))
+        out.tagged(codes[rows], int8=True)
+        if p['bias_term']:
+            out.raw(bias[rows])
+        out.raw(quant.weight_scales[rows])
+        out.raw([quant.input_scale])
+        lines.append(('Convolution', parts[g], [slices[g]], [parts[g]], pairs))
+    lines.append(('Concat', layer.name, parts, [layer.name], [(0, 0)]))
+    return lines
 
 
 def _weights(layer, int8, use_int8, out):
@@ -211,7 +294,7 @@ def render(graph, int8=False, guarded=()):
     flat = set()  # blobs that are 1-D in ncnn (MXNet keeps (N, C, 1, 1))
     for layer in graph.layers:
         if layer.kind not in WRITERS:
-            raise ValueError(f"layer {layer.name}: kind {layer.kind!r} has no ncnn writer; "
+            raise UserError(f"layer {layer.name}: kind {layer.kind!r} has no ncnn writer; "
                              f"valid: {sorted(WRITERS)}")
         bottoms = [next(branches[b]) if b in branches else b for b in layer.inputs]
         if layer.kind in FLATTENING or (layer.kind == 'Pooling' and layer.params['global_pool']) \
@@ -226,9 +309,14 @@ def render(graph, int8=False, guarded=()):
                                [(0, 1), (1, 1), (2, channels)]))
             blobs.add(reshaped)
             bottoms = [reshaped] + bottoms[1:]
-        kind, pairs = WRITERS[layer.kind](layer, graph, int8, guarded, out)
-        lines.append(_line(kind, layer.name, bottoms, [layer.name], pairs))
-        blobs.update(bottoms + [layer.name])
+        if int8 and splits_groups(graph, layer):
+            for kind, name, ins, outs, pairs in _split_conv(layer, bottoms[0], guarded, out):
+                lines.append(_line(kind, name, ins, outs, pairs))
+                blobs.update(ins + outs)
+        else:
+            kind, pairs = WRITERS[layer.kind](layer, graph, int8, guarded, out)
+            lines.append(_line(kind, layer.name, bottoms, [layer.name], pairs))
+            blobs.update(bottoms + [layer.name])
         if uses.get(layer.name, 0) > 1:
             tops = [f"{layer.name}_splitncnn_{i}" for i in range(uses[layer.name])]
             lines.append(_line('Split', f"splitncnn_{len(branches)}", [layer.name], tops, []))
@@ -244,7 +332,7 @@ def read_param(path):
     with open(path) as handle:
         lines = handle.read().split('\n')
     if lines[0].strip() != str(MAGIC):
-        raise ValueError(f"{path}: not an ncnn .param (magic {lines[0]!r})")
+        raise UserError(f"{path}: not an ncnn .param (magic {lines[0]!r})")
     layers = []
     for line in lines[2:]:
         tokens = line.split()
@@ -266,8 +354,12 @@ def read_param(path):
 def read_weights(param_path, bin_path):
     """{layer name: {blob name: array}} of the weighted layers of an ncnn model, read back
     following the blob order of the contract (§2.4): 'weight' (int8 codes or float32), 'bias',
-    'weight_scales', 'input_scale', 'top_scale' / BatchNorm 'slope', 'mean', 'var', 'bias'."""
+    'weight_scales', 'input_scale', 'top_scale' / BatchNorm 'slope', 'mean', 'var', 'bias'.
+    A grouped conv written per group (Slice -> Convolutions -> Concat) is read back as one
+    layer under the Concat's name, as ConvolutionDepthWise stores it: the groups' weights
+    and biases concatenated, one weight scale per group."""
     data = open(bin_path, 'rb').read()
+    layers = read_param(param_path)
     offset, weights = 0, {}
 
     def take(count, dtype):
@@ -277,7 +369,7 @@ def read_weights(param_path, bin_path):
         offset += size + (-size % 4)
         return values
 
-    for kind, name, _, _, p in read_param(param_path):
+    for kind, name, _, _, p in layers:
         if kind in ('Convolution', 'ConvolutionDepthWise', 'InnerProduct'):
             size_id, bias_id = (2, 1) if kind == 'InnerProduct' else (6, 5)
             (tag,) = struct.unpack_from('<I', data, offset)
@@ -299,6 +391,42 @@ def read_weights(param_path, bin_path):
         elif kind == 'BatchNorm':
             weights[name] = {key: take(p[0], '<f4') for key in ('slope', 'mean', 'var', 'bias')}
     if offset != len(data):
-        raise ValueError(f"{bin_path}: {len(data) - offset} bytes left after the last layer "
+        raise UserError(f"{bin_path}: {len(data) - offset} bytes left after the last layer "
                          f"of {param_path}")
-    return weights
+    return _merge_split_groups(layers, weights)
+
+
+def _merge_split_groups(layers, weights):
+    """``weights`` with the per-group Convolutions of each Slice -> Convolutions -> Concat
+    replaced by one entry under the Concat's name (the order of the layers kept)."""
+    producer = {top: (kind, name, bottoms) for kind, name, bottoms, tops, _ in layers
+                for top in tops}
+    merged = {}  # first group's name -> (concat name, [group names])
+    for kind, name, bottoms, _, _ in layers:
+        parts = [producer.get(blob) for blob in bottoms]
+        if kind != 'Concat' or not all(part is not None and part[0] == 'Convolution'
+                                       and len(part[2]) == 1 and part[1] in weights
+                                       for part in parts):
+            continue
+        sources = {producer.get(part[2][0], (None, None, None))[:2] for part in parts}
+        if len(sources) == 1 and next(iter(sources))[0] == 'Slice':
+            merged[parts[0][1]] = (name, [part[1] for part in parts])
+    groups = {part for _, names in merged.values() for part in names}
+    result = {}
+    for name, blobs in weights.items():
+        if name in merged:
+            concat, names = merged[name]
+            parts = [weights[part] for part in names]
+            entry = {'weight': np.concatenate([b['weight'] for b in parts])}
+            if 'bias' in blobs:
+                entry['bias'] = np.concatenate([b['bias'] for b in parts])
+            if 'weight_scales' in blobs:
+                entry['weight_scales'] = np.array([b['weight_scales'][0] for b in parts],
+                                                  np.float32)
+                entry['input_scale'] = blobs['input_scale']
+            if 'top_scale' in blobs:
+                entry['top_scale'] = blobs['top_scale']
+            result[concat] = entry
+        elif name not in groups:
+            result[name] = blobs
+    return result
