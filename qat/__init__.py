@@ -11,9 +11,9 @@ from .convert import (CONVERTERS, conv_bn_pairs, convert_model, first_layer, loa
                       save_parameters, to_float)
 from .modes import (check_ranges, deployed, disable_quantize, enable_quantize, freeze_bn,
                     freeze_ranges, quantize_input, temporary_mode)
-from .nn import FoldedBatchNorm, QConv2D, QConv2DBatchNorm, QDense, QuantBlock, quant_blocks
 from .calibration import METHODS as CALIBRATION_METHODS, calibrate
 from .deploy import export, verify
+from .nn import FoldedBatchNorm, QConv2D, QConv2DBatchNorm, QDense, QuantBlock, quant_blocks
 
 __version__ = '0.1.0'
 __all__ = ['QuantConfig', 'QuantScheme', 'CONVERTERS', 'check_ranges', 'conv_bn_pairs',

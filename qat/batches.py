@@ -3,6 +3,8 @@
 import mxnet as mx
 import numpy as np
 
+from .errors import UserError
+
 
 class Reiterable:
     """An iterable that calls ``make()`` for a fresh iterator each time (methods that read the
@@ -32,6 +34,6 @@ def labeled_batches(data, max_samples=None):
         if max_samples is not None and count >= max_samples:
             break
     if not xs:
-        raise ValueError("no data: the iterable gave no batches")
+        raise UserError("no data: the iterable gave no batches")
     labels = None if any(y is None for y in ys) else np.concatenate(ys)
     return xs, labels

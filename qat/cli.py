@@ -4,14 +4,23 @@ import logging
 import os
 import sys
 
-from .app import demo, ptq
-from .app.models import ModelError
-from .app.recipe import RecipeError
+from .app import demo, models, ptq
 from .app.stages import load_run, run_recipe, validation_batches
-from .deploy import ExportError, export, format_report, verify
+from .deploy import WINOGRAD_POLICIES, export, format_report, verify
+from .errors import UserError
 
-# Errors whose message names the culprit: printed as one line, exit status 2.
-USER_ERRORS = (RecipeError, ExportError, ModelError, FileNotFoundError, FileExistsError)
+
+def _at_least(low):
+    """An argparse type: an integer >= ``low``."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+        return value
+    return parse
 
 
 def _train(args):
@@ -32,10 +41,13 @@ def _export(args):
 def _verify(args):
     net, recipe, preprocess = load_run(args.run)
     folder = args.folder or os.path.join(args.run, 'export')
+    # the run's own export is judged in <run>/verify.json, as `qat train` writes it; another
+    # export folder gets its report beside its files
+    default_report = os.path.join(args.run if args.folder is None else folder, 'verify.json')
     thresholds = dict(recipe['verify']['thresholds'])
     report = verify(net, folder, validation_batches(recipe, preprocess, args.samples),
                     name=args.name or recipe['export']['name'],
-                    report_path=args.report or os.path.join(folder, 'verify.json'),
+                    report_path=args.report or default_report,
                     packing=not args.no_packing, threads=args.threads, **thresholds)
     print(format_report(report))
     return 0 if report['passed'] else 1
@@ -46,6 +58,9 @@ def _calibrate(args):
 
 
 def _demo(args):
+    problem = models.name_problem(models.source_of(args.model), args.model)
+    if problem:
+        raise models.ModelError(f"--model {args.model}: {problem}")
     os.makedirs(args.folder, exist_ok=True)
     demo.run(model=args.model, size=args.size, epochs=args.epochs, seed=args.seed,
              folder=args.folder)
@@ -79,17 +94,19 @@ def _parser():
     exporting = _run_command(commands, 'export', 'write Caffe, the ncnn table and ncnn '
                              'fp32/int8 models of a trained run', _export)
     exporting.add_argument('--out', help='output folder (default: <run>/export)')
-    exporting.add_argument('--winograd', help="Winograd policy: off, bound or unsafe "
-                           "(default: the recipe's)")
+    exporting.add_argument('--winograd', choices=sorted(WINOGRAD_POLICIES),
+                           help="Winograd policy (default: the recipe's)")
 
     check = _run_command(commands, 'verify', "run the exported ncnn models on the run's "
                          'validation data and compare with the simulation', _verify)
     check.add_argument('--folder', help='export folder (default: <run>/export)')
-    check.add_argument('--samples', type=int, default=0, help='validation images (0: all)')
-    check.add_argument('--threads', type=int, default=1, help='ncnn threads')
+    check.add_argument('--samples', type=_at_least(0), default=0,
+                       help='validation images (0: all)')
+    check.add_argument('--threads', type=_at_least(1), default=1, help='ncnn threads')
     check.add_argument('--no-packing', action='store_true',
                        help='ncnn packing layout off (the bit-exact path)')
-    check.add_argument('--report', help='JSON report path (default: <folder>/verify.json)')
+    check.add_argument('--report', help='JSON report path (default: <run>/verify.json for '
+                       "the run's own export, as `qat train` writes it; else <folder>/verify.json)")
 
     calibrating = commands.add_parser('calibrate', help='post-training quantization of a '
                                       'float model from images: table and ncnn int8 model '
@@ -100,8 +117,10 @@ def _parser():
     demo_command = commands.add_parser('demo', help='float vs simulated int8/int4 on the '
                                        'bundled digits')
     demo_command.add_argument('--model', default='cifar_resnet20_v1', help='GluonCV model name')
-    demo_command.add_argument('--size', type=int, default=16, help='input size (pixels)')
-    demo_command.add_argument('--epochs', type=int, default=6, help='float training epochs')
+    demo_command.add_argument('--size', type=_at_least(1), default=16,
+                              help='input size (pixels)')
+    demo_command.add_argument('--epochs', type=_at_least(0), default=6,
+                              help='float training epochs')
     demo_command.add_argument('--seed', type=int, default=0)
     demo_command.add_argument('--folder', default='checkpoints',
                               help='where the float weights are kept (created)')
@@ -110,14 +129,23 @@ def _parser():
 
 
 def main(argv=None):
+    """Run one subcommand. A UserError (or an OSError: a full disk, a folder that cannot be
+    written) is one line on stderr and exit status 2, its traceback only with ``-v``; Ctrl-C
+    is status 130 with a hint how to continue."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format='%(levelname)s %(name)s: %(message)s')
     try:
         return args.handler(args)
-    except USER_ERRORS as err:
-        print(f"qat {args.command}: {err}", file=sys.stderr)
+    except (UserError, OSError) as err:
+        if args.verbose:
+            raise
+        print(f"qat {args.command}: {str(err).strip()}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = ' (continue with --resume)' if args.command == 'train' else ''
+        print(f"qat {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == '__main__':

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
+from .errors import UserError
+
 BITS = (2, 8)                      # the widths a layer can be simulated at (int8 storage)
 GRANULARITIES = ('channel', 'tensor')
 RANGE_TRACKERS = ('ema', 'max')
@@ -47,27 +49,27 @@ class QuantConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) \
                     or not low <= value <= high:
-                raise ValueError(f"QuantConfig.{name} must be an integer in {low}..{high}, "
+                raise UserError(f"QuantConfig.{name} must be an integer in {low}..{high}, "
                                  f"got {value!r}")
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
-                raise ValueError(f"QuantConfig.{name} must be one of {choices}, "
+                raise UserError(f"QuantConfig.{name} must be one of {choices}, "
                                  f"got {getattr(self, name)!r}")
         if isinstance(self.range_momentum, bool) \
                 or not isinstance(self.range_momentum, (int, float)) \
                 or not 0.0 <= float(self.range_momentum) < 1.0:
-            raise ValueError(f"QuantConfig.range_momentum must be in [0, 1), "
+            raise UserError(f"QuantConfig.range_momentum must be in [0, 1), "
                              f"got {self.range_momentum!r}")
         for name in ('input_signed', 'fake_bn'):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"QuantConfig.{name} must be true or false, "
+                raise UserError(f"QuantConfig.{name} must be true or false, "
                                  f"got {getattr(self, name)!r}")
 
     def updated(self, **changes):
         """A copy with some fields changed (validated)."""
         unknown = set(changes) - {f.name for f in fields(self)}
         if unknown:
-            raise ValueError(f"unknown QuantConfig field(s) {sorted(unknown)}; "
+            raise UserError(f"unknown QuantConfig field(s) {sorted(unknown)}; "
                              f"valid: {[f.name for f in fields(self)]}")
         return replace(self, **changes)
 
@@ -83,7 +85,7 @@ class QuantConfig:
         """The config saved by ``to_vector`` (a float32 array)."""
         vector = np.asarray(vector, np.float32)
         if int(vector[0]) != CHECKPOINT_FORMAT or len(vector) != len(VECTOR_FIELDS) + 1:
-            raise ValueError(f"a saved QuantConfig of format {vector[0]:g} with "
+            raise UserError(f"a saved QuantConfig of format {vector[0]:g} with "
                              f"{len(vector) - 1} fields; this version reads format "
                              f"{CHECKPOINT_FORMAT} ({len(VECTOR_FIELDS)} fields)")
         values = {}
@@ -161,26 +163,26 @@ class QuantScheme:
         extra = {'first_layer_bits', 'exclude', 'layers'}
         unknown = sorted(set(values) - names - extra)
         if unknown:
-            raise ValueError(f"{origin}.{unknown[0]}: unknown key; valid: "
+            raise UserError(f"{origin}.{unknown[0]}: unknown key; valid: "
                              f"{', '.join(sorted(names | extra))}")
         try:
             default = QuantConfig(**{k: v for k, v in values.items() if k in names})
         except ValueError as err:
-            raise ValueError(f"{origin}: {err}") from None
+            raise UserError(f"{origin}: {err}") from None
         by_name = {}
         for pattern, override in (values.get('layers') or {}).items():
             if override is None:
                 by_name[pattern] = None
                 continue
             if not isinstance(override, dict):
-                raise ValueError(f"{origin}.layers.{pattern}: a mapping of QuantConfig "
+                raise UserError(f"{origin}.layers.{pattern}: a mapping of QuantConfig "
                                  f"fields or null (float), got {override!r}")
             try:
                 by_name[pattern] = default.updated(**override)
             except ValueError as err:
-                raise ValueError(f"{origin}.layers.{pattern}: {err}") from None
+                raise UserError(f"{origin}.layers.{pattern}: {err}") from None
         try:
             return cls(default, by_name, values.get('first_layer_bits'),
                        exclude=tuple(values.get('exclude') or ()))
         except ValueError as err:
-            raise ValueError(f"{origin}.first_layer_bits: {err}") from None
+            raise UserError(f"{origin}.first_layer_bits: {err}") from None

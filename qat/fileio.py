@@ -8,6 +8,14 @@ import json
 import os
 import tempfile
 
+from .errors import MissingFileError, UserError
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
 
 @contextlib.contextmanager
 def atomic_path(path, suffix=''):
@@ -18,6 +26,7 @@ def atomic_path(path, suffix=''):
     os.makedirs(folder, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix=suffix)
     os.close(handle)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a file we write follows the umask
     try:
         yield tmp
         os.replace(tmp, path)
@@ -46,6 +55,6 @@ def read_json(path):
         with open(path) as handle:
             return json.load(handle)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: file not found") from None
+        raise MissingFileError(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); the file is damaged") from None
+        raise UserError(f"{path}: not valid JSON ({err}); the file is damaged") from None

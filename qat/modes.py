@@ -10,6 +10,7 @@ import logging
 
 from mxnet.gluon import HybridBlock
 
+from .errors import UserError
 from .nn import quant_blocks, walk
 from .ops import MAX_THRESHOLD, MIN_THRESHOLD
 
@@ -30,7 +31,7 @@ def clear_cached_graphs(net):
 def _blocks(net):
     blocks = [block for _, block in quant_blocks(net)]
     if not blocks:
-        raise ValueError(f"{net.name} has no quantized blocks: call convert_model first")
+        raise UserError(f"{net.name} has no quantized blocks: call convert_model first")
     return blocks
 
 
@@ -137,4 +138,4 @@ def check_calibrated(blocks):
     """Raise naming the first block whose input quantization has no range."""
     for block in blocks:
         if block.mode['quantize_input'] and block.input_threshold() is None:
-            raise ValueError(f"{block.name}: input range is unset; run qat.calibrate first")
+            raise UserError(f"{block.name}: input range is unset; run qat.calibrate first")

@@ -2,6 +2,7 @@
 ``qat.modes.deployed``), through forward hooks."""
 import logging
 
+from .errors import UserError
 from .modes import deployed
 from .nn import quant_blocks
 
@@ -35,7 +36,7 @@ def capture(net, x, block, output=False):
     finally:
         handle.detach()
     if not seen:
-        raise ValueError(f"{block.name} did not run in {net.name}'s forward pass (is the net "
+        raise UserError(f"{block.name} did not run in {net.name}'s forward pass (is the net "
                          f"hybridized outside `deployed`?)")
     return seen[0]
 
@@ -64,7 +65,7 @@ def run_with_layer(net, x, block):
     finally:
         handle.detach()
     if 'io' not in seen:
-        raise ValueError(f"{block.name} did not run in {net.name}'s forward pass")
+        raise UserError(f"{block.name} did not run in {net.name}'s forward pass")
     return (out,) + seen['io']
 
 

@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from ..batches import labeled_batches
+from ..errors import UserError
 from ..metrics import top1
 from ..modes import deployed, quantized_only
 from ..nn import quant_blocks
@@ -68,19 +69,19 @@ def mixed_precision(net, data, budget, max_layers=None, action='float', ranking=
     promoted layers: ``layers`` (tuple), ``accuracy``, ``drop``), ``chosen`` (index into
     steps), ``layers`` (the promoted layers), ``met`` (bool), ``total_layers``."""
     if action not in ACTIONS:
-        raise ValueError(f"unknown mixed-precision action {action!r}; valid: {sorted(ACTIONS)}")
+        raise UserError(f"unknown mixed-precision action {action!r}; valid: {sorted(ACTIONS)}")
     if not budget >= 0:
-        raise ValueError(f"accuracy budget must be >= 0 points, got {budget!r}")
+        raise UserError(f"accuracy budget must be >= 0 points, got {budget!r}")
     batches, labels = labeled_batches(data, max_samples)
     if labels is None:
-        raise ValueError("mixed precision needs labeled data: batches of (data, label)")
+        raise UserError("mixed precision needs labeled data: batches of (data, label)")
     blocks = {block.name: block for _, block in quant_blocks(net)}
     if ranking is None:
         pairs = zip(batches, np.split(labels, np.cumsum([len(x) for x in batches])[:-1]))
         ranking = ranked_layers(sensitivity(net, list(pairs), progress=progress))
     unknown = [name for name in ranking if name not in blocks]
     if unknown:
-        raise ValueError(f"ranking names unknown layers {unknown}; valid: {sorted(blocks)}")
+        raise UserError(f"ranking names unknown layers {unknown}; valid: {sorted(blocks)}")
     candidates = [name for name in ranking if blocks[name].mode['quantize']]
     limit = len(candidates) if max_layers is None else min(max_layers, len(candidates))
     with deployed(net, imperative=False):

@@ -18,7 +18,7 @@ from ..batches import labeled_batches
 from ..metrics import ErrorStats, top1
 from ..modes import check_calibrated, deployed, quantized_only
 from ..probes import execution_order, run_with_layer
-from ..report import bar_panels, fmt_number, format_table
+from ..report import bar_panels, fmt_number, format_table, progress as layer_bar
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def sensitivity(net, data, max_samples=None, progress=None):
             float_out = [_numpy(net(x)) for x in batches]
         float_accuracy = None if labels is None else _accuracy(float_out, labels)
         rows = []
-        for number, block in enumerate(order, 1):
+        for number, block in enumerate(layer_bar(order, label='sensitivity', unit='layer'), 1):
             out_stats, layer_stats, outputs = ErrorStats(), ErrorStats(), []
             with quantized_only(net, {block}):
                 for x, reference in zip(batches, float_out):

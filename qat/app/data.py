@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import mxnet as mx
 
+from ..errors import DataError, MissingFileError
+
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.pgm', '.tif', '.tiff', '.webp')
 CIFAR10_FILES = [f'data_batch_{i}.bin' for i in range(1, 6)] + ['test_batch.bin']
 
@@ -118,8 +120,13 @@ class Preprocess:
         order, then ``substract_mean_normalize(mean, norm)``)."""
         return {'pixel': self.pixel if self.channels == 3 else 'GRAY',
                 'height': self.size[0], 'width': self.size[1],
-                'mean': [float(m) for m in self.mean],
-                'norm': [float(n) for n in self.norm]}
+                'mean': [_short(m) for m in self.mean], 'norm': [_short(n) for n in self.norm]}
+
+
+def _short(value):
+    """The shortest decimal that is the same float32 (ncnn's tools read at most 19
+    characters of a number: 0.007843137718737125 would be misread)."""
+    return float(np.format_float_positional(np.float32(value), unique=True))
 
 
 @dataclass(frozen=True)
@@ -162,7 +169,7 @@ def _read_image(path):
     import cv2
     img = cv2.imread(path, cv2.IMREAD_COLOR)
     if img is None:
-        raise ValueError(f"cannot read image {path}")
+        raise DataError(f"cannot read image {path}")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
@@ -171,7 +178,7 @@ class FileSet:
 
     def __init__(self, paths, labels, name):
         if not paths:
-            raise ValueError(f"{name}: no images")
+            raise DataError(f"{name}: no images")
         self.paths, self.labels, self.name = list(paths), np.asarray(labels, np.int64), name
 
     def __len__(self):
@@ -191,7 +198,7 @@ class RecordSet:
         self._keys = list(self._record.keys)
         self._lock = threading.Lock()  # reads seek a shared file handle
         if not self._keys:
-            raise ValueError(f"{rec_path}: no records")
+            raise DataError(f"{rec_path}: no records")
 
     def __len__(self):
         return len(self._keys)
@@ -203,7 +210,7 @@ class RecordSet:
         header, payload = mx.recordio.unpack(packed)
         img = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
         if img is None:
-            raise ValueError(f"{self.name}: record {self._keys[i]} is not an image")
+            raise DataError(f"{self.name}: record {self._keys[i]} is not an image")
         label = np.asarray(header.label).reshape(-1)[0]
         return cv2.cvtColor(img, cv2.COLOR_BGR2RGB), int(label)
 
@@ -230,11 +237,11 @@ def folder_set(section, split):
     classes = _class_folders(_split_path(section, 'train'))
     folder = _split_path(section, split)
     if not classes:
-        raise ValueError(f"data.train: {_split_path(section, 'train')} has no class "
+        raise DataError(f"data.train: {_split_path(section, 'train')} has no class "
                          "subfolders (expected <class>/<image> files)")
     extra = sorted(set(_class_folders(folder)) - set(classes))
     if extra:
-        raise ValueError(f"data.{split}: classes {extra} of {folder} are not in the "
+        raise DataError(f"data.{split}: classes {extra} of {folder} are not in the "
                          f"training classes {classes}")
     paths, labels = [], []
     for label, name in enumerate(classes):
@@ -242,8 +249,12 @@ def folder_set(section, split):
         paths += files
         labels += [label] * len(files)
     if not paths:
-        raise ValueError(f"data.{split}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the "
-                         f"class subfolders of {folder}")
+        raise DataError(f"data.{split}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the "
+                        f"class subfolders of {folder}")
+    empty = sorted(set(classes) - {classes[label] for label in labels})
+    if empty and split == 'train':
+        raise DataError(f"data.train: class {empty[0]!r} has no images "
+                        f"({', '.join(IMAGE_EXTENSIONS)}) in {os.path.join(folder, empty[0])}")
     return FileSet(paths, labels, folder)
 
 
@@ -257,12 +268,15 @@ def list_set(section, split):
                 continue
             parts = line.rsplit(None, 1)
             if len(parts) != 2 or not parts[1].lstrip('-').isdigit():
-                raise ValueError(f"data.{split}: {list_file}:{number}: expected 'path label', "
+                raise DataError(f"data.{split}: {list_file}:{number}: expected 'path label', "
                                  f"got {line.strip()!r}")
-            paths.append(os.path.join(section['root'], parts[0].strip()))
+            path = os.path.join(section['root'], parts[0].strip())
+            if not os.path.isfile(path):
+                raise DataError(f"data.{split}: {list_file}:{number}: image not found: {path}")
+            paths.append(path)
             labels.append(int(parts[1]))
     if not paths:
-        raise ValueError(f"data.{split}: {list_file} lists no images")
+        raise DataError(f"data.{split}: {list_file} lists no images")
     return FileSet(paths, labels, list_file)
 
 
@@ -319,10 +333,10 @@ def missing_files(section):
 def open_split(section, split):
     """The ``train`` or ``val`` dataset of a recipe's ``data`` section."""
     if section['source'] not in SOURCES:
-        raise ValueError(f"unknown data.source {section['source']!r}; valid: {sorted(SOURCES)}")
+        raise DataError(f"unknown data.source {section['source']!r}; valid: {sorted(SOURCES)}")
     problems = missing_files(section)
     if problems:
-        raise FileNotFoundError('; '.join(f"{k}: {p}" for k, p in problems))
+        raise MissingFileError('; '.join(f"{k}: {p}" for k, p in problems))
     return SOURCES[section['source']][0](section, split)
 
 
@@ -333,18 +347,27 @@ def epoch_order(n, seed, epoch):
     return np.random.RandomState([seed, epoch]).permutation(n)
 
 
+def _check_batch_labels(dataset, items, classes):
+    labels = np.array([label for _, label in items])
+    if classes is not None and len(labels) and (labels.min() < 0 or labels.max() >= classes):
+        bad = int(labels[(labels < 0) | (labels >= classes)][0])
+        raise DataError(f"{dataset.name}: label {bad} is outside [0, {classes}) (the model's "
+                        f"classes)")
+
+
 def iterate(dataset, preprocess, batch_size, order=None, start=0, augment=None,
-            augment_seed=(0,), workers=0):
+            augment_seed=(0,), workers=0, classes=None):
     """Yield (data, label) NDArray batches: ``preprocess`` applied to ``dataset`` items taken in
     ``order`` (default: dataset order), from batch number ``start`` on. ``augment`` (training
     only) draws from a generator seeded with ``augment_seed + (batch number,)``. ``workers``
-    threads decode images."""
+    threads decode images. ``classes``: labels must lie in [0, classes)."""
     order = np.arange(len(dataset)) if order is None else np.asarray(order)
     pool = ThreadPoolExecutor(workers) if workers else None
     fetch = pool.map if pool else map
     try:
         for number in range(start, (len(order) + batch_size - 1) // batch_size):
             items = list(fetch(dataset.item, order[number * batch_size:(number + 1) * batch_size]))
+            _check_batch_labels(dataset, items, classes)
             data = preprocess([image for image, _ in items])
             if augment is not None:
                 data = augment(data, np.random.RandomState(list(augment_seed) + [number]))

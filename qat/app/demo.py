@@ -2,12 +2,12 @@
 int8 / int4, post-training and after a short QAT fine-tune, without a recipe."""
 import os
 
+from . import models
 from ..calibration import calibrate
 from ..config import QuantConfig, QuantScheme
 from ..convert import convert_model, save_parameters
 from ..modes import freeze_bn, freeze_ranges
 from ..report import format_table
-from . import models
 from .data import batches, digits
 from .trainer import evaluate, fit
 

@@ -18,10 +18,11 @@ from mxnet.gluon import Block
 
 from ..calibration import calibrate
 from ..convert import convert_model
+from ..errors import UserError
 from ..modes import freeze_bn
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A model that cannot be built; the message names the model, option or file."""
 
 

@@ -23,14 +23,15 @@ import mxnet as mx
 import numpy as np
 from mxnet.gluon import nn
 
+from . import models
 from ..analysis import comparison
 from ..calibration import METHODS, calibrate, easyquant
 from ..config import BITS, QuantScheme
 from ..convert import convert_model
 from ..deploy import WINOGRAD_POLICIES, export, format_report, verify
+from ..errors import UserError
 from ..nn import quant_blocks, walk
 from ..report import write_report
-from . import models
 from .data import IMAGE_EXTENSIONS, FileSet, Preprocess, iterate
 
 SEARCH_SAMPLES = easyquant.MAX_SAMPLES
@@ -43,7 +44,7 @@ DESCRIPTION = ("ncnn2table + ncnn2int8 for a float Gluon model: build it (GluonC
                "(no table lines). Single-input models only.")
 
 
-class UsageError(ValueError):
+class UsageError(UserError):
     """A bad command-line value; the message names the option, file or value."""
 
 

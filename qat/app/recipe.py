@@ -8,24 +8,26 @@ schema for the README, so the docs cannot drift from the code.
 """
 import difflib
 import logging
+import math
 import os
 import re
 from typing import NamedTuple
 
 import yaml
 
+from . import data as data_module
+from . import models
 from ..calibration import METHODS as CALIBRATION_METHODS
 from ..config import BITS as BIT_RANGE, GRANULARITIES, RANGE_TRACKERS, QuantScheme
 from ..deploy import THRESHOLDS, WINOGRAD_POLICIES
+from ..errors import UserError
 from ..fileio import atomic_write
-from . import data as data_module
-from . import models
 from .trainer import OPTIMIZERS, SCHEDULES
 
 log = logging.getLogger(__name__)
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError):
     """A recipe (file or override) that cannot run; the message names the file and the key."""
 
 
@@ -48,6 +50,12 @@ def at_least(low):
 
 def fraction():
     return (lambda v: 0 <= v < 1), "in [0, 1)"
+
+
+def plain_name():
+    """A file or folder name, not a path: it cannot reach outside its parent folder."""
+    return ((lambda v: bool(re.fullmatch(r'[\w][\w.+-]*', v))),
+            "a plain name (letters, digits, . _ + -; no / or ..)")
 
 
 def positive():
@@ -93,7 +101,8 @@ def _training(epochs, lr, doc):
 SCHEMA = {
     'run': {
         'name': Key('', 'str', 'run name; outputs go to `<out>/<name>/` (empty: the recipe '
-                    "file's name)"),
+                    "file's name)", (lambda v: v == '' or plain_name()[0](v),
+                                     plain_name()[1])),
         'out': Key('checkpoints', 'str', 'folder holding the run folders'),
         'seed': Key(0, 'int', 'seeds python, numpy and mxnet; the data order of an epoch is '
                     'derived from seed and epoch, so a resumed run sees the same batches'),
@@ -192,7 +201,7 @@ SCHEMA = {
     }),
     'export': {
         'enabled': Key(True, 'bool', 'write the ncnn int8 model (`<out>/<name>/export/`)'),
-        'name': Key('model', 'str', 'file name stem of the exported model'),
+        'name': Key('model', 'str', 'file name stem of the exported model', plain_name()),
         'input_shape': Key([], 'ints', '`[C, H, W]` of the exported input; empty: from '
                            '`preprocess`', each(at_least(1))),
         'winograd': Key('off', 'str', "ncnn's int8 3x3 Winograd path is exact only for small "
@@ -227,11 +236,13 @@ def _float(v):
         raise ValueError("a number")
     if isinstance(v, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
         try:
-            return float(v)
+            v = float(v)
         except ValueError:
             raise ValueError("a number") from None
     if not isinstance(v, (int, float)):
         raise ValueError("a number")
+    if not math.isfinite(v):  # .nan / .inf would train at chance and deploy garbage
+        raise ValueError("a finite number")
     return float(v)
 
 

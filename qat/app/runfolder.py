@@ -6,15 +6,31 @@ after the files it names (``<stage>/e<epoch>-s<step>.params`` with the quantizat
 configs, ``.states`` with the optimizer state), so a killed run resumes from the last commit.
 Only rank 0 writes; the others read what it wrote.
 """
+import logging
 import os
+import socket
 
 import yaml
 
 from ..convert import load_parameters, save_parameters
+from ..errors import BusyError, ExistsError, UserError
 from ..fileio import atomic_path, read_json, write_json
 from .recipe import dump as dump_recipe
 
 FORMAT_VERSION = 1
+LOCK = '.lock'
+
+log = logging.getLogger(__name__)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
 
 
 class RunFolder:
@@ -28,17 +44,73 @@ class RunFolder:
     def path(self, *parts):
         return os.path.join(self.folder, *parts)
 
+    # ----- the lock: one writer per run folder ------------------------------------------
+    def lock(self):
+        """Take the folder's lock (rank 0; the file ``.lock`` holds host and pid). Another
+        live writer is a BusyError naming it; a lock left by a dead process is taken over."""
+        if self.rank != 0:
+            return
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"run.out: cannot create the run folder {self.folder}: "
+                            f"{err.strerror or err}") from None
+        for attempt in (1, 2):
+            try:
+                handle = os.open(self.path(LOCK), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None or attempt == 2:
+                    raise BusyError(f"{self.folder} is being written by another run "
+                                    f"({self._describe(holder)}, lock {self.path(LOCK)}); "
+                                    f"wait for it, or choose another run.name") from None
+                continue
+            except OSError as err:
+                raise UserError(f"run.out: cannot write into {self.folder}: "
+                                f"{err.strerror or err}") from None
+            with os.fdopen(handle, 'w') as f:
+                f.write(f"{socket.gethostname()} {os.getpid()}\n")
+            self._locked = True
+            return
+
+    def _holder(self):
+        """(host, pid) of a live lock holder other than this process; None after removing a
+        stale lock (its process is gone)."""
+        try:
+            with open(self.path(LOCK)) as f:
+                host, pid = f.read().split()
+            pid = int(pid)
+        except (OSError, ValueError):
+            return ('?', '?')  # being written right now, or unreadable: treat as held
+        if host == socket.gethostname() and (pid == os.getpid() or not _alive(pid)):
+            if pid != os.getpid():
+                log.warning("%s: taking over the lock of process %d, which is gone",
+                            self.folder, pid)
+            os.remove(self.path(LOCK))
+            return None
+        return host, pid
+
+    @staticmethod
+    def _describe(holder):
+        return 'a process' if holder is None else f"process {holder[1]} on {holder[0]}"
+
+    def unlock(self):
+        if getattr(self, '_locked', False):
+            self._locked = False
+            if os.path.exists(self.path(LOCK)):
+                os.remove(self.path(LOCK))
+
     def start(self, recipe, resume):
         """The state to continue from: a fresh one (the recipe saved), or with ``resume`` the
         last commit (the recipe must be the saved one)."""
         state_file = self.path('state.json')
         if os.path.exists(state_file) and not resume:
-            raise FileExistsError(f"{self.folder} already holds a run: continue it with "
+            raise ExistsError(f"{self.folder} already holds a run: continue it with "
                                   f"--resume, or choose another run.name (--set run.name=...)")
         if resume and os.path.exists(state_file):
             state = read_json(state_file)
             if state.get('format_version') != FORMAT_VERSION:
-                raise ValueError(f"{state_file}: checkpoint format "
+                raise UserError(f"{state_file}: checkpoint format "
                                  f"{state.get('format_version')}, this version reads "
                                  f"{FORMAT_VERSION}")
             with open(self.path('recipe.yaml')) as f:
@@ -46,7 +118,7 @@ class RunFolder:
             changed = [f"{s}.{k}" for s in saved for k in saved[s]
                        if recipe.get(s, {}).get(k) != saved[s][k]]
             if changed:
-                raise ValueError(f"{self.path('recipe.yaml')}: --resume with a different "
+                raise UserError(f"{self.path('recipe.yaml')}: --resume with a different "
                                  f"recipe (changed: {', '.join(changed)}); resume with the "
                                  "same recipe and overrides")
             self.state = state
@@ -57,6 +129,7 @@ class RunFolder:
         if self.rank == 0:
             os.makedirs(self.folder, exist_ok=True)
             dump_recipe(recipe, self.path('recipe.yaml'))
+        self.commit()  # the folder always holds a state: --resume starts from here
         return self.state
 
     def commit(self, **changes):

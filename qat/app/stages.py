@@ -18,16 +18,18 @@ import os
 import mxnet as mx
 import numpy as np
 
+from . import models
 from ..batches import Reiterable
 from ..calibration import calibrate
 from ..config import QuantScheme
 from ..convert import convert_model, load_parameters
 from ..deploy import export, verify
-from ..fileio import write_json
+from ..errors import MissingFileError, UserError
+from ..fileio import read_json, write_json
 from ..metrics import accuracy
 from ..modes import freeze_bn, freeze_ranges, quantize_input
 from ..nn import quant_blocks
-from . import models
+from .checks import check_devices, check_labels, check_model, open_splits
 from .data import Augment, Preprocess, epoch_order, iterate, open_split
 from .recipe import load as load_recipe
 from .reports import Scalars, results_table, scheme_name, write_summary
@@ -52,12 +54,13 @@ def build_model(section, input_shape, contexts, seed):
                         input_shape=input_shape)
 
 
-def validation_batches(recipe, preprocess, limit=None):
-    """The recipe's validation data, preprocessed, in order (``limit`` samples at most)."""
+def validation_batches(recipe, preprocess, limit=None, classes=None):
+    """The recipe's validation data, preprocessed, in order (``limit`` samples at most;
+    ``classes``: labels must lie in [0, classes))."""
     dataset = open_split(recipe['data'], 'val')
     order = np.arange(len(dataset))[:limit or None]
     return iterate(dataset, preprocess, recipe['run']['eval_batch_size'], order=order,
-                   workers=recipe['data']['workers'])
+                   workers=recipe['data']['workers'], classes=classes)
 
 
 class Run(Trainer):
@@ -68,18 +71,32 @@ class Run(Trainer):
         run = recipe['run']
         self.seed = run['seed']
         self.devices = Devices(run['devices'], run['kvstore'])
+        self.preprocess = Preprocess.from_recipe(recipe['preprocess'])
+        self._validate()  # before anything is written
         self.folder = RunFolder(os.path.join(run['out'], run['name']), self.devices.rank,
                                 self.devices.barrier)
-        self.preprocess = Preprocess.from_recipe(recipe['preprocess'])
-        self.folder.start(recipe, resume)
-        self.train_set = open_split(recipe['data'], 'train')
-        self.augment = Augment(recipe['data']['flip'], recipe['data']['pad_crop'])
-        self.scalars = None
-        if run['tensorboard'] and self.devices.rank == 0:
-            self.scalars = Scalars(self.folder.path('tensorboard'),
-                                   self.folder.state['global_step'] + 1 if resume else None)
-        self._final = None
-        self.devices.barrier()  # every worker has read the state before anyone writes
+        self.folder.lock()
+        try:
+            self.folder.start(recipe, resume)
+            self.augment = Augment(recipe['data']['flip'], recipe['data']['pad_crop'])
+            self.scalars = None
+            if run['tensorboard'] and self.devices.rank == 0:
+                self.scalars = Scalars(self.folder.path('tensorboard'),
+                                       self.folder.state['global_step'] + 1 if resume else None)
+            self._final = None
+            self.devices.barrier()  # every worker has read the state before anyone writes
+        except BaseException:
+            self.folder.unlock()
+            raise
+
+    def _validate(self):
+        """The checks of ``qat.app.checks``: devices, data, model, labels, exclusions."""
+        check_devices(self.devices.contexts, self.recipe['run']['devices'])
+        self.train_set, val_set = open_splits(self.recipe['data'])
+        net = build_model(self.recipe['model'], None, self.devices.contexts, self.seed)
+        self.classes = check_model(net, self.preprocess.input_shape,
+                                   self.recipe['quantize']['exclude'], self.devices.contexts[0])
+        check_labels((self.train_set, val_set), self.classes)
 
     # ----- data and logging ----------------------------------------------------------------
     @property
@@ -91,7 +108,7 @@ class Run(Trainer):
             self.scalars.add(self.folder.state['global_step'], values)
 
     def val_batches(self, limit=None):
-        return validation_batches(self.recipe, self.preprocess, limit)
+        return validation_batches(self.recipe, self.preprocess, limit, self.classes)
 
     def calibration_batches(self):
         """The first ``calibrate.batches`` training batches in a fixed order, re-iterable
@@ -137,7 +154,8 @@ class Run(Trainer):
             self.train('float', STAGES.index('float'), net, section)
         self.folder.save(net, 'float.params')
         acc = self.evaluate(net)
-        self.log({'float/accuracy': acc})
+        if not section['epochs']:  # the last epoch logged it otherwise
+            self.log({'float/accuracy': acc})
         self.folder.finish_stage('float', float=acc)
 
     def stage_ptq(self):
@@ -200,7 +218,8 @@ class Run(Trainer):
                        winograd=section['winograd'])
         write_json(os.path.join(folder, 'preprocess.json'), self.preprocess.ncnn())
         self.out(f"exported to {folder}")
-        self.folder.finish_stage('export', export={k: str(v) for k, v in paths.items()})
+        self.folder.finish_stage('export', export={  # relative: the run folder can move
+            k: os.path.relpath(v, self.folder.folder) for k, v in paths.items()})
 
     def stage_verify(self):
         section = self.recipe['verify']
@@ -228,6 +247,7 @@ class Run(Trainer):
         finally:
             if self.scalars is not None:
                 self.scalars.close()
+            self.folder.unlock()
         state = self.folder.state
         table = results_table(self.recipe, state['results'])
         if self.devices.rank == 0:
@@ -248,23 +268,25 @@ def run_recipe(path, overrides=(), resume=False, callbacks=(), out=print, check_
 
 
 def load_run(folder):
-    """(final net, resolved recipe, Preprocess) of a run folder written by ``run_recipe``:
-    the QAT result (the PTQ one if QAT did not run), on the CPU, modes and configs
-    restored."""
+    """(final net, resolved recipe, Preprocess) of a run folder written by ``run_recipe``
+    whose QAT stage finished (its result; with no QAT epochs, the PTQ net), on the CPU,
+    modes and configs restored. A folder that is not a run, or a run stopped before the end
+    of QAT, is an error naming it."""
     recipe_file = os.path.join(folder, 'recipe.yaml')
     if not os.path.isfile(recipe_file):
-        raise FileNotFoundError(f"{folder} is not a run folder (no recipe.yaml): run "
-                                f"`qat train` first")
+        raise MissingFileError(f"{folder} is not a run folder (no recipe.yaml): run "
+                               f"`qat train` first")
+    state = read_json(os.path.join(folder, 'state.json'))
+    if 'qat' not in state.get('done', []):
+        missing = next(stage for stage in STAGES if stage not in state.get('done', []))
+        raise UserError(f"{folder}: the run stopped before finishing stage {missing!r} "
+                        f"(there is no final net to export yet): continue it with "
+                        f"`qat train <recipe> --resume`")
     recipe = load_recipe(recipe_file, check_files=False)
-    params = [os.path.join(folder, name) for name in ('qat.params', 'ptq.params')]
-    params = [path for path in params if os.path.isfile(path)]
-    if not params:
-        raise FileNotFoundError(f"{folder}: neither qat.params nor ptq.params; the run has "
-                                f"not reached post-training quantization (resume it)")
     preprocess = Preprocess.from_recipe(recipe['preprocess'])
     contexts = [mx.cpu()]
     net = build_model(dict(recipe['model'], checkpoint=''), preprocess.input_shape, contexts,
                       recipe['run']['seed'])
     convert_model(net, config=quant_scheme(recipe['quantize']))
-    load_parameters(net, params[0], ctx=contexts)
+    load_parameters(net, os.path.join(folder, 'qat.params'), ctx=contexts)
     return net, recipe, preprocess

@@ -19,6 +19,7 @@ import numpy as np
 from mxnet import autograd, gluon, nd
 
 from ..analysis.stats import layer_stats
+from ..errors import NonFiniteError
 from ..metrics import accuracy
 from ..nn import quant_blocks
 from ..report import progress
@@ -104,6 +105,16 @@ def reseed(*numbers):
     random.seed(seed)
     np.random.seed(seed)
     mx.random.seed(seed)
+
+
+def check_finite(net, where, folder):
+    """Refuse to checkpoint a net with a NaN or infinite parameter (a ReLU can hide it from
+    the loss), naming it; the last good checkpoint stays."""
+    for param in net.collect_params().values():
+        if param._data is not None and not np.all(np.isfinite(param.data().asnumpy())):
+            raise NonFiniteError(f"{where}: parameter {param.name} holds NaN or infinite "
+                                 f"values; stopped, the last good checkpoint is kept in "
+                                 f"{folder.folder} (lower the learning rate, then resume)")
 
 
 class StopRun(Exception):
@@ -202,7 +213,7 @@ class Devices:
 class Trainer:
     """The data and the checkpointed training loop of a recipe run; ``qat.app.stages.Run``
     adds the stages. Needs ``recipe``, ``seed``, ``devices``, ``folder`` (a RunFolder),
-    ``train_set``, ``preprocess``, ``augment``, ``callbacks``, ``out``, ``log``."""
+    ``train_set``, ``classes``, ``preprocess``, ``augment``, ``callbacks``, ``out``, ``log``."""
 
     def shard(self, epoch):
         """This worker's samples of ``epoch`` (the order depends on (seed, epoch) only)."""
@@ -240,7 +251,8 @@ class Trainer:
                                        order=self.shard(epoch), start=step,
                                        augment=self.augment,
                                        augment_seed=(self.seed, epoch, devices.rank),
-                                       workers=self.recipe['data']['workers']):
+                                       workers=self.recipe['data']['workers'],
+                                       classes=self.classes):
                 lr = lr_at(epoch * steps + step)
                 trainer.set_learning_rate(lr)
                 xs = gluon.utils.split_and_load(data, devices.contexts, even_split=False)
@@ -254,6 +266,12 @@ class Trainer:
                 trainer.step(data.shape[0] * devices.workers)  # the mean over all samples
                 devices.sync_state(net)
                 loss = sum(float(l.sum().asscalar()) for l in losses)
+                if not math.isfinite(loss):
+                    bar.close()
+                    raise NonFiniteError(
+                        f"{stage} epoch {epoch + 1}, step {step + 1}: the loss is {loss} (lr "
+                        f"{lr:.3g}); stopped, the last good checkpoint is kept in "
+                        f"{folder.folder} (lower {stage}.lr, then resume or start again)")
                 total, seen, step = total + loss, seen + data.shape[0], step + 1
                 folder.state['global_step'] += 1
                 bar.update(1)
@@ -264,6 +282,7 @@ class Trainer:
                     callback(stage, epoch, step, net)
                 if run['checkpoint_steps'] and step % run['checkpoint_steps'] == 0 \
                         and step < steps:
+                    check_finite(net, f"{stage} epoch {epoch + 1}, step {step}", folder)
                     folder.checkpoint(stage, net, trainer, epoch, step, (total, seen))
                     reseed(self.seed, stage_id, epoch, step)
             bar.close()
@@ -279,6 +298,7 @@ class Trainer:
                 scalars.update({f'{stage}/{k}': v for k, v in
                                 layer_stats(net, x.as_in_context(devices.contexts[0])).items()})
             self.log(scalars)
+            check_finite(net, f"{stage} epoch {epoch + 1}", folder)
             folder.state['history'].append(record)
             epoch, step, total, seen = epoch + 1, 0, 0.0, 0
             folder.checkpoint(stage, net, trainer, epoch, step, (total, seen))

@@ -5,8 +5,8 @@ the float activations of a few batches.
 are collected by ``observers`` and reduced by the pure numpy functions of ``thresholds``;
 ``easyquant`` is the scale search.
 """
-from ..nn import quant_blocks
 from . import easyquant, thresholds
+from ..nn import quant_blocks
 from .methods import METHODS, Method, check_options, set_ranges
 from .observers import LOG_EVERY, collect_histograms
 

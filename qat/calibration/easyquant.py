@@ -31,11 +31,12 @@ import mxnet as mx
 import numpy as np
 
 from ..batches import labeled_batches
+from ..errors import UserError
 from ..metrics import cosine_from_sums, cosine_similarity
 from ..modes import check_calibrated, deployed, quantized_only
 from ..nn import QDense
 from ..probes import capture, execution_order
-from ..report import format_table
+from ..report import format_table, progress as layer_bar
 from .methods import set_ranges
 
 log = logging.getLogger(__name__)
@@ -48,9 +49,9 @@ def scale_grid(steps=GRID_STEPS, low=GRID_LOW, high=GRID_HIGH):
     """Candidate multipliers of a scale, float64 (steps + 1,): 1 (the current scale; first,
     so that ties keep it) then ``steps`` values evenly spaced over [low, high]."""
     if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"grid steps must be a positive integer, got {steps!r}")
+        raise UserError(f"grid steps must be a positive integer, got {steps!r}")
     if not 0 < low <= high:
-        raise ValueError(f"grid range must satisfy 0 < low <= high, got [{low}, {high}]")
+        raise UserError(f"grid range must satisfy 0 < low <= high, got [{low}, {high}]")
     return np.concatenate([[1.0], np.linspace(low, high, steps)])
 
 
@@ -170,7 +171,7 @@ def search(net, data, calibration='kl', calibration_data=None, max_samples=MAX_S
     ``input_threshold_start``, ``input_threshold``, ``weight_factor_min``/``max``."""
     grid = scale_grid(steps, low, high)
     if not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
+        raise UserError(f"rounds must be a positive integer, got {rounds!r}")
     if calibration is not None:
         set_ranges(net, data if calibration_data is None else calibration_data, calibration,
                    **calibration_options)
@@ -180,7 +181,7 @@ def search(net, data, calibration='kl', calibration_data=None, max_samples=MAX_S
     check_calibrated(order)
     results = []
     with deployed(net):
-        for number, block in enumerate(order, 1):
+        for number, block in enumerate(layer_bar(order, label='easyquant', unit='layer'), 1):
             x = _gather(net, batches, block, output=False)
             with quantized_only(net, ()):
                 target = _gather(net, batches, block, output=True).asnumpy()

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Callable, Mapping
 
-from ..modes import check_ranges
 from . import observers
 from . import thresholds as th
+from ..errors import UserError
+from ..modes import check_ranges
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ METHODS = {
 def method(name):
     """The registered Method ``name``; an unknown name is an error listing the valid ones."""
     if name not in METHODS:
-        raise ValueError(f"unknown calibration method {name!r}; valid: {sorted(METHODS)}")
+        raise UserError(f"unknown calibration method {name!r}; valid: {sorted(METHODS)}")
     return METHODS[name]
 
 
@@ -97,7 +98,7 @@ def check_options(name, options):
     spec = method(name)
     unknown = set(options) - set(spec.options)
     if unknown:
-        raise ValueError(f"calibration method {name!r} has no option(s) {sorted(unknown)}; "
+        raise UserError(f"calibration method {name!r} has no option(s) {sorted(unknown)}; "
                          f"valid: {sorted(spec.options)}")
     return spec
 
@@ -116,7 +117,7 @@ def set_ranges(net, data, method='ema', num_batches=None, log_every=observers.LO
     and settings give identical thresholds. Returns {block name: threshold}."""
     spec = check_options(method, options)
     if spec.search:
-        raise ValueError(f"{method!r} is a scale search, not a range method: use "
+        raise UserError(f"{method!r} is a scale search, not a range method: use "
                          f"qat.calibrate")
     settings = {**spec.options, **options}
     bins = settings.pop('bins', None)

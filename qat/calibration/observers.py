@@ -17,10 +17,12 @@ from collections.abc import Iterator
 import numpy as np
 from mxnet import nd
 
+from . import thresholds as th
 from .. import ops
+from ..errors import UserError
 from ..modes import temporary_mode
 from ..nn import quant_blocks
-from . import thresholds as th
+from ..report import progress
 
 log = logging.getLogger(__name__)
 
@@ -32,17 +34,22 @@ def _run_pass(net, data, blocks, record, num_batches, log_every, label):
     pre-hook of every block; returns the number of batches."""
     handles = [block.register_forward_pre_hook(record) for block in blocks]
     count = 0
+    total = len(data) if hasattr(data, '__len__') else None
+    bar = progress(label=label, total=min(filter(None, (total, num_batches)), default=None),
+                   unit='batch')
     try:
         for batch in data:
             if num_batches is not None and count >= num_batches:
                 break
             net(batch[0] if isinstance(batch, (tuple, list)) else batch)
             count += 1
+            bar.update(1)
             if log_every and count % log_every == 0:
                 log.info("%s: %d batches", label, count)
             else:
                 log.debug("%s: batch %d", label, count)
     finally:
+        bar.close()
         for handle in handles:
             handle.detach()
     log.info("%s: done, %d batches", label, count)
@@ -76,7 +83,7 @@ def collect(net, blocks, data, num_batches, log_every, method, bins=None):
         count = _run_pass(net, data, blocks, record_range, num_batches, log_every,
                           f"calibration ({method}) pass 1/{passes}")
         if count == 0:
-            raise ValueError("calibration data is empty")
+            raise UserError("calibration data is empty")
         ranges = {block: [float(r.asscalar()) for r in values]
                   for block, values in observed.items()}
         if not bins:
@@ -86,7 +93,7 @@ def collect(net, blocks, data, num_batches, log_every, method, bins=None):
             if values:
                 limits[block] = max(values)
                 if not np.isfinite(limits[block]):
-                    raise ValueError(f"{block.name}: non-finite input during calibration")
+                    raise UserError(f"{block.name}: non-finite input during calibration")
         state = {}
 
         def record_histogram(block, inputs):
@@ -104,7 +111,7 @@ def collect(net, blocks, data, num_batches, log_every, method, bins=None):
         second = _run_pass(net, data, blocks, record_histogram, num_batches, log_every,
                            f"calibration ({method}) pass 2/2")
     if second != count:
-        raise ValueError(f"calibration data gave {count} batches in the first pass and "
+        raise UserError(f"calibration data gave {count} batches in the first pass and "
                          f"{second} in the second: method {method!r} needs the same batches "
                          f"twice")
     histograms = {}
@@ -133,13 +140,13 @@ def collect_histograms(net, data, bins=th.DEFAULT_BINS, num_batches=None,
 def quantized(net):
     blocks = [block for _, block in quant_blocks(net)]
     if not blocks:
-        raise ValueError(f"{net.name} has no quantized blocks: call convert_model first")
+        raise UserError(f"{net.name} has no quantized blocks: call convert_model first")
     return blocks
 
 
 def check_reiterable(data, what):
     if isinstance(data, Iterator):
-        raise ValueError(f"{what} reads the data twice (a max pass, then a histogram pass) "
+        raise UserError(f"{what} reads the data twice (a max pass, then a histogram pass) "
                          f"but got a one-shot iterator ({type(data).__name__}); pass a "
                          f"re-iterable such as a list of batches or a DataLoader")
 

@@ -36,6 +36,8 @@ import math
 
 import numpy as np
 
+from ..errors import UserError
+
 DEFAULT_BINS = 2048        # ncnn2table's num_histogram_bins
 KL_EPS = 1e-4              # ncnn2table's kl_eps, added to both distributions
 DEFAULT_PERCENTILE = 99.99
@@ -68,7 +70,7 @@ GAUSSIAN_CONST = (0.5 * 0.35) * (1 + math.sqrt(math.pi * math.log(4)))
 def qmax(bits, signed=True):
     """Largest code: 2^(bits-1) - 1 (signed) or 2^bits - 1 (unsigned)."""
     if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
-        raise ValueError(f"bits must be an integer in 2..8, got {bits!r}")
+        raise UserError(f"bits must be an integer in 2..8, got {bits!r}")
     return 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
 
 
@@ -102,10 +104,10 @@ class Histogram:
 
     def __init__(self, limit, bins=DEFAULT_BINS, signed=True):
         if not isinstance(bins, int) or isinstance(bins, bool) or bins < 16:
-            raise ValueError(f"bins must be an integer >= 16, got {bins!r}")
+            raise UserError(f"bins must be an integer >= 16, got {bins!r}")
         limit = float(np.float32(limit))
         if not math.isfinite(limit):
-            raise ValueError(f"histogram limit must be finite, got {limit!r}")
+            raise UserError(f"histogram limit must be finite, got {limit!r}")
         self.limit = max(limit, 0.0)
         self.bins = bins
         self.signed = bool(signed)
@@ -128,7 +130,7 @@ class Histogram:
         Returns self."""
         mag = np.asarray(x, np.float32).ravel() if _magnitudes else magnitude(x, self.signed)
         if not np.all(np.isfinite(mag)):
-            raise ValueError("cannot histogram non-finite values")
+            raise UserError("cannot histogram non-finite values")
         index = bin_index(mag, self.limit, self.bins)
         counts = np.bincount(index[index >= 0], minlength=self.bins).astype(np.int64)
         return self.add_counts(counts, mag.size, float(mag.max(initial=0.0)),
@@ -139,7 +141,7 @@ class Histogram:
         ``bin_index``) and the matching statistics. Returns self."""
         counts = np.asarray(counts)
         if counts.shape != (self.bins,):
-            raise ValueError(f"expected {self.bins} counts, got shape {counts.shape}")
+            raise UserError(f"expected {self.bins} counts, got shape {counts.shape}")
         self.counts = self.counts + counts.astype(np.int64)
         self.total += int(total)
         self.absmax = max(self.absmax, float(absmax))
@@ -149,7 +151,7 @@ class Histogram:
     def merge(self, other):
         """A new histogram holding both (same limit, bins and signedness)."""
         if (self.limit, self.bins, self.signed) != (other.limit, other.bins, other.signed):
-            raise ValueError("only histograms with the same limit, bins and signedness merge")
+            raise UserError("only histograms with the same limit, bins and signedness merge")
         merged = Histogram(self.limit, self.bins, self.signed)
         for hist in (self, other):
             merged.add_counts(hist.counts, hist.total, hist.absmax, hist.sample_size)
@@ -195,7 +197,7 @@ class Histogram:
 def _check(hist, bits, signed):
     """The histogram's signedness (``signed`` None means "as the histogram"); validates bits."""
     if signed is not None and bool(signed) != hist.signed:
-        raise ValueError(f"histogram is of {'|x|' if hist.signed else 'max(x, 0)'} but a "
+        raise UserError(f"histogram is of {'|x|' if hist.signed else 'max(x, 0)'} but a "
                          f"{'signed' if signed else 'unsigned'} threshold was asked for")
     qmax(bits, hist.signed)
     return hist.signed
@@ -288,9 +290,9 @@ def aciq(hist, bits=8, signed=None, distribution='gaussian', spread='range'):
     """
     signed = _check(hist, bits, signed)
     if distribution not in ('gaussian', 'laplace'):
-        raise ValueError(f"distribution must be 'gaussian' or 'laplace', got {distribution!r}")
+        raise UserError(f"distribution must be 'gaussian' or 'laplace', got {distribution!r}")
     if spread not in ('range', 'moments'):
-        raise ValueError(f"spread must be 'range' or 'moments', got {spread!r}")
+        raise UserError(f"spread must be 'range' or 'moments', got {spread!r}")
     row = bits if signed else bits + 1
     if hist.nonzero == 0:
         return 0.0
@@ -313,7 +315,7 @@ def percentile(hist, bits=8, signed=None, percentile=DEFAULT_PERCENTILE):
     percentile falls on the zeros (almost all inputs 0) the largest magnitude is returned."""
     _check(hist, bits, signed)
     if not 0 < percentile <= 100:
-        raise ValueError(f"percentile must be in (0, 100], got {percentile!r}")
+        raise UserError(f"percentile must be in (0, 100], got {percentile!r}")
     if hist.nonzero == 0:
         return 0.0
     rank = percentile / 100.0 * hist.total - hist.zeros

@@ -63,6 +63,7 @@ from collections import namedtuple
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 
+from ..errors import UserError
 from ..fileio import atomic_write
 from .ir import ACTIVATIONS
 
@@ -111,7 +112,7 @@ def _caffe_layers(graph):
     for layer in graph.layers:
         build = _BUILDERS.get(layer.kind)
         if build is None:
-            raise ValueError(f"cannot write IR kind {layer.kind!r} (layer {layer.name!r}) "
+            raise UserError(f"cannot write IR kind {layer.kind!r} (layer {layer.name!r}) "
                              f"to Caffe")
         inputs = [shapes[name] for name in layer.inputs]
         shapes[layer.name] = _out_shape(layer, inputs)
@@ -166,7 +167,7 @@ def _weighted(layer, kind, taken, **param):
     act = layer.params.get('activation')
     if act is not None:
         if act[0] not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {act!r} of layer {layer.name!r}")
+            raise UserError(f"unknown activation {act!r} of layer {layer.name!r}")
         name = _unique(f'{layer.name}_{act[0]}', taken)
         out.append(_activation(name, layer.name, layer.name, act))
     return out
@@ -225,17 +226,17 @@ def _round_mode(layer, in_shape):
     """'CEIL' or 'FLOOR': the Caffe rounding that gives MXNet's output shape, checked."""
     p = layer.params
     if any(pad >= k for pad, k in zip(p['pad'], p['kernel'])):
-        raise ValueError(f"Pooling layer {layer.name!r}: Caffe needs pad < kernel, got "
+        raise UserError(f"Pooling layer {layer.name!r}: Caffe needs pad < kernel, got "
                          f"pad {tuple(p['pad'])} kernel {tuple(p['kernel'])}")
     if p['pool'] == 'avg' and any(p['pad']) and not p['count_include_pad']:
-        raise ValueError(f"Pooling layer {layer.name!r}: Caffe's average pooling counts the "
+        raise UserError(f"Pooling layer {layer.name!r}: Caffe's average pooling counts the "
                          f"padding (count_include_pad=False has no Caffe equivalent)")
     axes = list(zip(in_shape[1:], p['kernel'], p['stride'], p['pad']))
     want = [_mxnet_pool_len(*axis, p['full']) for axis in axes]
     for mode in ('CEIL', 'FLOOR'):
         if [_caffe_pool_len(*axis, mode == 'CEIL') for axis in axes] == want:
             return mode
-    raise ValueError(f"Pooling layer {layer.name!r}: no Caffe rounding gives MXNet's output "
+    raise UserError(f"Pooling layer {layer.name!r}: no Caffe rounding gives MXNet's output "
                      f"size {tuple(want)} (input {tuple(in_shape[1:])}, "
                      f"{'full' if p['full'] else 'valid'} convention)")
 
@@ -295,7 +296,7 @@ def _out_shape(layer, inputs):
     if layer.kind == 'Concat':
         axis = p['axis'] % (len(x) + 1) - 1  # MXNet's axis counts the batch
         if axis < 0:
-            raise ValueError(f"Concat layer {layer.name!r}: cannot concatenate the batch axis")
+            raise UserError(f"Concat layer {layer.name!r}: cannot concatenate the batch axis")
         return (*x[:axis], sum(shape[axis] for shape in inputs), *x[axis + 1:])
     if layer.kind == 'Flatten':
         return (int(np.prod(x)),)

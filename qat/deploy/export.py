@@ -11,14 +11,18 @@ Written, all or nothing, into ``folder``::
 Every file is rendered into a temporary folder next to the destination first; only when all
 of them exist are they moved into place, so a failure leaves no partial files.
 """
+import glob
 import json
 import logging
 import os
 import shutil
 import tempfile
 
-from ..fileio import read_json
+import numpy as np
+
 from . import caffe, ncnn, winograd
+from ..errors import MissingFileError, UserError
+from ..fileio import read_json
 from .graph import ExportError, trace
 from .table import render_table
 
@@ -58,7 +62,7 @@ WINOGRAD_POLICIES = {
 
 def winograd_guards(graph, policy='off'):
     if policy not in WINOGRAD_POLICIES:
-        raise ValueError(f"unknown winograd policy {policy!r}; valid: {sorted(WINOGRAD_POLICIES)}")
+        raise UserError(f"unknown winograd policy {policy!r}; valid: {sorted(WINOGRAD_POLICIES)}")
     return WINOGRAD_POLICIES[policy](graph)
 
 
@@ -91,12 +95,29 @@ def read_manifest(folder, name='model'):
     """The manifest of the export ``name`` in ``folder`` (an error naming it if absent)."""
     path = os.path.join(folder, file_names(name)['manifest'])
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no export manifest {path}: export the model first "
+        raise MissingFileError(f"no export manifest {path}: export the model first "
                                 f"(qat export, qat.export)")
     return read_json(path)
 
 
+def _check_finite(graph):
+    """A NaN or infinite weight, bias or scale would be written silently: refuse, naming the
+    layer."""
+    for layer in graph.layers:
+        arrays = dict(layer.weights)
+        if layer.quant is not None:
+            arrays['weight scales'] = layer.quant.weight_scales
+            if layer.quant.input_scale is not None:
+                arrays['input scale'] = np.asarray(layer.quant.input_scale)
+        for what, values in arrays.items():
+            if values is not None and not np.all(np.isfinite(values)):
+                raise ExportError(f"{layer.name}: its {what} hold NaN or infinite values "
+                                  f"(did training diverge?); nothing was exported")
+
+
 def _prepare_folder(folder):
+    """Make ``folder`` and check it is writable; remove staging folders that a killed export
+    left there."""
     try:
         os.makedirs(folder, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=folder, prefix='.probe-')
@@ -104,6 +125,8 @@ def _prepare_folder(folder):
     except OSError as err:
         raise ExportError(f"cannot write to output folder {folder}: {err.strerror or err}") \
             from err
+    for stale in glob.glob(os.path.join(folder, '.export-*')):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def export(net, folder, input_shape, name='model', input_names=('data',), winograd='off'):
@@ -111,8 +134,16 @@ def export(net, folder, input_shape, name='model', input_names=('data',), winogr
 
     input_shape: (C, H, W). winograd: a key of WINOGRAD_POLICIES. Returns {kind: path}.
     Raises ExportError (nothing written) for an op that cannot be exported, a layer whose
-    input range is unset, or a folder that cannot be written."""
-    graph = trace(net, input_shape, input_names)
+    input range is unset, non-finite weights or scales, or a folder that cannot be written."""
+    if not (isinstance(input_shape, (tuple, list)) and len(input_shape) == 3
+            and all(isinstance(d, int) and not isinstance(d, bool) and d > 0
+                    for d in input_shape)):
+        raise ExportError(f"input_shape must be (C, H, W) of positive integers, got "
+                          f"{input_shape!r}")
+    if not name or os.path.basename(name) != name or name in ('.', '..'):
+        raise ExportError(f"export name {name!r} must be a plain file name (no folder)")
+    graph = trace(net, tuple(input_shape), input_names)
+    _check_finite(graph)
     guarded = winograd_guards(graph, winograd)
     fp32_param, fp32_bin = ncnn.render(graph.float_graph(), int8=False)
     int8_param, int8_bin = ncnn.render(graph, int8=True, guarded=guarded)

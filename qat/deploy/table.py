@@ -11,6 +11,8 @@ Values carry 9 significant digits, so ``sscanf("%f")`` gives back the exact floa
 """
 import numpy as np
 
+from ..errors import UserError
+
 WEIGHT_SUFFIX = '_param_0'
 
 
@@ -39,14 +41,14 @@ def read_table(path):
             try:
                 values = np.array([float(t) for t in tokens[1:]], np.float32)
             except ValueError as err:
-                raise ValueError(f"{path}:{number}: not a number in {line.strip()!r}") from err
+                raise UserError(f"{path}:{number}: not a number in {line.strip()!r}") from err
             if len(values) == 0:
-                raise ValueError(f"{path}:{number}: {tokens[0]} has no values")
+                raise UserError(f"{path}:{number}: {tokens[0]} has no values")
             if tokens[0].endswith(WEIGHT_SUFFIX):
                 weights[tokens[0][:-len(WEIGHT_SUFFIX)]] = values
             elif len(values) == 1:
                 inputs[tokens[0]] = values[0]
             else:
-                raise ValueError(f"{path}:{number}: input scale line {tokens[0]} has "
+                raise UserError(f"{path}:{number}: input scale line {tokens[0]} has "
                                  f"{len(values)} values, expected 1")
     return weights, inputs

@@ -14,9 +14,10 @@ import mxnet as mx
 import numpy as np
 from mxnet.gluon import HybridBlock, nn
 
+from . import ranges
 from .. import ops
 from ..config import QuantConfig
-from . import ranges
+from ..errors import UserError
 
 
 # Mode flags, in the order they are saved in each block's ``qmode`` parameter.
@@ -132,7 +133,7 @@ class QuantBlock(HybridBlock):
         """Change mode flags; the graph is rebuilt on the next call."""
         unknown = set(flags) - set(MODE_FLAGS)
         if unknown:
-            raise ValueError(f"unknown mode flag(s) {sorted(unknown)}; valid: {MODE_FLAGS}")
+            raise UserError(f"unknown mode flag(s) {sorted(unknown)}; valid: {MODE_FLAGS}")
         self._mode.update({k: bool(v) for k, v in flags.items()})
         self.qmode.init = mx.init.Constant(self._mode_vector())
         if self.qmode._data is not None:
