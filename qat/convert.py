@@ -115,19 +115,15 @@ def convert_model(net, exclude=(), convert_fn=None, config=None, layer_configs=N
     (``net.enable_quantize()`` ...).
     """
     scheme = _scheme(config, layer_configs)
-    converters = dict(CONVERTERS)
-    for block_type, fn in (convert_fn or {}).items():
-        if fn is None:
-            converters.pop(block_type, None)
-        else:
-            converters[block_type] = fn
+    converters = _converters(convert_fn)
     exclude = tuple(exclude) if isinstance(exclude, (list, tuple, set)) else (exclude,)
     exclude += scheme.exclude
+    paths = {child: path for path, _, _, child in walk(net)}
+    _warn_unmatched(net, exclude, paths)
     pair_converter = converters.get(CONV_BN)
     pairs = conv_bn_pairs(net, input_names) \
         if isinstance(net, HybridBlock) and pair_converter is not None else {}
     folded = {}  # bn block -> the quantized block that absorbed it
-    paths = {child: path for path, _, _, child in walk(net)}
     first = _first_convertible(net, converters)
 
     def convert_children(block, path):
@@ -171,6 +167,25 @@ def convert_model(net, exclude=(), convert_fn=None, config=None, layer_configs=N
     log.info("converted %d blocks of %s (%d conv+BN pairs with fake batchnorm)",
              len(quant_blocks(net)), net.name, len(folded))
     return net
+
+
+def _converters(convert_fn):
+    """CONVERTERS with ``convert_fn``'s entries added (None: removed)."""
+    converters = dict(CONVERTERS)
+    for block_type, fn in (convert_fn or {}).items():
+        if fn is None:
+            converters.pop(block_type, None)
+        else:
+            converters[block_type] = fn
+    return converters
+
+
+def _warn_unmatched(net, exclude, paths):
+    for pattern in exclude:
+        if isinstance(pattern, str) and not any(_matches(block, path, (pattern,))
+                                                for block, path in paths.items()):
+            log.warning("exclude pattern %r matches no block of %s (block names look like "
+                        "%s)", pattern, net.name, next(iter(paths), net).name)
 
 
 def _first_convertible(net, converters):

@@ -239,10 +239,19 @@ def test_runtime_model_on_random_layers(tmp_path):
 
 
 def test_grouped_convolutions_use_winograd_per_group(tmp_path):
-    """ConvolutionDepthWise runs one Convolution per group: Winograd when a group has more
-    than 8 channels in or out, with the same failure; with 8 per group it is exact.
-    Packing off: with packing on, this runtime returns garbage (NaN) for any int8 grouped
-    conv with a multiple of 8 outputs per group, Winograd or not (not a Winograd matter)."""
+    """A grouped conv decides Winograd per group, with per-group channel counts
+    (``uses_winograd`` with ``groups``). With 2 groups of 32 channels in and out, Winograd
+    runs and the per-group adversarial input breaks it exactly as ``runtime_result``
+    predicts. With 8 groups of 8 it does not run, and the result is exact.
+
+    Both shapes have a multiple of 8 outputs per group and a dequantized output, so the
+    writer splits them: Slice -> one plain int8 Convolution per group -> Concat
+    (docs/ncnn-int8-contract.md §2.2, §4.3). The test therefore no longer exercises
+    ConvolutionDepthWise's own per-group Winograd. It checks that the per-group
+    Convolutions of a split grouped conv get the Winograd choice and failure that
+    ``uses_winograd`` and ``runtime_result`` predict for the grouped layer. It runs with
+    packing off only, as it did when these shapes were written as ConvolutionDepthWise,
+    which is wrong with packing on (§4.3)."""
     for groups, expect_exact in ((2, False), (8, True)):
         codes = np.full((64, 64 // groups, 3, 3), 127)
         assert (wg.uses_winograd(3, 1, 1, groups, 64, 64) is None) == expect_exact

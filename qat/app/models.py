@@ -121,6 +121,11 @@ def load_float(net, params, ctx, label):
     if not os.path.isfile(params):
         raise ModelError(f"{params}: no such file")
     try:
+        mx.nd.load(params)
+    except mx.base.MXNetError as err:
+        raise ModelError(f"{params}: not a readable parameter file (truncated or damaged?): "
+                         f"{str(err).strip().splitlines()[0]}") from None
+    try:
         net.load_parameters(params, ctx=ctx)
     except (AssertionError, mx.base.MXNetError) as err:
         raise ModelError(f"{params}: does not match {label} (or is damaged): "

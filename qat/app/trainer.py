@@ -286,20 +286,24 @@ class Trainer:
                     folder.checkpoint(stage, net, trainer, epoch, step, (total, seen))
                     reseed(self.seed, stage_id, epoch, step)
             bar.close()
-            acc = self.evaluate(net)
-            record = {'stage': stage, 'epoch': epoch + 1, 'loss': total / max(seen, 1),
-                      'accuracy': acc, 'lr': lr, 'seconds': time.time() - start}
-            self.out(f"{stage} epoch {epoch + 1}/{section['epochs']}: loss "
-                     f"{record['loss']:.4f}, val top-1 {acc:.2f}%, lr {lr:.3g} "
-                     f"({record['seconds']:.1f} s)")
-            scalars = {f'{stage}/epoch_loss': record['loss'], f'{stage}/accuracy': acc}
-            if quant_blocks(net) and self.logging:
-                x, _ = next(iter(self.val_batches(run['batch_size'])))
-                scalars.update({f'{stage}/{k}': v for k, v in
-                                layer_stats(net, x.as_in_context(devices.contexts[0])).items()})
-            self.log(scalars)
-            check_finite(net, f"{stage} epoch {epoch + 1}", folder)
-            folder.state['history'].append(record)
+            self._end_epoch(stage, net, section, epoch, total / max(seen, 1), lr,
+                            time.time() - start)
             epoch, step, total, seen = epoch + 1, 0, 0.0, 0
             folder.checkpoint(stage, net, trainer, epoch, step, (total, seen))
         return net
+
+    def _end_epoch(self, stage, net, section, epoch, loss, lr, seconds):
+        """Evaluate, report and log the epoch, check the parameters, record the history."""
+        acc = self.evaluate(net)
+        record = {'stage': stage, 'epoch': epoch + 1, 'loss': loss, 'accuracy': acc, 'lr': lr,
+                  'seconds': seconds}
+        self.out(f"{stage} epoch {epoch + 1}/{section['epochs']}: loss {loss:.4f}, val top-1 "
+                 f"{acc:.2f}%, lr {lr:.3g} ({seconds:.1f} s)")
+        scalars = {f'{stage}/epoch_loss': loss, f'{stage}/accuracy': acc}
+        if quant_blocks(net) and self.logging:
+            x, _ = next(iter(self.val_batches(self.recipe['run']['batch_size'])))
+            scalars.update({f'{stage}/{k}': v for k, v in
+                            layer_stats(net, x.as_in_context(self.devices.contexts[0])).items()})
+        self.log(scalars)
+        check_finite(net, f"{stage} epoch {epoch + 1}", self.folder)
+        self.folder.state['history'].append(record)

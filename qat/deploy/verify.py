@@ -20,6 +20,7 @@ from ..fileio import write_json
 from ..metrics import top1
 from ..modes import temporary_mode
 from ..nn import quant_blocks
+from ..report import progress
 from ..symbol import SymbolGraph, trace_symbol
 from .export import file_names, read_manifest
 from .graph import block_index
@@ -165,7 +166,7 @@ def _run_ncnn(folder, name, samples, blobs, output, threads, packing):
     model32 = NcnnModel(os.path.join(folder, names['param']), os.path.join(folder, names['bin']),
                         threads, **options)
     ncnn8, ncnn32 = {blob: [] for blob in blobs}, []
-    for sample in samples:
+    for sample in progress(samples, label='verify (ncnn)', unit='image'):
         for blob, value in model8.run(sample, blobs).items():
             ncnn8[blob].append(value)
         ncnn32.append(model32.run(sample, [output])[output])
