@@ -4,7 +4,8 @@ ncnn's int8 ConvolutionDepthWise (``7=groups``) runs a grouped conv as one Convo
 group. With packing on and a multiple of 8 outputs per group, the x86 AVX / AVX-512 int8
 Convolution writes its dequantized output with another elempack (8 or 16) than the slice of
 the layer's output prepared for it (4): the group's result lands in a new Mat and the layer
-returns uninitialized memory (measured 1e19 to 1e36 LSB off in the layer, or NaN). A requantized output (8=101)
+returns uninitialized memory (measured 1e19 to 1e36 LSB off in the layer, or NaN). A
+requantized output (8=101)
 and the fp32 path are not affected. The exporter writes that class (``ncnn.splits_groups``)
 as Slice -> one int8 Convolution per group -> Concat and keeps ConvolutionDepthWise for
 every other grouped conv (docs/ncnn-int8-contract.md §4.3).
@@ -30,7 +31,9 @@ from qat.deploy.verify import NcnnModel  # noqa: E402
 
 FP32_RELATIVE = 1e-4
 FLOAT_ROUNDING_LSB = 1e-3  # fp32 layers of the int8 model (pooling sums in another order)
-BUG_LSB = 50  # the old form's error on the buggy class is 1e19 LSB and more in the layer (120+ at the output), or NaN
+# the old form's error on the buggy class: 1e19 LSB and more in the layer (120+ at the
+# output), or NaN
+BUG_LSB = 50
 
 # (groups, input channels per group, outputs per group)
 SPLIT = [(2, 4, 8), (2, 8, 16), (2, 16, 32), (4, 4, 16), (4, 16, 8), (8, 8, 8), (32, 4, 8),
