@@ -5,8 +5,7 @@ group. With packing on and a multiple of 8 outputs per group, the x86 AVX / AVX-
 Convolution writes its dequantized output with another elempack (8 or 16) than the slice of
 the layer's output prepared for it (4): the group's result lands in a new Mat and the layer
 returns uninitialized memory (measured 1e19 to 1e36 LSB off in the layer, or NaN). A
-requantized output (8=101)
-and the fp32 path are not affected. The exporter writes that class (``ncnn.splits_groups``)
+requantized output (8=101) and the fp32 path are not affected. The exporter writes that class (``ncnn.splits_groups``)
 as Slice -> one int8 Convolution per group -> Concat and keeps ConvolutionDepthWise for
 every other grouped conv (docs/ncnn-int8-contract.md §4.3).
 
