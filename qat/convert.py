@@ -11,7 +11,7 @@ import mxnet as mx
 from mxnet.gluon import HybridBlock, nn
 
 from .config import QuantConfig, QuantScheme
-from .errors import MissingFileError, UserError
+from .errors import MissingFileError, UserError, reason
 from .fileio import atomic_path
 from .modes import MODE_FUNCTIONS, clear_cached_graphs
 from .nn import FoldedBatchNorm, QConv2D, QConv2DBatchNorm, QDense, QuantBlock, quant_blocks, walk
@@ -257,13 +257,17 @@ def load_parameters(net, path, ctx=None, **kwargs):
         saved = set(mx.nd.load(path))
     except mx.base.MXNetError as err:
         raise UserError(f"{path}: not a readable parameter file (truncated or damaged?): "
-                         f"{str(err).splitlines()[0]}") from None
+                         f"{reason(err)}") from None
     missing = set(expected) - saved
     migrated = {key: suffix for key in missing for suffix in MIGRATIONS
                 if key.endswith(suffix)}
     if missing and len(migrated) == len(missing):
         kwargs = dict(kwargs, allow_missing=True)
-    net.load_parameters(path, ctx=ctx, **kwargs)
+    try:
+        net.load_parameters(path, ctx=ctx, **kwargs)
+    except (AssertionError, mx.base.MXNetError) as err:
+        raise UserError(f"{path}: does not fit {net.name} (saved from another net or "
+                        f"converted differently?): {reason(err)}") from None
     for key, suffix in migrated.items():
         param, init = expected[key], MIGRATIONS[suffix][0]
         if param._data is None:

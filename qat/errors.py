@@ -29,3 +29,14 @@ class BusyError(UserError):
 
 class ExistsError(UserError, FileExistsError):
     """An output that is already there and would be overwritten (also a FileExistsError)."""
+
+
+def reason(err):
+    """The informative line of an exception's message (MXNet 1.9 starts its messages with
+    'Traceback (most recent call last):' and stack lines), for quoting in a one-line error."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    useful = [line for line in lines if not line.startswith(('Traceback', 'File ', '[bt]'))
+              and ('Check failed' in line or 'Error' in line or ':' in line)]
+    return (useful or lines)[-1 if useful else 0][:300]

@@ -158,7 +158,7 @@ def test_yaml_exponent_floats_are_numbers(tmp_path):
     ('nosection.x=1', '--set: nosection: unknown key'),
     ('quantize.input_bits=1', '--set: quantize.input_bits: must be in 2..8'),
     ('qat.lr=-0.1', '--set: qat.lr: must be > 0'),
-    ('qat.epochs.x=1', '--set: qat.epochs is not a mapping'),
+    ('qat.epochs.x=1', '--set: qat.epochs: is not a mapping'),
 ])
 def test_bad_overrides_name_the_key(override, words):
     assert words in error_of(None, [override])

@@ -8,7 +8,7 @@ import mxnet as mx
 import numpy as np
 from mxnet.gluon import nn
 
-from ..errors import DataError, UserError
+from ..errors import DataError, UserError, reason
 from ..nn import walk
 from .data import open_split
 
@@ -20,7 +20,7 @@ def check_devices(contexts, names):
             mx.nd.zeros((1,), ctx=ctx).wait_to_read()
         except mx.base.MXNetError as err:
             raise UserError(f"run.devices: {name} is not available here: "
-                            f"{str(err).strip().splitlines()[0]}") from None
+                            f"{reason(err)}") from None
 
 
 def open_splits(section):
@@ -58,7 +58,7 @@ def check_model(net, input_shape, exclude, ctx):
     except mx.base.MXNetError as err:
         raise UserError(f"preprocess.size / channels: the model does not accept an input of "
                         f"shape {(1,) + tuple(input_shape)}: "
-                        f"{str(err).strip().splitlines()[0]}") from None
+                        f"{reason(err)}") from None
     out = out[0] if isinstance(out, (list, tuple)) else out
     if out.ndim != 2:
         raise UserError(f"model.name: the model returns shape {out.shape}; a classifier "

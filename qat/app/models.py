@@ -18,7 +18,7 @@ from mxnet.gluon import Block
 
 from ..calibration import calibrate
 from ..convert import convert_model
-from ..errors import UserError
+from ..errors import UserError, reason
 from ..modes import freeze_bn
 
 
@@ -124,12 +124,12 @@ def load_float(net, params, ctx, label):
         mx.nd.load(params)
     except mx.base.MXNetError as err:
         raise ModelError(f"{params}: not a readable parameter file (truncated or damaged?): "
-                         f"{str(err).strip().splitlines()[0]}") from None
+                         f"{reason(err)}") from None
     try:
         net.load_parameters(params, ctx=ctx)
     except (AssertionError, mx.base.MXNetError) as err:
         raise ModelError(f"{params}: does not match {label} (or is damaged): "
-                         f"{str(err).strip().splitlines()[0]}") from None
+                         f"{reason(err)}") from None
 
 
 def calibrated_random(name, size, seed=0):

@@ -29,7 +29,7 @@ from ..calibration import METHODS, calibrate, easyquant
 from ..config import BITS, QuantScheme
 from ..convert import convert_model
 from ..deploy import WINOGRAD_POLICIES, export, format_report, verify
-from ..errors import UserError
+from ..errors import UserError, reason
 from ..nn import quant_blocks, walk
 from ..report import write_report
 from .data import IMAGE_EXTENSIONS, FileSet, Preprocess, iterate
@@ -188,8 +188,7 @@ def check_input_shape(net, shape, text):
         out = net(mx.nd.zeros((1,) + tuple(shape)))
         (out[0] if isinstance(out, (list, tuple)) else out).wait_to_read()
     except mx.base.MXNetError as err:
-        first = next((line for line in str(err).splitlines() if 'Check failed' in line
-                      or 'Error' in line), str(err).splitlines()[0])
+        first = reason(err)
         raise UsageError(f"--shape {text}: the model does not accept an input of shape "
                          f"(1, {', '.join(map(str, shape))}) (N, C, H, W): "
                          f"{first.strip()}") from None
@@ -207,6 +206,18 @@ def check_excludes(net, patterns):
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
             raise UsageError(f"--exclude {pattern}: matches no layer; layers: "
                              f"{', '.join(names)}")
+
+
+def check_output(folder):
+    """``--output`` is, or can become, a writable folder (checked before any work, without
+    creating anything)."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"--output {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--output {folder}: {existing} is not writable")
 
 
 def set_threads(threads):
@@ -311,6 +322,7 @@ def _run(args, out):
     if not isinstance(kwargs, dict):
         raise UsageError(f"--model-kwargs {args.model_kwargs}: expected a JSON object")
     paths = image_paths(args.images[0])
+    check_output(args.output)
     if args.num_images:
         paths = paths[:args.num_images]
     if args.threads:
@@ -369,8 +381,8 @@ def run(args, out=print):
     the option or file and exits with status 2. Returns the exit status otherwise."""
     try:
         return _run(args, lambda message: (out(message), sys.stdout.flush()))
-    except UsageError as err:
-        print(f"qat calibrate: error: {err}", file=sys.stderr)
+    except (UserError, OSError) as err:  # UsageError, and what the library names
+        print(f"qat calibrate: error: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -339,7 +339,8 @@ def _read(path):
         try:
             raw = yaml.safe_load(f) or {}
         except yaml.YAMLError as err:
-            raise RecipeError(f"{path}: not valid YAML: {err}") from None
+            raise RecipeError(f"{path}: not valid YAML: {' '.join(str(err).split())}") \
+                from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections "
                           f"({', '.join(_valid_keys())}), got {type(raw).__name__}")
@@ -391,7 +392,8 @@ def _apply_overrides(recipe, overrides, given, problems):
             value = _override_value(key if not inner else Key(None, 'dict', ''), value)
         if inner:  # into a mapping key: --set model.kwargs.classes=10
             if key.type != 'dict':
-                problems.append(f"{where}: {section}.{name} is not a mapping")
+                problems.append(f"{where}: {section}.{name}: is not a mapping, so "
+                                f"{dotted} cannot be set")
                 continue
             value = dict(recipe[section][name] or {}, **{inner: value})
         recipe[section][name] = value

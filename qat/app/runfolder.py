@@ -113,8 +113,14 @@ class RunFolder:
                 raise UserError(f"{state_file}: checkpoint format "
                                  f"{state.get('format_version')}, this version reads "
                                  f"{FORMAT_VERSION}")
-            with open(self.path('recipe.yaml')) as f:
-                saved = yaml.safe_load(f)
+            try:
+                with open(self.path('recipe.yaml')) as f:
+                    saved = yaml.safe_load(f)
+            except (OSError, yaml.YAMLError) as err:
+                raise UserError(f"{self.path('recipe.yaml')}: the saved recipe cannot be "
+                                f"read ({' '.join(str(err).split())})") from None
+            if not isinstance(saved, dict):
+                raise UserError(f"{self.path('recipe.yaml')}: the saved recipe is damaged")
             changed = [f"{s}.{k}" for s in saved for k in saved[s]
                        if recipe.get(s, {}).get(k) != saved[s][k]]
             if changed:

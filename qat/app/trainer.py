@@ -107,14 +107,15 @@ def reseed(*numbers):
     mx.random.seed(seed)
 
 
-def check_finite(net, where, folder):
+def check_finite(net, where, folder, loss):
     """Refuse to checkpoint a net with a NaN or infinite parameter (a ReLU can hide it from
     the loss), naming it; the last good checkpoint stays."""
     for param in net.collect_params().values():
         if param._data is not None and not np.all(np.isfinite(param.data().asnumpy())):
             raise NonFiniteError(f"{where}: parameter {param.name} holds NaN or infinite "
-                                 f"values; stopped, the last good checkpoint is kept in "
-                                 f"{folder.folder} (lower the learning rate, then resume)")
+                                 f"values (the loss was {loss:.4g}); stopped, the last good "
+                                 f"checkpoint is kept in {folder.folder} (lower the learning "
+                                 f"rate, then resume)")
 
 
 class StopRun(Exception):
@@ -282,7 +283,8 @@ class Trainer:
                     callback(stage, epoch, step, net)
                 if run['checkpoint_steps'] and step % run['checkpoint_steps'] == 0 \
                         and step < steps:
-                    check_finite(net, f"{stage} epoch {epoch + 1}, step {step}", folder)
+                    check_finite(net, f"{stage} epoch {epoch + 1}, step {step}", folder,
+                                 total / seen)
                     folder.checkpoint(stage, net, trainer, epoch, step, (total, seen))
                     reseed(self.seed, stage_id, epoch, step)
             bar.close()
@@ -305,5 +307,5 @@ class Trainer:
             scalars.update({f'{stage}/{k}': v for k, v in
                             layer_stats(net, x.as_in_context(self.devices.contexts[0])).items()})
         self.log(scalars)
-        check_finite(net, f"{stage} epoch {epoch + 1}", self.folder)
+        check_finite(net, f"{stage} epoch {epoch + 1}", self.folder, loss)
         self.folder.state['history'].append(record)

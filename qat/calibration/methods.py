@@ -7,13 +7,14 @@
 (``qat.calibration.easyquant``).
 """
 import logging
+import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Callable, Mapping
 
 from . import observers
 from . import thresholds as th
-from ..errors import UserError
+from ..errors import NonFiniteError, UserError
 from ..modes import check_ranges
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,10 @@ def set_ranges(net, data, method='ema', num_batches=None, log_every=observers.LO
             log.warning("%s never ran during calibration: its range is left unchanged",
                         block.name)
             continue
+        if not all(math.isfinite(r) for r in ranges[block]):
+            raise NonFiniteError(f"{block.name}: its input holds NaN or infinite values "
+                                 f"during calibration (check the data and the layers "
+                                 f"before it)")
         stats = histograms[block] if spec.histogram else ranges[block]
         threshold = float(spec(stats, block.config, **settings))
         log.debug("%s: max %g -> threshold %g (%s)", block.name, max(ranges[block]),

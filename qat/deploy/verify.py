@@ -56,8 +56,11 @@ class NcnnModel:
         for path in (param, binary):
             if not os.path.isfile(path):
                 raise MissingFileError(f"ncnn model file not found: {path}")
-        if self.net.load_param(param) != 0 or self.net.load_model(binary) != 0:
-            raise UserError(f"ncnn could not load {param} / {binary}")
+        if self.net.load_param(param) != 0:
+            raise UserError(f"{param}: ncnn could not parse this .param file (damaged?)")
+        if self.net.load_model(binary) != 0:
+            raise UserError(f"{binary}: ncnn could not read the weights (truncated, or not "
+                            f"the .bin of {os.path.basename(param)}?)")
         self._ncnn = ncnn
 
     def run(self, sample, blobs, input_name='data'):
