@@ -57,7 +57,9 @@ def float_model(model, size, epochs, seed, folder='checkpoints', out=print):
     """The float net trained on the training part, cached in ``folder`` (by model, size,
     epochs and seed). Returns (parameter file, test accuracy)."""
     train, _, test = splits(size, seed)
-    path = os.path.join(folder, f"bench-ptq-{model}-{size}px-{epochs}ep-s{seed}.params")
+    # "pre2": digits through the recipes' Preprocess (a cache of the earlier pipeline is not
+    # reused)
+    path = os.path.join(folder, f"bench-ptq-pre2-{model}-{size}px-{epochs}ep-s{seed}.params")
     net = _build(model, seed)
     net(mx.nd.array(test[0][:1]))
     if os.path.isfile(path):
