@@ -11,6 +11,8 @@ each printing Markdown tables. Run them from the repository root:
     python -m benchmarks.agreement    ncnn vs simulation agreement of exported GluonCV models
     python -m benchmarks.winograd     which int8 convs the Winograd bound proves safe, and the
                                       latency of the guards
+    python -m benchmarks.zoo          one model of every GluonCV classification family: export,
+                                      ncnn vs simulation agreement, int8/fp32 latency
 
 ``python -m benchmarks.<name> --help`` lists a benchmark's options. ``common`` holds what
 they share (command line, the GluonCV zoo, interleaved median timing). The package is not

@@ -13,12 +13,14 @@ from .modes import (check_ranges, deployed, disable_quantize, enable_quantize, f
                     freeze_ranges, quantize_input, temporary_mode)
 from .calibration import METHODS as CALIBRATION_METHODS, calibrate
 from .deploy import export, verify
-from .nn import FoldedBatchNorm, QConv2D, QConv2DBatchNorm, QDense, QuantBlock, quant_blocks
+from .nn import (FoldedBatchNorm, QBatchNorm, QConv2D, QConv2DBatchNorm, QDense, QuantBlock,
+                 quant_blocks)
 
 __version__ = '0.1.0'
 __all__ = ['QuantConfig', 'QuantScheme', 'CONVERTERS', 'check_ranges', 'conv_bn_pairs',
            'convert_model', 'deployed', 'disable_quantize', 'enable_quantize', 'first_layer',
            'freeze_bn', 'freeze_ranges', 'load_parameters', 'quant_blocks', 'quantize_input',
            'save_parameters', 'temporary_mode', 'to_float', 'CALIBRATION_METHODS', 'calibrate',
-           'FoldedBatchNorm', 'QConv2D', 'QConv2DBatchNorm', 'QDense', 'QuantBlock', 'export',
+           'FoldedBatchNorm', 'QBatchNorm', 'QConv2D', 'QConv2DBatchNorm', 'QDense', 'QuantBlock',
+           'export',
            'verify']

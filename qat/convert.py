@@ -14,7 +14,8 @@ from .config import QuantConfig, QuantScheme
 from .errors import MissingFileError, UserError, reason
 from .fileio import atomic_path
 from .modes import MODE_FUNCTIONS, clear_cached_graphs
-from .nn import FoldedBatchNorm, QConv2D, QConv2DBatchNorm, QDense, QuantBlock, quant_blocks, walk
+from .nn import (BN_MODE_FLAGS, FoldedBatchNorm, QBatchNorm, QConv2D, QConv2DBatchNorm, QDense,
+                 QuantBlock, mode_blocks, quant_blocks, walk)
 from .symbol import SymbolGraph, trace_symbol
 
 log = logging.getLogger(__name__)
@@ -22,15 +23,19 @@ log = logging.getLogger(__name__)
 # The one registry: float block type -> converter(block, config) -> quantized block, and
 # fusion patterns: (Conv2D, BatchNorm) -> converter(conv, bn, config) for a Conv2D whose only
 # consumer is a BatchNorm (fake batchnorm, used when the layer's config has fake_bn).
+# Every other BatchNorm (stand-alone, e.g. pre-activation nets) becomes a QBatchNorm, which
+# computes ncnn's fp32 BatchNorm once BN is frozen.
 CONV_BN = (nn.Conv2D, nn.BatchNorm)
 CONVERTERS = {
     nn.Conv2D: QConv2D.from_float,
     nn.Dense: QDense.from_float,
+    nn.BatchNorm: QBatchNorm.from_float,
     CONV_BN: QConv2DBatchNorm.from_float,
 }
 
-# Float blocks with weights that are deliberately left float (noted in the log when seen).
-LEFT_FLOAT_QUIETLY = (nn.BatchNorm, nn.LayerNorm, nn.InstanceNorm)
+# Float blocks with weights that are deliberately left float (noted in the log when seen),
+# and QBatchNorm (already converted: a second convert_model leaves it as it is).
+LEFT_FLOAT_QUIETLY = (nn.BatchNorm, nn.LayerNorm, nn.InstanceNorm, QBatchNorm)
 
 
 def _replace_child(parent, key, old, new):
@@ -118,21 +123,37 @@ def convert_model(net, exclude=(), convert_fn=None, config=None, layer_configs=N
     converters = _converters(convert_fn)
     exclude = tuple(exclude) if isinstance(exclude, (list, tuple, set)) else (exclude,)
     exclude += scheme.exclude
-    paths = {child: path for path, _, _, child in walk(net)}
+    paths = {}
+    for path, _, _, child in walk(net):
+        paths.setdefault(child, path)  # a block in several slots: its first path
     _warn_unmatched(net, exclude, paths)
     pair_converter = converters.get(CONV_BN)
-    pairs = conv_bn_pairs(net, input_names) \
-        if isinstance(net, HybridBlock) and pair_converter is not None else {}
+    # The pairs also tell the stand-alone BatchNorm converter which BNs to leave alone: a
+    # conv's BN is folded (fake BN), or left float and folded at export.
+    pairs = conv_bn_pairs(net, input_names) if isinstance(net, HybridBlock) \
+        and (pair_converter is not None or nn.BatchNorm in converters) else {}
+    paired_bns = set(pairs.values())
     folded = {}  # bn block -> the quantized block that absorbed it
+    # float block -> what its slots hold now (itself when left float). A block registered in
+    # several slots (GoogLeNet's ``output`` is also ``head.2``) is decided once and every
+    # slot gets the same block: two quantized copies would each create their own
+    # ``<prefix>range_ema`` ... under one name.
+    decided = {}
+    tied = {}  # weight Parameter -> the first quantized block over it
     first = _first_convertible(net, converters)
 
     def convert_children(block, path):
         for key, child in list(block._children.items()):
             child_path = f"{path}.{key}" if path else key
+            if child in decided:
+                if decided[child] is not child:
+                    _replace_child(block, key, child, decided[child])
+                continue
+            decided[child] = child  # until it is converted below
             if isinstance(child, (QuantBlock, FoldedBatchNorm)) \
                     or _matches(child, child_path, exclude):
                 continue  # an excluded block and everything inside it stay float
-            convert = converters.get(type(child))
+            convert = converters.get(type(child)) if child not in paired_bns else None
             if convert is None:
                 if child._reg_params and not child._children \
                         and not isinstance(child, LEFT_FLOAT_QUIETLY):
@@ -147,20 +168,26 @@ def convert_model(net, exclude=(), convert_fn=None, config=None, layer_configs=N
             layer_config = scheme.config_for(child, child_path, child is first)
             if layer_config is None:
                 continue
-            bn = pairs.get(child)
+            bn = pairs.get(child) if pair_converter is not None else None
             if bn is not None and layer_config.fake_bn \
                     and not _matches(bn, paths.get(bn, ''), exclude):
                 new = pair_converter(child, bn, layer_config)
                 folded[bn] = new
             else:
                 new = convert(child, layer_config)
+            twin = tied.setdefault(new.weight, new) if isinstance(new, QuantBlock) else new
+            if twin is not new:  # their quantization parameters would clash by name
+                raise UserError(f"{twin.name} and {new.name} share one weight (tied "
+                                f"weights): quantize one of them only (exclude the other)")
             _replace_child(block, key, child, new)
+            decided[child] = new
             _init_like(new, child)
 
     convert_children(net, '')
+    stand_ins = {bn: FoldedBatchNorm(bn, into) for bn, into in folded.items()}
     for _, parent, key, child in list(walk(net)):
-        if child in folded:
-            _replace_child(parent, key, child, FoldedBatchNorm(child, folded[child]))
+        if child in stand_ins:
+            _replace_child(parent, key, child, stand_ins[child])
     clear_cached_graphs(net)
     for fn in MODE_FUNCTIONS:
         object.__setattr__(net, fn.__name__, _bind(fn, net))
@@ -189,9 +216,11 @@ def _warn_unmatched(net, exclude, paths):
 
 
 def _first_convertible(net, converters):
-    """The first block in network order that has a converter (the first-layer rule)."""
+    """The first block in network order that has a converter (the first-layer rule); not a
+    stand-alone BatchNorm, which has no weights to quantize."""
     for _, _, _, block in walk(net):
-        if type(block) in converters or isinstance(block, QuantBlock):
+        if (type(block) in converters and not isinstance(block, nn.BatchNorm)) \
+                or isinstance(block, QuantBlock):
             return block
     return None
 
@@ -219,7 +248,7 @@ def to_float(net):
     """Undo ``convert_model`` in place: every slot gets its original float block back (with the
     trained parameters). Returns ``net``."""
     for path, parent, key, child in list(walk(net)):
-        if isinstance(child, (QuantBlock, FoldedBatchNorm)):
+        if isinstance(child, (QuantBlock, FoldedBatchNorm, QBatchNorm)):
             _replace_child(parent, key, child, child.float_blocks[0])
     clear_cached_graphs(net)
     for fn in MODE_FUNCTIONS:
@@ -240,6 +269,8 @@ def save_parameters(net, path):
 MIGRATIONS = {
     'weight_threshold_factor': ('ones', "ones, the plain max|w| it was trained with (format 0)"),
     'qconfig': (None, "the configs given to convert_model (format 1 saved none)"),
+    'bn_qmode': (None, "the modes of the quantized blocks (stand-alone BatchNorms were left "
+                       "float before)"),
 }
 
 
@@ -278,9 +309,16 @@ def load_parameters(net, path, ctx=None, **kwargs):
         log.info("%s: an older checkpoint without %s: migrated to %s", path, suffix,
                  MIGRATIONS[suffix][1])
     kept = {id(expected[key]) for key in migrated}
-    for _, block in quant_blocks(net):
+    blocks = quant_blocks(net)
+    for _, block in blocks:
         block.load_mode()
         if id(block.qconfig) not in kept:
             block.load_config()
+    for _, block in mode_blocks(net):  # the stand-alone BatchNorms
+        if isinstance(block, QBatchNorm):
+            if id(block.bn_qmode) in kept and blocks:
+                block.set_mode(**{flag: blocks[0][1].mode[flag] for flag in BN_MODE_FLAGS})
+            else:
+                block.load_mode()
     clear_cached_graphs(net)
     return net

@@ -11,7 +11,7 @@ import logging
 from mxnet.gluon import HybridBlock
 
 from .errors import UserError
-from .nn import quant_blocks, walk
+from .nn import mode_blocks, quant_blocks, walk
 from .ops import MAX_THRESHOLD, MIN_THRESHOLD
 
 log = logging.getLogger(__name__)
@@ -29,23 +29,26 @@ def clear_cached_graphs(net):
 
 
 def _blocks(net):
-    blocks = [block for _, block in quant_blocks(net)]
-    if not blocks:
+    """Every block with mode flags (``mode_blocks``: the quantized blocks and the stand-alone
+    BatchNorms); an error if ``net`` has no quantized block."""
+    if not quant_blocks(net):
         raise UserError(f"{net.name} has no quantized blocks: call convert_model first")
-    return blocks
+    return [block for _, block in mode_blocks(net)]
 
 
 @contextlib.contextmanager
 def temporary_mode(net, imperative=False, **flags):
-    """Set mode flags on every quantized block for the duration of a ``with`` block, then give
-    each block back its own values of those flags.
+    """Set mode flags on every quantized block (and stand-alone BatchNorm: ``mode_blocks``,
+    each taking the flags it carries) for the duration of a ``with`` block, then give each
+    block back its own values of those flags.
 
     A flag's value is a bool, or a function ``block -> bool`` (e.g. quantize only some
     blocks). ``imperative``: the net also runs block by block instead of its hybridized
     graph, so forward hooks fire; the hybridization is restored afterwards. Mode changes made
     inside to other flags persist."""
-    blocks = [block for _, block in quant_blocks(net)]
-    saved = [{flag: block.mode[flag] for flag in flags} for block in blocks]
+    blocks = [block for _, block in mode_blocks(net)]
+    saved = [{flag: block.mode[flag] for flag in flags if flag in block.mode}
+             for block in blocks]
     active = {}
     if imperative:
         active = {block: block._active for block in [net] + [c for *_, c in walk(net)]

@@ -139,3 +139,30 @@ def fold_bn(F, weight, bias, gamma, beta, mean, var, eps, fix_gamma=False):
     folded_weight = F.elemwise_mul(weight, factor_full)  # elementwise: shape-inferable
     centered = -mean if bias is None else bias - mean
     return folded_weight, beta + centered * factor
+
+
+def batchnorm_ncnn(F, x, gamma, beta, mean, var, eps, fix_gamma=False, name=None):
+    """ncnn's stand-alone (fp32) BatchNorm, bit for bit (docs/ncnn-int8-contract.md §3.6):
+    per channel ``c`` (axis 1 of ``x``, any rank >= 2), with the running statistics,
+
+        s = sqrtf(var + eps)
+        b = gamma / s,  a = beta - (gamma * mean) / s       (float32, gamma = 1 if fixed)
+        y = fma(x, b[c], a[c])    (one rounding: ``dequantize``'s fused form)
+
+    ``F.sqrt`` and the divisions are correctly rounded IEEE float32, as C's ``sqrtf`` and
+    ``/``. MXNet's own BatchNorm op rounds differently in the last bit. Where ``s == 0``
+    ncnn takes ``s = 0.0001f``, and its compiled code then multiplies by the folded
+    reciprocal 10000 instead of dividing (measured), so here too. ``name`` names the
+    result's graph node. Gradients reach ``x``, ``gamma`` and ``beta``."""
+    if fix_gamma:
+        gamma = F.ones_like(gamma)  # still an input of the graph (no unused-parameter notice)
+    s = F.sqrt(var + eps)
+    zero = s == 0
+    s = F.where(zero, F.ones_like(s), s)
+
+    def over_s(v):
+        return F.where(zero, v * 10000.0, v / s)
+    b = over_s(gamma)
+    a = beta - over_s(gamma * mean)
+    out = dequantize(F, F.reshape(x, (0, 0, -1, 1)), b, a, 4)
+    return F.reshape_like(out, x, name=name)

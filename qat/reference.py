@@ -54,6 +54,26 @@ def fold_bn(weight, bias, gamma, beta, mean, var, eps, fix_gamma=False):
     return folded, (f32(beta) + centered * factor).astype(np.float32)
 
 
+def batchnorm_ncnn(x, gamma, beta, mean, var, eps, fix_gamma=False, channel_axis=1):
+    """ncnn's fp32 BatchNorm (``ops.batchnorm_ncnn``): ``s = sqrtf(var + eps)``,
+    ``b = gamma / s``, ``a = beta - (gamma * mean) / s`` in float32 (gamma = 1 if fixed; where
+    ``s == 0``, times 10000, ncnn's folded 1 / 0.0001f), ``y = fma(x, b[c], a[c])``."""
+    f32 = lambda v: np.asarray(v, np.float32)
+    var = f32(var)
+    gamma = np.ones_like(var) if fix_gamma else f32(gamma)
+    s = np.sqrt(var + np.float32(eps)).astype(np.float32)
+    zero = s == 0
+    s = np.where(zero, np.float32(1), s).astype(np.float32)
+
+    def over_s(v):
+        return np.where(zero, v * np.float32(10000), v / s).astype(np.float32)
+    b = over_s(gamma)
+    a = (f32(beta) - over_s((gamma * f32(mean)).astype(np.float32))).astype(np.float32)
+    shape = [1] * np.ndim(x)
+    shape[channel_axis] = -1
+    return fma(x, b.reshape(shape), a.reshape(shape))
+
+
 def conv2d_int(x_q, w_q, stride=(1, 1), pad=(0, 0), dilate=(1, 1), groups=1):
     """Integer convolution, NCHW x OIHW, zero padding, int64 accumulation checked to fit int32
     (as ncnn's int32 accumulator). Returns int32 (N, O, H', W')."""

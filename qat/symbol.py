@@ -5,6 +5,13 @@ verifier's lookup of simulated nodes (``qat.deploy.verify``) all read the same d
 they share one reading of it: the ``tojson()`` nodes, who consumes what, which node is the
 only consumer of another, and which block an op node belongs to (Gluon names a block's op
 ``<prefix>fwd`` and every node inside it ``<prefix>...``).
+
+A block called more than once (DLA's one ``global_avg_pool`` after every level, Xception's
+and DLA's shared ``relu``) gives several nodes one name. Such a node is named by its *key*:
+the name, or ``<name>#<k>`` for the k-th node of that name in graph order (k from 0) when the
+name is not unique. The float and the quantized traces of a net order their nodes alike
+(a quantized block's extra nodes hang off its own input), so a key found in one names the
+same node in the other.
 """
 import json
 from collections import Counter
@@ -44,15 +51,24 @@ class SymbolGraph:
             for source, *_ in node.get('inputs', []):
                 self.consumers.setdefault(source, []).append(index)
         self._counts = Counter(node['name'] for node in self.nodes)
+        seen = Counter()
+        self._occurrence = []  # per node: how many earlier nodes have its name
+        for node in self.nodes:
+            self._occurrence.append(seen[node['name']])
+            seen[node['name']] += 1
         self.internals = symbol.get_internals()
         self.outputs = self.internals.list_outputs()
-        self._available = set(self.outputs)
+        self._positions = {}  # output name -> its positions in ``outputs``, in graph order
+        for position, output in enumerate(self.outputs):
+            self._positions.setdefault(output, []).append(position)
         self.shapes = None
         if input_shapes is not None:
             _, out_shapes, _ = self.internals.infer_shape(**input_shapes)
             self.shapes = dict(zip(self.outputs, out_shapes))
-        # [net] + its descendants, in network order (the tie-break of ``owner``).
-        self._blocks = [net] + [child for *_, child in walk(net)] if net is not None else []
+        # [net] + its descendants, in network order (the tie-break of ``owner``), each once
+        # (a block registered in several slots is still one block).
+        self._blocks = list({id(b): b for b in [net] + [child for *_, child in walk(net)]}
+                            .values()) if net is not None else []
         self._by_op_name = {}
         for block in self._blocks[1:]:
             self._by_op_name.setdefault(block.prefix + 'fwd', []).append(block)
@@ -85,14 +101,27 @@ class SymbolGraph:
         """The inferred output shape of node ``index`` (needs ``input_shapes``)."""
         return self.shapes[self.output_name(index)]
 
-    def has_op(self, name):
-        """True if the graph has an op named ``name`` with the single output
-        ``<name>_output``."""
-        return name + '_output' in self._available
+    def key(self, index):
+        """The key of node ``index``: its name when no other node has it, else
+        ``<name>#<k>``, k the number of earlier nodes with that name."""
+        name = self.nodes[index]['name']
+        return name if self.unique(index) else f"{name}#{self._occurrence[index]}"
 
-    def op_output(self, name):
-        """The symbol of op ``name``'s output, to compute it on its own."""
-        return self.internals[name + '_output']
+    def _position(self, key):
+        """Position in ``outputs`` of the single output of the op with key ``key``, or None."""
+        name, _, occurrence = key.partition('#')
+        positions = self._positions.get(name + '_output', [])
+        k = int(occurrence or 0)
+        return positions[k] if k < len(positions) else None
+
+    def has_op(self, key):
+        """True if the graph has an op with key ``key`` (a name, or ``<name>#<k>``) with the
+        single output ``<name>_output``."""
+        return self._position(key) is not None
+
+    def op_output(self, key):
+        """The symbol of the output of the op with key ``key``, to compute it on its own."""
+        return self.internals[self._position(key)]
 
     def owner(self, name):
         """The innermost block whose prefix node ``name`` starts with (None if none does)."""

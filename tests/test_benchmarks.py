@@ -16,6 +16,7 @@ OPTIONS = {
     'deploy': ['--repeats', '--threads', '--models'],
     'agreement': ['--samples', '--models'],
     'winograd': ['--rounds'],
+    'zoo': ['--families', '--samples', '--repeats'],
 }
 HELPERS = {'common'}
 

@@ -12,7 +12,8 @@ from mxnet.gluon import HybridBlock, nn
 
 import qat
 from qat import reference as ref
-from qat.nn import MODE_FLAGS, FoldedBatchNorm, QConv2D, QConv2DBatchNorm, QDense, QuantBlock, walk
+from qat.nn import (MODE_FLAGS, FoldedBatchNorm, QBatchNorm, QConv2D, QConv2DBatchNorm, QDense,
+                    QuantBlock, walk)
 from tests.helpers import params_by_name, params_numpy, randomize_bn, sgd_step, small_net
 
 # (model, input size, conv+BN pairs), the pair counts derived from the architectures:
@@ -68,11 +69,13 @@ def test_conv_bn_pairs_and_converted_structure(name, size, pairs):
     dense = count_types(net, nn.Dense)
     bns = count_types(net, nn.BatchNorm)
     qat.convert_model(net)
-    # every Conv2D / Dense is converted; each paired BN became a FoldedBatchNorm
+    # every Conv2D / Dense is converted; each paired BN became a FoldedBatchNorm, every
+    # other BN a QBatchNorm
     assert len(qat.quant_blocks(net)) == convs + dense
     assert count_types(net, QConv2DBatchNorm) == pairs
     assert count_types(net, FoldedBatchNorm) == pairs
-    assert count_types(net, nn.BatchNorm) == bns - pairs
+    assert count_types(net, QBatchNorm) == bns - pairs
+    assert count_types(net, nn.BatchNorm) == 0
     assert count_types(net, nn.Conv2D, nn.Dense) == 0
     for conv, bn in found.items():
         blocks = [b for *_, b in walk(net) if isinstance(b, QConv2DBatchNorm)
@@ -581,7 +584,7 @@ def test_conv_with_two_consumers_is_not_paired():
     pairs = qat.conv_bn_pairs(net)
     assert pairs == {net.conv2: net.bn2}
     qat.convert_model(net)
-    assert type(net.conv) is QConv2D and type(net.bn) is nn.BatchNorm
+    assert type(net.conv) is QConv2D and type(net.bn) is QBatchNorm
     assert type(net.conv2) is QConv2DBatchNorm and type(net.bn2) is FoldedBatchNorm
 
 

@@ -188,7 +188,7 @@ class _Tracer(SymbolGraph):
         layer = Layer(kind, _layer_name(name or node['name'], self.taken),
                       [self.blob[i] for i in inputs], params or {},
                       {k: v for k, v in (weights or {}).items() if v is not None}, quant,
-                      source or node['name'])
+                      source or self.key(index))
         self.layers.append(layer)
         self.blob[index] = layer.name
         return layer
@@ -202,7 +202,7 @@ class _Tracer(SymbolGraph):
         if act is None:
             return index
         layer.params['activation'] = act
-        layer.source = self.nodes[user]['name']
+        layer.source = self.key(user)
         self.absorbed.add(user)
         self.blob[user] = layer.name
         return user
@@ -268,7 +268,7 @@ class _Tracer(SymbolGraph):
         layer = self.add(kind, index, self.data_inputs(node)[:1], params,
                          {'weight': weight.asnumpy().astype(np.float32),
                           'bias': None if bias is None else bias.asnumpy().astype(np.float32)},
-                         quant, name=name, source=self.nodes[end]['name'])
+                         quant, name=name, source=self.key(end))
         self.blob[end] = layer.name
         self.fuse_activation(end, layer)
         return layer
@@ -295,6 +295,9 @@ class _Tracer(SymbolGraph):
         self._weighted(index, node, 'InnerProduct', {'num_output': int(attrs['num_hidden'])})
 
     def op_BatchNorm(self, index, node):
+        """A BatchNorm not folded into a conv: ncnn's fp32 BatchNorm layer, the same
+        parameters. The simulation computes it as ncnn does (``QBatchNorm`` with BN frozen:
+        ``ops.batchnorm_ncnn``, docs/ncnn-int8-contract.md §3.6)."""
         attrs = node.get('attrs', {})
         if int(attrs.get('axis', 1)) != 1:
             raise ExportError(f"cannot export {self.describe(node)}: BatchNorm axis must be 1")

@@ -82,13 +82,16 @@ class NcnnModel:
 
 
 def _sim_node_names(net, sources, graph):
-    """Name in the quantized graph (a ``SymbolGraph``) of each float-graph node (a quantized
-    layer's output is its ``dequantize`` node there; every other node keeps its name)."""
+    """Key in the quantized graph (a ``SymbolGraph``) of each float-graph node key (a quantized
+    layer's output is its ``dequantize`` node there, the same call of the block; every other
+    node keeps its key)."""
     index = block_index(net)
     names = []
     for source in sources:
-        block, role = index.get(source, (None, None))
-        dequantize = block.prefix + 'dequantize' if block is not None else None
+        name, hash_, occurrence = source.partition('#')
+        block, role = index.get(name, (None, None))
+        dequantize = block.prefix + 'dequantize' + hash_ + occurrence \
+            if block is not None else None
         if block is not None and (role == 'layer' or not graph.has_op(source)) \
                 and graph.has_op(dequantize):
             names.append(dequantize)

@@ -1,6 +1,6 @@
 """The fake-quantized blocks, their range trackers, and the walk over a block tree."""
-from .layers import (MODE_FLAGS, FoldedBatchNorm, QConv2D, QConv2DBatchNorm, QDense,
-                     QuantBlock)
+from .layers import (BN_MODE_FLAGS, MODE_FLAGS, FoldedBatchNorm, QBatchNorm, QConv2D,
+                     QConv2DBatchNorm, QDense, QuantBlock)
 
 
 def walk(block, path=''):
@@ -12,9 +12,28 @@ def walk(block, path=''):
 
 
 def quant_blocks(net):
-    """All fake-quantized blocks of ``net`` as (path, block), in network order."""
-    return [(path, child) for path, _, _, child in walk(net) if isinstance(child, QuantBlock)]
+    """All fake-quantized blocks of ``net`` as (path, block), in network order, each once (a
+    block registered in several places, such as GoogLeNet's ``output`` that is also
+    ``head.2``, is listed at its first path)."""
+    seen, blocks = set(), []
+    for path, _, _, child in walk(net):
+        if isinstance(child, QuantBlock) and id(child) not in seen:
+            seen.add(id(child))
+            blocks.append((path, child))
+    return blocks
 
 
-__all__ = ['MODE_FLAGS', 'FoldedBatchNorm', 'QConv2D', 'QConv2DBatchNorm', 'QDense',
-           'QuantBlock', 'walk', 'quant_blocks']
+def mode_blocks(net):
+    """Every block with mode flags as (path, block), in network order, each once: the
+    fake-quantized blocks and the stand-alone BatchNorms (``QBatchNorm``), which the mode
+    functions of ``qat.modes`` set."""
+    seen, blocks = set(), []
+    for path, _, _, child in walk(net):
+        if isinstance(child, (QuantBlock, QBatchNorm)) and id(child) not in seen:
+            seen.add(id(child))
+            blocks.append((path, child))
+    return blocks
+
+
+__all__ = ['BN_MODE_FLAGS', 'MODE_FLAGS', 'FoldedBatchNorm', 'QBatchNorm', 'QConv2D',
+           'QConv2DBatchNorm', 'QDense', 'QuantBlock', 'walk', 'quant_blocks', 'mode_blocks']

@@ -439,3 +439,106 @@ class FoldedBatchNorm(HybridBlock):
 
     def __repr__(self):
         return f"FoldedBatchNorm(into {self._into})"
+
+
+# Mode flags of a stand-alone BatchNorm (a subset of MODE_FLAGS), in the order they are saved
+# in its ``bn_qmode`` parameter.
+BN_MODE_FLAGS = ('quantize', 'bn_frozen')
+
+
+class QBatchNorm(HybridBlock):
+    """A BatchNorm that stays a layer of its own (not folded into a conv, as in pre-activation
+    nets), computed in the deployed form as ncnn computes its fp32 BatchNorm.
+
+    Shares the BatchNorm's prefix and Parameters (same names). While BN is not frozen, or
+    with quantization disabled: exactly ``nn.BatchNorm`` (the same op: batch statistics and
+    running-statistics updates in training, running statistics in inference). BN frozen:
+    ``ops.batchnorm_ncnn`` with the running statistics (no more updates), bit for bit what
+    the exported ncnn BatchNorm layer gives (docs/ncnn-int8-contract.md §3.6), so the next
+    int8 layer sees the codes the device computes.
+
+    Not a ``QuantBlock`` (no weights to quantize, no input range): ``qat.quant_blocks`` does
+    not list it; ``qat.nn.mode_blocks`` does. Its flags are ``BN_MODE_FLAGS``, saved in the
+    ``bn_qmode`` parameter; ``set_mode`` accepts every flag of ``MODE_FLAGS`` and ignores
+    the ones it does not carry, so that net-wide mode functions can visit every mode block.
+    """
+
+    def __init__(self, bn):
+        if type(bn) is not nn.BatchNorm or bn._kwargs.get('axis', 1) != 1:
+            raise TypeError(f"{bn.name}: QBatchNorm needs an nn.BatchNorm(axis=1), got "
+                            f"{type(bn).__name__}")
+        super().__init__(prefix=bn.prefix, params=bn.params)
+        self._originals = _Originals(bn)
+        self._bn_kwargs = dict(bn._kwargs)
+        for attr in ('gamma', 'beta', 'running_mean', 'running_var'):
+            _share(self, getattr(bn, attr), attr)
+        self._mode = {'quantize': True, 'bn_frozen': False}
+        self.bn_qmode = self.params.get('bn_qmode', shape=(len(BN_MODE_FLAGS),),
+                                        grad_req='null', differentiable=False,
+                                        init=mx.init.Constant(self._mode_vector()))
+        if bn.running_var._data is not None:
+            self.bn_qmode.initialize(ctx=bn.running_var.list_ctx())
+
+    @classmethod
+    def from_float(cls, bn, config=None):
+        """The converter (``config`` is not used: nothing is quantized). A BatchNorm over
+        another axis than 1 is returned as it is (left float)."""
+        if bn._kwargs.get('axis', 1) != 1:
+            return bn
+        return cls(bn)
+
+    # ----- modes -------------------------------------------------------------------------
+    @property
+    def mode(self):
+        """The current mode flags (a copy): ``BN_MODE_FLAGS`` only."""
+        return dict(self._mode)
+
+    def _mode_vector(self):
+        return np.array([float(self._mode[name]) for name in BN_MODE_FLAGS], np.float32)
+
+    def set_mode(self, **flags):
+        """Change mode flags (any of ``MODE_FLAGS``; those not in ``BN_MODE_FLAGS`` are
+        ignored); the graph is rebuilt on the next call."""
+        unknown = set(flags) - set(MODE_FLAGS)
+        if unknown:
+            raise UserError(f"unknown mode flag(s) {sorted(unknown)}; valid: {MODE_FLAGS}")
+        self._mode.update({k: bool(v) for k, v in flags.items() if k in BN_MODE_FLAGS})
+        self.bn_qmode.init = mx.init.Constant(self._mode_vector())
+        if self.bn_qmode._data is not None:
+            self.bn_qmode.set_data(mx.nd.array(self._mode_vector()))
+        self._clear_cached_op()
+
+    def load_mode(self):
+        """Take the mode flags from the (loaded) ``bn_qmode`` parameter."""
+        values = self.bn_qmode.data().asnumpy()
+        self._mode = {name: bool(values[i] > 0.5) for i, name in enumerate(BN_MODE_FLAGS)}
+        self._clear_cached_op()
+
+    # ----- forward -----------------------------------------------------------------------
+    def hybrid_forward(self, F, x, gamma, beta, running_mean, running_var, bn_qmode=None):
+        if self._mode['quantize'] and self._mode['bn_frozen']:
+            return ops.batchnorm_ncnn(F, x, gamma, beta, running_mean, running_var,
+                                      self._bn_kwargs['eps'], self._bn_kwargs['fix_gamma'],
+                                      name='fwd')
+        return F.BatchNorm(x, gamma, beta, running_mean, running_var, name='fwd',
+                           **self._bn_kwargs)
+
+    def cast(self, dtype):
+        """As ``nn.BatchNorm``: its parameters stay float32 in a float16 net."""
+        if np.dtype(dtype).name == 'float16':
+            dtype = 'float32'
+        super().cast(dtype)
+
+    # ----- back to float -----------------------------------------------------------------
+    @property
+    def float_blocks(self):
+        """The BatchNorm this block replaced."""
+        return self._originals.blocks
+
+    def to_float(self):
+        """The BatchNorm this block replaced, sharing the (trained) parameters."""
+        return self._originals.blocks[0]
+
+    def __repr__(self):
+        flags = ', '.join(name for name in BN_MODE_FLAGS if self._mode[name])
+        return f"QBatchNorm({self.name}; {flags})"
