@@ -22,5 +22,4 @@ __all__ = ['QuantConfig', 'QuantScheme', 'CONVERTERS', 'check_ranges', 'conv_bn_
            'freeze_bn', 'freeze_ranges', 'load_parameters', 'quant_blocks', 'quantize_input',
            'save_parameters', 'temporary_mode', 'to_float', 'CALIBRATION_METHODS', 'calibrate',
            'FoldedBatchNorm', 'QBatchNorm', 'QConv2D', 'QConv2DBatchNorm', 'QDense', 'QuantBlock',
-           'export',
-           'verify']
+           'export', 'verify']
