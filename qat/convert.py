@@ -14,8 +14,8 @@ from .config import QuantConfig, QuantScheme
 from .errors import MissingFileError, UserError, reason
 from .fileio import atomic_path
 from .modes import MODE_FUNCTIONS, clear_cached_graphs
-from .nn import (BN_MODE_FLAGS, FoldedBatchNorm, QBatchNorm, QConv2D, QConv2DBatchNorm, QDense,
-                 QuantBlock, mode_blocks, quant_blocks, walk)
+from .nn import (BN_MODE_FLAGS, FoldedBatchNorm, QAvgPool2D, QBatchNorm, QConv2D,
+                 QConv2DBatchNorm, QDense, QuantBlock, mode_blocks, quant_blocks, walk)
 from .symbol import SymbolGraph, trace_symbol
 
 log = logging.getLogger(__name__)
@@ -24,12 +24,14 @@ log = logging.getLogger(__name__)
 # fusion patterns: (Conv2D, BatchNorm) -> converter(conv, bn, config) for a Conv2D whose only
 # consumer is a BatchNorm (fake batchnorm, used when the layer's config has fake_bn).
 # Every other BatchNorm (stand-alone, e.g. pre-activation nets) becomes a QBatchNorm, which
-# computes ncnn's fp32 BatchNorm once BN is frozen.
+# computes ncnn's fp32 BatchNorm once BN is frozen; an AvgPool2D that ncnn computes unlike
+# MXNet (count_include_pad) becomes a QAvgPool2D, ncnn's fp32 average pooling once BN is frozen.
 CONV_BN = (nn.Conv2D, nn.BatchNorm)
 CONVERTERS = {
     nn.Conv2D: QConv2D.from_float,
     nn.Dense: QDense.from_float,
     nn.BatchNorm: QBatchNorm.from_float,
+    nn.AvgPool2D: QAvgPool2D.from_float,
     CONV_BN: QConv2DBatchNorm.from_float,
 }
 
@@ -217,9 +219,9 @@ def _warn_unmatched(net, exclude, paths):
 
 def _first_convertible(net, converters):
     """The first block in network order that has a converter (the first-layer rule); not a
-    stand-alone BatchNorm, which has no weights to quantize."""
+    stand-alone BatchNorm or an average pooling, which have no weights to quantize."""
     for _, _, _, block in walk(net):
-        if (type(block) in converters and not isinstance(block, nn.BatchNorm)) \
+        if (type(block) in converters and not isinstance(block, (nn.BatchNorm, nn.AvgPool2D))) \
                 or isinstance(block, QuantBlock):
             return block
     return None
@@ -248,7 +250,7 @@ def to_float(net):
     """Undo ``convert_model`` in place: every slot gets its original float block back (with the
     trained parameters). Returns ``net``."""
     for path, parent, key, child in list(walk(net)):
-        if isinstance(child, (QuantBlock, FoldedBatchNorm, QBatchNorm)):
+        if isinstance(child, (QuantBlock, FoldedBatchNorm, QBatchNorm, QAvgPool2D)):
             _replace_child(parent, key, child, child.float_blocks[0])
     clear_cached_graphs(net)
     for fn in MODE_FUNCTIONS:
@@ -320,5 +322,7 @@ def load_parameters(net, path, ctx=None, **kwargs):
                 block.set_mode(**{flag: blocks[0][1].mode[flag] for flag in BN_MODE_FLAGS})
             else:
                 block.load_mode()
+        elif isinstance(block, QAvgPool2D) and blocks:  # no parameters: the net's modes
+            block.set_mode(**{flag: blocks[0][1].mode[flag] for flag in BN_MODE_FLAGS})
     clear_cached_graphs(net)
     return net

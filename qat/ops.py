@@ -9,6 +9,8 @@ Conventions (ncnn's, see ``docs/ncnn-int8-contract.md`` §3.1, §3.3):
   * codes are ``q = saturate(round_half_away_from_zero(float32(x * s)))``;
   * signed codes lie in ``[-qmax, qmax]`` with ``qmax = 2^(bits-1) - 1`` (-128 is never used).
 """
+import numpy as np
+
 from . import native
 
 # Ranges are clamped into [MIN_THRESHOLD, MAX_THRESHOLD] so that a zero, tiny, huge or NaN
@@ -166,3 +168,33 @@ def batchnorm_ncnn(F, x, gamma, beta, mean, var, eps, fix_gamma=False, name=None
     a = beta - over_s(gamma * mean)
     out = dequantize(F, F.reshape(x, (0, 0, -1, 1)), b, a, 4)
     return F.reshape_like(out, x, name=name)
+
+
+def avgpool_ncnn(F, x, kernel, stride=(1, 1), pad=(0, 0), name=None):
+    """ncnn's fp32 average pooling (x86, ``Pooling`` with ``avgpool_count_include_pad=1``,
+    ``pad_mode`` valid), bit for bit, packing on and off (measured): per output element,
+
+        sum = 0; for ki in 0..kh-1: for kj in 0..kw-1: sum += xpad[sy + ki, sx + kj]
+        y = sum * float32(1 / (kh * kw))
+
+    ``xpad`` is ``x`` (N, C, H, W) zero-padded by ``pad``; the padded zeros count in the
+    area. The sum runs in float32 from 0, the window row by row (ncnn's ``space_ofs``), and
+    is multiplied by the float32 reciprocal of the area: ncnn's generic kernel is compiled
+    with the division folded into that multiply, its packed kernels write it so. MXNet's
+    Pooling divides, and differs in the last bit. Shifted strided slices of ``xpad``, added
+    in ncnn's order, give each output element the same additions. ``name`` names the
+    result's graph node. Gradients reach ``x``."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, pad
+    if ph or pw:
+        x = F.pad(x, mode='constant', constant_value=0,
+                  pad_width=(0, 0, 0, 0, ph, ph, pw, pw))
+    total = None
+    for ki in range(kh):
+        for kj in range(kw):
+            # rows ki, ki + sh, ... up to the last window's row: (Hp - kh) // sh + 1 of them
+            tap = F.slice(x, begin=(None, None, ki, kj),
+                          end=(None, None, ki - kh + 1 or None, kj - kw + 1 or None),
+                          step=(1, 1, sh, sw))
+            total = F.zeros_like(tap) + tap if total is None else total + tap
+    inv_area = float(np.float32(1) / np.float32(kh * kw))
+    return F.identity(total * inv_area, name=name)

@@ -139,3 +139,35 @@ def int8_dense(x, weight, bias, s_in, s_w, bits=8):
     acc = x_q @ w_q.T
     assert np.abs(acc).max(initial=0) < 2 ** 31, "int32 accumulator overflow"
     return dequantize(acc.astype(np.int32), s_in, s_w, bias, fused=False)
+
+
+def avgpool_ncnn(x, kernel, stride=(1, 1), pad=(0, 0), count_include_pad=True,
+                 divide=False):
+    """ncnn's fp32 average pooling of ``x`` (N, C, H, W), valid windows over the zero-padded
+    input: a float32 sum from 0 over the window row by row, then times float32(1 / area)
+    (``ops.avgpool_ncnn``; ncnn x86 with ``count_include_pad``, packing on and off). Area:
+    kh * kw with ``count_include_pad``, else the window's elements inside the input.
+    ``divide``: ``sum / area`` instead (ncnn's generic kernel without count_include_pad,
+    i.e. packing off or an elempack-1 blob)."""
+    x = np.asarray(x, np.float32)
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, pad
+    n, c, h, w = x.shape
+    padded = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    out_h = (h + 2 * ph - kh) // sh + 1
+    out_w = (w + 2 * pw - kw) // sw + 1
+    total = np.zeros((n, c, out_h, out_w), np.float32)
+    count = np.zeros((out_h, out_w), np.int64)
+    rows, cols = np.arange(out_h) * sh, np.arange(out_w) * sw
+    for ki in range(kh):
+        for kj in range(kw):
+            window = padded[:, :, ki:ki + sh * (out_h - 1) + 1:sh,
+                            kj:kj + sw * (out_w - 1) + 1:sw]
+            total = (total + window).astype(np.float32)
+            inside_rows = (rows + ki >= ph) & (rows + ki < h + ph)
+            inside_cols = (cols + kj >= pw) & (cols + kj < w + pw)
+            count += inside_rows[:, None] & inside_cols[None, :]
+    area = np.full((out_h, out_w), kh * kw) if count_include_pad else count
+    area = area.astype(np.float32)
+    if divide:
+        return (total / area).astype(np.float32)
+    return (total * (np.float32(1) / area).astype(np.float32)).astype(np.float32)

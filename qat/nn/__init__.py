@@ -1,6 +1,6 @@
 """The fake-quantized blocks, their range trackers, and the walk over a block tree."""
-from .layers import (BN_MODE_FLAGS, MODE_FLAGS, FoldedBatchNorm, QBatchNorm, QConv2D,
-                     QConv2DBatchNorm, QDense, QuantBlock)
+from .layers import (BN_MODE_FLAGS, MODE_FLAGS, FoldedBatchNorm, QAvgPool2D, QBatchNorm,
+                     QConv2D, QConv2DBatchNorm, QDense, QuantBlock)
 
 
 def walk(block, path=''):
@@ -25,15 +25,15 @@ def quant_blocks(net):
 
 def mode_blocks(net):
     """Every block with mode flags as (path, block), in network order, each once: the
-    fake-quantized blocks and the stand-alone BatchNorms (``QBatchNorm``), which the mode
-    functions of ``qat.modes`` set."""
+    fake-quantized blocks, the stand-alone BatchNorms (``QBatchNorm``) and the average
+    poolings (``QAvgPool2D``), which the mode functions of ``qat.modes`` set."""
     seen, blocks = set(), []
     for path, _, _, child in walk(net):
-        if isinstance(child, (QuantBlock, QBatchNorm)) and id(child) not in seen:
+        if isinstance(child, (QuantBlock, QBatchNorm, QAvgPool2D)) and id(child) not in seen:
             seen.add(id(child))
             blocks.append((path, child))
     return blocks
 
 
-__all__ = ['BN_MODE_FLAGS', 'MODE_FLAGS', 'FoldedBatchNorm', 'QBatchNorm', 'QConv2D',
+__all__ = ['BN_MODE_FLAGS', 'MODE_FLAGS', 'FoldedBatchNorm', 'QAvgPool2D', 'QBatchNorm', 'QConv2D',
            'QConv2DBatchNorm', 'QDense', 'QuantBlock', 'walk', 'quant_blocks', 'mode_blocks']

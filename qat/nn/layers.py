@@ -542,3 +542,84 @@ class QBatchNorm(HybridBlock):
     def __repr__(self):
         flags = ', '.join(name for name in BN_MODE_FLAGS if self._mode[name])
         return f"QBatchNorm({self.name}; {flags})"
+
+
+class QAvgPool2D(HybridBlock):
+    """An ``nn.AvgPool2D`` between int8 layers, computed in the deployed form as ncnn
+    computes its fp32 average pooling (``ops.avgpool_ncnn``).
+
+    Only the configuration ncnn runs differently from MXNet's Pooling is converted (see
+    ``from_float``): NCHW, valid (floor) windows, ``count_include_pad`` (GluonCV's
+    inception pools). While quantization is off or BN is not frozen: exactly
+    ``nn.AvgPool2D`` (the same op). Quantize and BN frozen (the deployed mode): ncnn's sum
+    in window order times float32(1 / area), bit for bit what the exported ncnn Pooling
+    layer gives, packing on and off, so the next int8 layer sees the device's codes.
+
+    No parameters: its flags (``BN_MODE_FLAGS``, as ``QBatchNorm``) are set by the net-wide
+    mode functions (``qat.nn.mode_blocks`` lists it) and, on loading a checkpoint, taken
+    from the first quantized block.
+    """
+
+    def __init__(self, pool):
+        if not self.exact_in_ncnn(pool):
+            raise TypeError(f"{pool.name}: QAvgPool2D needs an nn.AvgPool2D (NCHW, valid "
+                            f"windows, count_include_pad), got {type(pool).__name__} "
+                            f"{getattr(pool, '_kwargs', {})}")
+        super().__init__(prefix=pool.prefix, params=pool.params)
+        self._originals = _Originals(pool)
+        self._pool_kwargs = dict(pool._kwargs)
+        self._mode = {'quantize': True, 'bn_frozen': False}
+
+    @staticmethod
+    def exact_in_ncnn(pool):
+        """Whether ``ops.avgpool_ncnn`` is what ncnn computes for ``pool``: an
+        ``nn.AvgPool2D``, NCHW, valid windows, ``count_include_pad``. (Without
+        count_include_pad, ncnn divides by the area with packing off, as MXNet does, and
+        multiplies by its reciprocal for a packed blob: no single form; left float.)"""
+        kwargs = getattr(pool, '_kwargs', {})
+        return type(pool) is nn.AvgPool2D and kwargs.get('layout', 'NCHW') == 'NCHW' \
+            and kwargs.get('pooling_convention', 'valid') == 'valid' \
+            and not kwargs.get('global_pool', False) \
+            and kwargs.get('count_include_pad', True)
+
+    @classmethod
+    def from_float(cls, pool, config=None):
+        """The converter (``config`` is not used: nothing is quantized). Any other pooling
+        configuration is returned as it is (left float)."""
+        return cls(pool) if cls.exact_in_ncnn(pool) else pool
+
+    # ----- modes -------------------------------------------------------------------------
+    @property
+    def mode(self):
+        """The current mode flags (a copy): ``BN_MODE_FLAGS`` only."""
+        return dict(self._mode)
+
+    def set_mode(self, **flags):
+        """Change mode flags (any of ``MODE_FLAGS``; those not in ``BN_MODE_FLAGS`` are
+        ignored); the graph is rebuilt on the next call."""
+        unknown = set(flags) - set(MODE_FLAGS)
+        if unknown:
+            raise UserError(f"unknown mode flag(s) {sorted(unknown)}; valid: {MODE_FLAGS}")
+        self._mode.update({k: bool(v) for k, v in flags.items() if k in BN_MODE_FLAGS})
+        self._clear_cached_op()
+
+    # ----- forward -----------------------------------------------------------------------
+    def hybrid_forward(self, F, x):
+        if self._mode['quantize'] and self._mode['bn_frozen']:
+            kw = self._pool_kwargs
+            return ops.avgpool_ncnn(F, x, kw['kernel'], kw['stride'], kw['pad'], name='fwd')
+        return F.Pooling(x, name='fwd', **self._pool_kwargs)
+
+    # ----- back to float -----------------------------------------------------------------
+    @property
+    def float_blocks(self):
+        """The AvgPool2D this block replaced."""
+        return self._originals.blocks
+
+    def to_float(self):
+        """The AvgPool2D this block replaced."""
+        return self._originals.blocks[0]
+
+    def __repr__(self):
+        flags = ', '.join(name for name in BN_MODE_FLAGS if self._mode[name])
+        return f"QAvgPool2D({self.name}; {flags})"
