@@ -133,3 +133,21 @@ def random_batches(seed=0, batches=2, samples=8, size=8):
 def random_image(h, w, seed):
     """An (h, w, 3) uint8 image of uniform noise from ``seed``."""
     return np.random.RandomState(seed).randint(0, 256, (h, w, 3)).astype(np.uint8)
+
+
+def train_alike(net, twin, input_shape, steps=3, classes=5, seed=3):
+    """SGD ``steps`` on ``net`` and ``twin`` with the same random batches (N = 4 of
+    ``input_shape``) and assert bit-identical outputs at every step and parameters (by name)
+    at the end: the converted net trains exactly like its float twin."""
+    trainers = [mx.gluon.Trainer(n.collect_params(), 'sgd', {'learning_rate': 0.1})
+                for n in (net, twin)]
+    rs = np.random.RandomState(seed)
+    for _ in range(steps):
+        x = mx.nd.array(rs.normal(0, 1, (4,) + tuple(input_shape)))
+        labels = mx.nd.array(rs.randint(0, classes, 4))
+        out, out_twin = (sgd_step(n, t, x, labels) for n, t in zip((net, twin), trainers))
+        np.testing.assert_array_equal(out, out_twin)
+    got, want = params_by_name(net), params_by_name(twin)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    return want

@@ -20,7 +20,7 @@ from qat.deploy import ncnn as ncnn_files, verify, export
 from qat.deploy.ir import Graph, Layer
 from qat.deploy.verify import EXACT_OPTIONS, NcnnModel
 from qat.nn import QAvgPool2D, mode_blocks
-from tests.helpers import params_by_name, sgd_step
+from tests.helpers import train_alike
 
 CASES = [((3, 3), (1, 1), (1, 1)), ((3, 3), (2, 2), (1, 1)), ((3, 3), (2, 2), (0, 0)),
          ((5, 3), (1, 2), (2, 1)), ((2, 2), (2, 2), (0, 0)), ((7, 7), (1, 1), (0, 0))]
@@ -165,17 +165,7 @@ def test_training_is_exactly_nn_avgpool(hybridize):
         qat.calibrate(n, [data], method='max')
         if hybridize:
             n.hybridize()
-    trainers = [gluon.Trainer(n.collect_params(), 'sgd', {'learning_rate': 0.1})
-                for n in (net, twin)]
-    rs = np.random.RandomState(3)
-    for _ in range(3):
-        x = mx.nd.array(rs.normal(0, 1, (4, 3, 11, 13)))
-        labels = mx.nd.array(rs.randint(0, 5, 4))
-        out, out_twin = (sgd_step(n, t, x, labels) for n, t in zip((net, twin), trainers))
-        np.testing.assert_array_equal(out, out_twin)
-    got, want = params_by_name(net), params_by_name(twin)
-    for key in want:
-        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    train_alike(net, twin, (3, 11, 13))
 
 
 @pytest.mark.parametrize('channels', [8, 5], ids=['c8', 'c5'])

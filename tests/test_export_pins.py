@@ -8,7 +8,6 @@ architecture change (commit 4d63796). A deliberate change of the exported bytes 
 with the reason in the commit.
 """
 import hashlib
-import os
 
 import mxnet as mx
 import numpy as np

@@ -5,7 +5,6 @@ import argparse
 import os
 
 import numpy as np
-import pytest
 from mxnet.gluon import nn
 
 from qat.app import ptq

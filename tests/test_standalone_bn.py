@@ -26,7 +26,7 @@ from qat.deploy import export, ncnn as ncnn_files, verify
 from qat.deploy.ir import Graph, Layer
 from qat.deploy.verify import EXACT_OPTIONS, NcnnModel
 from qat.nn import QBatchNorm, mode_blocks, walk
-from tests.helpers import params_by_name, randomize_bn, sgd_step
+from tests.helpers import params_by_name, randomize_bn, train_alike
 
 FLOAT_ROUNDING_LSB = 1e-3  # as tests/test_deploy.py: fp32 summation order, far below a step
 
@@ -308,17 +308,7 @@ def test_training_with_bn_not_frozen_is_exactly_nn_batchnorm(hybridize, quantize
         net.hybridize()
         twin.hybridize()
     before = params_by_name(twin)
-    trainers = [gluon.Trainer(n.collect_params(), 'sgd', {'learning_rate': 0.1})
-                for n in (net, twin)]
-    rs = np.random.RandomState(3)
-    for _ in range(3):
-        x = mx.nd.array(rs.normal(0, 1, (4, 3, 8, 8)))
-        labels = mx.nd.array(rs.randint(0, 5, 4))
-        out, out_twin = (sgd_step(n, t, x, labels) for n, t in zip((net, twin), trainers))
-        np.testing.assert_array_equal(out, out_twin)
-    got, want = params_by_name(net), params_by_name(twin)
-    for key in want:
-        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    want = train_alike(net, twin, (3, 8, 8))
     for key in ('batchnorm1_gamma', 'batchnorm1_running_mean', 'batchnorm5_running_var'):
         assert not np.array_equal(want[key], before[key]), key  # they did train
 

@@ -9,7 +9,6 @@ import time
 import mxnet as mx
 import numpy as np
 import pytest
-from mxnet.gluon import nn
 
 from qat.analysis.stats import layer_stats
 from qat.app import data, runfolder, stages, trainer

@@ -10,7 +10,6 @@ Both write a Markdown table and a PNG plot (``qat.report.write_report``); the me
 ``qat.metrics``, the probes ``qat.probes``.
 """
 import logging
-import math
 
 import numpy as np
 

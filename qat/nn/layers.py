@@ -446,7 +446,55 @@ class FoldedBatchNorm(HybridBlock):
 BN_MODE_FLAGS = ('quantize', 'bn_frozen')
 
 
-class QBatchNorm(HybridBlock):
+class DeployedFloatBlock(HybridBlock):
+    """Base of the float blocks that, once deployed (quantize and BN frozen), compute what
+    ncnn's fp32 layer computes, so the next int8 layer sees the device's codes: one float
+    block replaced, the flags ``BN_MODE_FLAGS``. ``set_mode`` accepts every flag of
+    ``MODE_FLAGS`` and ignores the ones it does not carry, so that the net-wide mode functions
+    can visit every mode block (``qat.nn.mode_blocks``)."""
+
+    def __init__(self, float_block):
+        super().__init__(prefix=float_block.prefix, params=float_block.params)
+        self._originals = _Originals(float_block)
+        self._mode = {'quantize': True, 'bn_frozen': False}
+
+    @property
+    def deployed(self):
+        return self._mode['quantize'] and self._mode['bn_frozen']
+
+    @property
+    def mode(self):
+        """The current mode flags (a copy): ``BN_MODE_FLAGS`` only."""
+        return dict(self._mode)
+
+    def set_mode(self, **flags):
+        """Change mode flags (any of ``MODE_FLAGS``); the graph is rebuilt on the next
+        call."""
+        unknown = set(flags) - set(MODE_FLAGS)
+        if unknown:
+            raise UserError(f"unknown mode flag(s) {sorted(unknown)}; valid: {MODE_FLAGS}")
+        self._mode.update({k: bool(v) for k, v in flags.items() if k in BN_MODE_FLAGS})
+        self._mode_changed()
+        self._clear_cached_op()
+
+    def _mode_changed(self):
+        """Hook: keep a saved copy of the flags in step (QBatchNorm's ``bn_qmode``)."""
+
+    @property
+    def float_blocks(self):
+        """The float block this block replaced."""
+        return self._originals.blocks
+
+    def to_float(self):
+        """The float block this block replaced, sharing the (trained) parameters."""
+        return self._originals.blocks[0]
+
+    def __repr__(self):
+        flags = ', '.join(name for name in BN_MODE_FLAGS if self._mode[name])
+        return f"{type(self).__name__}({self.name}; {flags})"
+
+
+class QBatchNorm(DeployedFloatBlock):
     """A BatchNorm that stays a layer of its own (not folded into a conv, as in pre-activation
     nets), computed in the deployed form as ncnn computes its fp32 BatchNorm.
 
@@ -467,12 +515,10 @@ class QBatchNorm(HybridBlock):
         if type(bn) is not nn.BatchNorm or bn._kwargs.get('axis', 1) != 1:
             raise TypeError(f"{bn.name}: QBatchNorm needs an nn.BatchNorm(axis=1), got "
                             f"{type(bn).__name__}")
-        super().__init__(prefix=bn.prefix, params=bn.params)
-        self._originals = _Originals(bn)
+        super().__init__(bn)
         self._bn_kwargs = dict(bn._kwargs)
         for attr in ('gamma', 'beta', 'running_mean', 'running_var'):
             _share(self, getattr(bn, attr), attr)
-        self._mode = {'quantize': True, 'bn_frozen': False}
         self.bn_qmode = self.params.get('bn_qmode', shape=(len(BN_MODE_FLAGS),),
                                         grad_req='null', differentiable=False,
                                         init=mx.init.Constant(self._mode_vector()))
@@ -487,26 +533,14 @@ class QBatchNorm(HybridBlock):
             return bn
         return cls(bn)
 
-    # ----- modes -------------------------------------------------------------------------
-    @property
-    def mode(self):
-        """The current mode flags (a copy): ``BN_MODE_FLAGS`` only."""
-        return dict(self._mode)
-
+    # ----- modes (saved in ``bn_qmode``) ------------------------------------------------
     def _mode_vector(self):
         return np.array([float(self._mode[name]) for name in BN_MODE_FLAGS], np.float32)
 
-    def set_mode(self, **flags):
-        """Change mode flags (any of ``MODE_FLAGS``; those not in ``BN_MODE_FLAGS`` are
-        ignored); the graph is rebuilt on the next call."""
-        unknown = set(flags) - set(MODE_FLAGS)
-        if unknown:
-            raise UserError(f"unknown mode flag(s) {sorted(unknown)}; valid: {MODE_FLAGS}")
-        self._mode.update({k: bool(v) for k, v in flags.items() if k in BN_MODE_FLAGS})
+    def _mode_changed(self):
         self.bn_qmode.init = mx.init.Constant(self._mode_vector())
         if self.bn_qmode._data is not None:
             self.bn_qmode.set_data(mx.nd.array(self._mode_vector()))
-        self._clear_cached_op()
 
     def load_mode(self):
         """Take the mode flags from the (loaded) ``bn_qmode`` parameter."""
@@ -516,7 +550,7 @@ class QBatchNorm(HybridBlock):
 
     # ----- forward -----------------------------------------------------------------------
     def hybrid_forward(self, F, x, gamma, beta, running_mean, running_var, bn_qmode=None):
-        if self._mode['quantize'] and self._mode['bn_frozen']:
+        if self.deployed:
             return ops.batchnorm_ncnn(F, x, gamma, beta, running_mean, running_var,
                                       self._bn_kwargs['eps'], self._bn_kwargs['fix_gamma'],
                                       name='fwd')
@@ -529,22 +563,9 @@ class QBatchNorm(HybridBlock):
             dtype = 'float32'
         super().cast(dtype)
 
-    # ----- back to float -----------------------------------------------------------------
-    @property
-    def float_blocks(self):
-        """The BatchNorm this block replaced."""
-        return self._originals.blocks
-
-    def to_float(self):
-        """The BatchNorm this block replaced, sharing the (trained) parameters."""
-        return self._originals.blocks[0]
-
-    def __repr__(self):
-        flags = ', '.join(name for name in BN_MODE_FLAGS if self._mode[name])
-        return f"QBatchNorm({self.name}; {flags})"
 
 
-class QAvgPool2D(HybridBlock):
+class QAvgPool2D(DeployedFloatBlock):
     """An ``nn.AvgPool2D`` between int8 layers, computed in the deployed form as ncnn
     computes its fp32 average pooling (``ops.avgpool_ncnn``).
 
@@ -565,10 +586,8 @@ class QAvgPool2D(HybridBlock):
             raise TypeError(f"{pool.name}: QAvgPool2D needs an nn.AvgPool2D (NCHW, valid "
                             f"windows, count_include_pad), got {type(pool).__name__} "
                             f"{getattr(pool, '_kwargs', {})}")
-        super().__init__(prefix=pool.prefix, params=pool.params)
-        self._originals = _Originals(pool)
+        super().__init__(pool)
         self._pool_kwargs = dict(pool._kwargs)
-        self._mode = {'quantize': True, 'bn_frozen': False}
 
     @staticmethod
     def exact_in_ncnn(pool):
@@ -588,38 +607,9 @@ class QAvgPool2D(HybridBlock):
         configuration is returned as it is (left float)."""
         return cls(pool) if cls.exact_in_ncnn(pool) else pool
 
-    # ----- modes -------------------------------------------------------------------------
-    @property
-    def mode(self):
-        """The current mode flags (a copy): ``BN_MODE_FLAGS`` only."""
-        return dict(self._mode)
-
-    def set_mode(self, **flags):
-        """Change mode flags (any of ``MODE_FLAGS``; those not in ``BN_MODE_FLAGS`` are
-        ignored); the graph is rebuilt on the next call."""
-        unknown = set(flags) - set(MODE_FLAGS)
-        if unknown:
-            raise UserError(f"unknown mode flag(s) {sorted(unknown)}; valid: {MODE_FLAGS}")
-        self._mode.update({k: bool(v) for k, v in flags.items() if k in BN_MODE_FLAGS})
-        self._clear_cached_op()
-
     # ----- forward -----------------------------------------------------------------------
     def hybrid_forward(self, F, x):
-        if self._mode['quantize'] and self._mode['bn_frozen']:
+        if self.deployed:
             kw = self._pool_kwargs
             return ops.avgpool_ncnn(F, x, kw['kernel'], kw['stride'], kw['pad'], name='fwd')
         return F.Pooling(x, name='fwd', **self._pool_kwargs)
-
-    # ----- back to float -----------------------------------------------------------------
-    @property
-    def float_blocks(self):
-        """The AvgPool2D this block replaced."""
-        return self._originals.blocks
-
-    def to_float(self):
-        """The AvgPool2D this block replaced."""
-        return self._originals.blocks[0]
-
-    def __repr__(self):
-        flags = ', '.join(name for name in BN_MODE_FLAGS if self._mode[name])
-        return f"QAvgPool2D({self.name}; {flags})"
