@@ -74,10 +74,9 @@ FAMILIES = (
     ('alexnet', 'alexnet', 63, None),
     ('googlenet', 'googlenet', 223, None),
     ('inception_v3', 'inceptionv3', 299, None),
-    ('xception', 'xception', 32, _unsupported('Pad', "the fixed padding of the separable "
-                                                     "convs")),
-    ('nasnet', 'nasnet_4_1056', 32, _unsupported('Pad', "the shifted pooling path of the "
-                                                        "cells")),
+    ('xception', 'xception', 32, None),
+    ('nasnet', 'nasnet_4_1056', 32, _unsupported('slice', "the shifted pooling path of the "
+                                                          "cells")),
     ('darknet', 'darknet53', 32, None),
     ('dla', 'dla34', 32, None),
     ('hrnet', 'hrnet_w18_small_v1_c', 32, _unsupported('UpSampling',

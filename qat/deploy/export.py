@@ -2,7 +2,8 @@
 
 Written, all or nothing, into ``folder``::
 
-    <name>.prototxt, <name>.caffemodel   Caffe, fp32, BN fused
+    <name>.prototxt, <name>.caffemodel   Caffe, fp32, BN fused (left out, with a warning,
+                                         when a layer has no Caffe equivalent)
     <name>.table                         ncnn calibration table (int8 layers only)
     <name>.param, <name>.bin             ncnn fp32
     <name>-int8.param, <name>-int8.bin   ncnn int8 (mixed precision: layers without scales stay fp32)
@@ -158,8 +159,12 @@ def export(net, folder, input_shape, name='model', input_names=('data',), winogr
         for kind, data in contents.items():
             with open(os.path.join(staging, names[kind]), 'wb') as handle:
                 handle.write(data)
-        caffe.write_caffe(graph.float_graph(), os.path.join(staging, names['prototxt']),
-                          os.path.join(staging, names['caffemodel']), name)
+        try:
+            caffe.write_caffe(graph.float_graph(), os.path.join(staging, names['prototxt']),
+                              os.path.join(staging, names['caffemodel']), name)
+        except UserError as err:  # Caffe as far as Caffe has the layers
+            log.warning("%s: no Caffe files: %s", name, err)
+            names = {k: v for k, v in names.items() if k not in ('prototxt', 'caffemodel')}
         for kind, file_name in names.items():
             os.replace(os.path.join(staging, file_name), os.path.join(folder, file_name))
     except OSError as err:

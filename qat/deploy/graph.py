@@ -26,6 +26,7 @@ ELTWISE_OPS = {'elemwise_add': 'sum', '_Plus': 'sum', '_plus': 'sum', 'broadcast
                '_mul': 'prod', 'broadcast_mul': 'prod', '_maximum': 'max',
                'broadcast_maximum': 'max'}
 PASS_THROUGH_OPS = ('Dropout', '_copy', 'identity')
+PAD_MODES = ('constant', 'edge', 'reflect')  # MXNet Pad modes, all exact in ncnn Padding
 SOFTMAX_OPS = ('softmax', 'SoftmaxActivation', 'SoftmaxOutput')
 
 
@@ -340,6 +341,21 @@ class _Tracer(SymbolGraph):
         self.add('Concat', index, self.data_inputs(node), {'axis': int(attrs.get('dim', 1))})
 
     op_concat = op_Concat
+
+    def op_Pad(self, index, node):
+        attrs = node.get('attrs', {})
+        widths = _tuple(attrs.get('pad_width'), ())
+        mode = attrs.get('mode', 'constant')
+        if len(widths) != 8 or any(widths[:4]) or mode not in PAD_MODES:
+            raise ExportError(f"cannot export {self.describe(node)}: only padding of the "
+                              f"height and width of an NCHW tensor ({sorted(PAD_MODES)}), "
+                              f"got pad_width {widths} mode {mode!r}")
+        top, bottom, left, right = widths[4:]
+        self.add('Padding', index, self.data_inputs(node)[:1],
+                 {'top': top, 'bottom': bottom, 'left': left, 'right': right, 'mode': mode,
+                  'value': float(attrs.get('constant_value', 0.0))})
+
+    op_pad = op_Pad
 
     def op_Flatten(self, index, node):
         self.add('Flatten', index, self.data_inputs(node)[:1])

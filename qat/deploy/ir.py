@@ -24,6 +24,8 @@ Eltwise        op ('sum' | 'prod' | 'max'); two or more inputs of the same shape
 Concat         axis (MXNet axis of the NCHW tensor: 1 = channels)
 Flatten        -
 Softmax        axis (MXNet axis of the batched tensor)
+Padding        top, bottom, left, right, mode ('constant' | 'edge' | 'reflect'), value
+               (of the constant mode); fp32 in ncnn, no arithmetic: exact
 =============  =====================================================================
 
 ``activation`` (fused into Convolution / InnerProduct) is None or one of
@@ -35,7 +37,7 @@ from typing import Optional
 import numpy as np
 
 KINDS = ('Input', 'Convolution', 'InnerProduct', 'BatchNorm', 'ReLU', 'Clip', 'Sigmoid',
-         'Pooling', 'Eltwise', 'Concat', 'Flatten', 'Softmax')
+         'Pooling', 'Eltwise', 'Concat', 'Flatten', 'Softmax', 'Padding')
 ACTIVATIONS = ('relu', 'leaky', 'clip', 'sigmoid')
 
 

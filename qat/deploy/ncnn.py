@@ -267,6 +267,9 @@ WRITERS = {
     'Concat': _simple('Concat', lambda p: [(0, p['axis'] - 1)]),
     'Flatten': _simple('Flatten', lambda p: []),
     'Softmax': _simple('Softmax', lambda p: [(0, p['axis'] - 1), (1, 1)]),
+    'Padding': _simple('Padding', lambda p: [
+        (0, p['top']), (1, p['bottom']), (2, p['left']), (3, p['right']),
+        (4, {'constant': 0, 'edge': 1, 'reflect': 2}[p['mode']]), (5, float(p['value']))]),
 }
 
 
