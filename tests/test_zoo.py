@@ -35,7 +35,7 @@ def _unsupported(op, what):
 
 
 SE_SQUEEZE = _unsupported('_contrib_AdaptiveAvgPooling2D', "the squeeze of the SE blocks")
-SHUFFLE = _unsupported('Reshape', "the channel shuffle")
+CHANNEL_SPLIT = _unsupported('slice_axis', "the channel split of the units")
 ATTENTION = _unsupported('_contrib_BilinearResize2D', "the attention masks' upsampling")
 
 # (family, GluonCV model, input size, mark of a family that fails today)
@@ -65,8 +65,8 @@ FAMILIES = (
     ('mobilenet_v2', 'mobilenetv2_0.25', 32, None),
     ('mobilenet_v3', 'mobilenetv3_small', 32, _unsupported('_plus_scalar',
                                                            "the hard sigmoid / hard swish")),
-    ('shufflenet_v1', 'shufflenet_v1', 32, SHUFFLE),
-    ('shufflenet_v2', 'shufflenet_v2', 32, SHUFFLE),
+    ('shufflenet_v1', 'shufflenet_v1', 32, None),
+    ('shufflenet_v2', 'shufflenet_v2', 32, CHANNEL_SPLIT),
     ('squeezenet', 'squeezenet1.1', 209, None),
     ('densenet', 'densenet121', 221, None),
     ('vgg', 'vgg11', 32, None),

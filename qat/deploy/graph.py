@@ -342,6 +342,28 @@ class _Tracer(SymbolGraph):
 
     op_concat = op_Concat
 
+    def op_Reshape(self, index, node):
+        """Only as the first node of a channel shuffle (ShuffleNet's ``reshape(0, -4, g, -1,
+        -2)``, ``swapaxes(1, 2)``, ``reshape(0, -3, -2)``), which becomes one ShuffleChannel."""
+        shape = _tuple(node.get('attrs', {}).get('shape'), ())
+        swap = self.only_consumer(index)
+        back = self.only_consumer(swap) if swap is not None else None
+        if not (len(shape) == 5 and shape[:2] == (0, -4) and shape[3:] == (-1, -2)
+                and swap is not None and self.nodes[swap]['op'] == 'SwapAxis'
+                and {int(self.nodes[swap]['attrs'].get(d, 0)) for d in ('dim1', 'dim2')}
+                == {1, 2} and back is not None and self.nodes[back]['op'] == 'Reshape'
+                and _tuple(self.nodes[back]['attrs'].get('shape'), ()) == (0, -3, -2)):
+            raise ExportError(f"cannot export {self.describe(node)}: a Reshape is exported "
+                              f"only as part of a channel shuffle (reshape, swapaxes(1, 2), "
+                              f"reshape)")
+        layer = self.add('ShuffleChannel', index, self.data_inputs(node)[:1],
+                         {'group': shape[2]}, source=self.key(back))
+        for absorbed in (swap, back):
+            self.absorbed.add(absorbed)
+            self.blob[absorbed] = layer.name
+
+    op_reshape = op_Reshape
+
     def op_Pad(self, index, node):
         attrs = node.get('attrs', {})
         widths = _tuple(attrs.get('pad_width'), ())

@@ -26,6 +26,8 @@ Flatten        -
 Softmax        axis (MXNet axis of the batched tensor)
 Padding        top, bottom, left, right, mode ('constant' | 'edge' | 'reflect'), value
                (of the constant mode); fp32 in ncnn, no arithmetic: exact
+ShuffleChannel group: ShuffleNet's channel shuffle (reshape to (group, C/group), swap,
+               flatten back); a permutation: exact
 =============  =====================================================================
 
 ``activation`` (fused into Convolution / InnerProduct) is None or one of
@@ -37,7 +39,7 @@ from typing import Optional
 import numpy as np
 
 KINDS = ('Input', 'Convolution', 'InnerProduct', 'BatchNorm', 'ReLU', 'Clip', 'Sigmoid',
-         'Pooling', 'Eltwise', 'Concat', 'Flatten', 'Softmax', 'Padding')
+         'Pooling', 'Eltwise', 'Concat', 'Flatten', 'Softmax', 'Padding', 'ShuffleChannel')
 ACTIVATIONS = ('relu', 'leaky', 'clip', 'sigmoid')
 
 

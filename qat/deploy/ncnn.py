@@ -270,6 +270,7 @@ WRITERS = {
     'Padding': _simple('Padding', lambda p: [
         (0, p['top']), (1, p['bottom']), (2, p['left']), (3, p['right']),
         (4, {'constant': 0, 'edge': 1, 'reflect': 2}[p['mode']]), (5, float(p['value']))]),
+    'ShuffleChannel': _simple('ShuffleChannel', lambda p: [(0, p['group'])]),
 }
 
 
