@@ -121,72 +121,10 @@ def convert_model(net, exclude=(), convert_fn=None, config=None, layer_configs=N
     Returns ``net``, with the mode functions of ``qat.modes`` also bound as methods
     (``net.enable_quantize()`` ...).
     """
-    scheme = _scheme(config, layer_configs)
-    converters = _converters(convert_fn)
-    exclude = tuple(exclude) if isinstance(exclude, (list, tuple, set)) else (exclude,)
-    exclude += scheme.exclude
-    paths = {}
-    for path, _, _, child in walk(net):
-        paths.setdefault(child, path)  # a block in several slots: its first path
-    _warn_unmatched(net, exclude, paths)
-    pair_converter = converters.get(CONV_BN)
-    # The pairs also tell the stand-alone BatchNorm converter which BNs to leave alone: a
-    # conv's BN is folded (fake BN), or left float and folded at export.
-    pairs = conv_bn_pairs(net, input_names) if isinstance(net, HybridBlock) \
-        and (pair_converter is not None or nn.BatchNorm in converters) else {}
-    paired_bns = set(pairs.values())
-    folded = {}  # bn block -> the quantized block that absorbed it
-    # float block -> what its slots hold now (itself when left float). A block registered in
-    # several slots (GoogLeNet's ``output`` is also ``head.2``) is decided once and every
-    # slot gets the same block: two quantized copies would each create their own
-    # ``<prefix>range_ema`` ... under one name.
-    decided = {}
-    tied = {}  # weight Parameter -> the first quantized block over it
-    first = _first_convertible(net, converters)
-
-    def convert_children(block, path):
-        for key, child in list(block._children.items()):
-            child_path = f"{path}.{key}" if path else key
-            if child in decided:
-                if decided[child] is not child:
-                    _replace_child(block, key, child, decided[child])
-                continue
-            decided[child] = child  # until it is converted below
-            if isinstance(child, (QuantBlock, FoldedBatchNorm)) \
-                    or _matches(child, child_path, exclude):
-                continue  # an excluded block and everything inside it stay float
-            convert = converters.get(type(child)) if child not in paired_bns else None
-            if convert is None:
-                if child._reg_params and not child._children \
-                        and not isinstance(child, LEFT_FLOAT_QUIETLY):
-                    log.info("%s (%s) has weights but no converter: left float", child.name,
-                             type(child).__name__)
-                convert_children(child, child_path)
-                continue
-            if isinstance(child, nn.Conv2D) and child._kwargs.get('layout') != 'NCHW':
-                log.info("%s: layout %s is not supported: left float", child.name,
-                         child._kwargs.get('layout'))
-                continue
-            layer_config = scheme.config_for(child, child_path, child is first)
-            if layer_config is None:
-                continue
-            bn = pairs.get(child) if pair_converter is not None else None
-            if bn is not None and layer_config.fake_bn \
-                    and not _matches(bn, paths.get(bn, ''), exclude):
-                new = pair_converter(child, bn, layer_config)
-                folded[bn] = new
-            else:
-                new = convert(child, layer_config)
-            twin = tied.setdefault(new.weight, new) if isinstance(new, QuantBlock) else new
-            if twin is not new:  # their quantization parameters would clash by name
-                raise UserError(f"{twin.name} and {new.name} share one weight (tied "
-                                f"weights): quantize one of them only (exclude the other)")
-            _replace_child(block, key, child, new)
-            decided[child] = new
-            _init_like(new, child)
-
-    convert_children(net, '')
-    stand_ins = {bn: FoldedBatchNorm(bn, into) for bn, into in folded.items()}
+    conversion = _Conversion(net, _scheme(config, layer_configs), _converters(convert_fn),
+                             exclude, input_names)
+    conversion.children(net, '')
+    stand_ins = {bn: FoldedBatchNorm(bn, into) for bn, into in conversion.folded.items()}
     for _, parent, key, child in list(walk(net)):
         if child in stand_ins:
             _replace_child(parent, key, child, stand_ins[child])
@@ -194,8 +132,85 @@ def convert_model(net, exclude=(), convert_fn=None, config=None, layer_configs=N
     for fn in MODE_FUNCTIONS:
         object.__setattr__(net, fn.__name__, _bind(fn, net))
     log.info("converted %d blocks of %s (%d conv+BN pairs with fake batchnorm)",
-             len(quant_blocks(net)), net.name, len(folded))
+             len(quant_blocks(net)), net.name, len(conversion.folded))
     return net
+
+
+class _Conversion:
+    """The state of one ``convert_model`` walk: which blocks are excluded, the conv -> BN
+    pairs, what each float block became."""
+
+    def __init__(self, net, scheme, converters, exclude, input_names):
+        self.scheme, self.converters = scheme, converters
+        exclude = tuple(exclude) if isinstance(exclude, (list, tuple, set)) else (exclude,)
+        self.exclude = exclude + scheme.exclude
+        self.paths = {}
+        for path, _, _, child in walk(net):
+            self.paths.setdefault(child, path)  # a block in several slots: its first path
+        _warn_unmatched(net, self.exclude, self.paths)
+        self.pair_converter = converters.get(CONV_BN)
+        # The pairs also tell the stand-alone BatchNorm converter which BNs to leave alone: a
+        # conv's BN is folded (fake BN), or left float and folded at export.
+        self.pairs = conv_bn_pairs(net, input_names) if isinstance(net, HybridBlock) \
+            and (self.pair_converter is not None or nn.BatchNorm in converters) else {}
+        self.paired_bns = set(self.pairs.values())
+        self.folded = {}  # bn block -> the quantized block that absorbed it
+        # float block -> what its slots hold now (itself when left float). A block registered
+        # in several slots (GoogLeNet's ``output`` is also ``head.2``) is decided once and
+        # every slot gets the same block: two quantized copies would each create their own
+        # ``<prefix>range_ema`` ... under one name.
+        self.decided = {}
+        self.tied = {}  # weight Parameter -> the first quantized block over it
+        self.first = _first_convertible(net, converters)
+
+    def children(self, block, path):
+        """Convert the children of ``block`` (at ``path``), depth first."""
+        for key, child in list(block._children.items()):
+            child_path = f"{path}.{key}" if path else key
+            if child in self.decided:
+                if self.decided[child] is not child:
+                    _replace_child(block, key, child, self.decided[child])
+                continue
+            self.decided[child] = child  # until it is converted below
+            if isinstance(child, (QuantBlock, FoldedBatchNorm)) \
+                    or _matches(child, child_path, self.exclude):
+                continue  # an excluded block and everything inside it stay float
+            convert = self.converters.get(type(child)) if child not in self.paired_bns \
+                else None
+            if convert is None:
+                if child._reg_params and not child._children \
+                        and not isinstance(child, LEFT_FLOAT_QUIETLY):
+                    log.info("%s (%s) has weights but no converter: left float", child.name,
+                             type(child).__name__)
+                self.children(child, child_path)
+                continue
+            new = self.converted(child, child_path, convert)
+            if new is not None:
+                _replace_child(block, key, child, new)
+                self.decided[child] = new
+                _init_like(new, child)
+
+    def converted(self, child, path, convert):
+        """The block that replaces ``child``, or None when it stays float."""
+        if isinstance(child, nn.Conv2D) and child._kwargs.get('layout') != 'NCHW':
+            log.info("%s: layout %s is not supported: left float", child.name,
+                     child._kwargs.get('layout'))
+            return None
+        config = self.scheme.config_for(child, path, child is self.first)
+        if config is None:
+            return None
+        bn = self.pairs.get(child) if self.pair_converter is not None else None
+        if bn is not None and config.fake_bn \
+                and not _matches(bn, self.paths.get(bn, ''), self.exclude):
+            new = self.pair_converter(child, bn, config)
+            self.folded[bn] = new
+        else:
+            new = convert(child, config)
+        twin = self.tied.setdefault(new.weight, new) if isinstance(new, QuantBlock) else new
+        if twin is not new:  # their quantization parameters would clash by name
+            raise UserError(f"{twin.name} and {new.name} share one weight (tied weights): "
+                            f"quantize one of them only (exclude the other)")
+        return new
 
 
 def _converters(convert_fn):

@@ -1,6 +1,7 @@
-"""The fake-quantized blocks, their range trackers, and the walk over a block tree."""
-from .layers import (BN_MODE_FLAGS, MODE_FLAGS, FoldedBatchNorm, QAvgPool2D, QBatchNorm,
-                     QConv2D, QConv2DBatchNorm, QDense, QuantBlock)
+"""The fake-quantized blocks (``layers``), the fp32 layers computed as ncnn once deployed
+(``deployed``), their range trackers (``ranges``), and the walk over a block tree."""
+from .deployed import BN_MODE_FLAGS, DeployedFloatBlock, QAvgPool2D, QBatchNorm
+from .layers import MODE_FLAGS, FoldedBatchNorm, QConv2D, QConv2DBatchNorm, QDense, QuantBlock
 
 
 def walk(block, path=''):
@@ -25,15 +26,16 @@ def quant_blocks(net):
 
 def mode_blocks(net):
     """Every block with mode flags as (path, block), in network order, each once: the
-    fake-quantized blocks, the stand-alone BatchNorms (``QBatchNorm``) and the average
-    poolings (``QAvgPool2D``), which the mode functions of ``qat.modes`` set."""
+    fake-quantized blocks and the ``DeployedFloatBlock``s (stand-alone BatchNorms, average
+    poolings), which the mode functions of ``qat.modes`` set."""
     seen, blocks = set(), []
     for path, _, _, child in walk(net):
-        if isinstance(child, (QuantBlock, QBatchNorm, QAvgPool2D)) and id(child) not in seen:
+        if isinstance(child, (QuantBlock, DeployedFloatBlock)) and id(child) not in seen:
             seen.add(id(child))
             blocks.append((path, child))
     return blocks
 
 
-__all__ = ['BN_MODE_FLAGS', 'MODE_FLAGS', 'FoldedBatchNorm', 'QAvgPool2D', 'QBatchNorm', 'QConv2D',
-           'QConv2DBatchNorm', 'QDense', 'QuantBlock', 'walk', 'quant_blocks', 'mode_blocks']
+__all__ = ['BN_MODE_FLAGS', 'MODE_FLAGS', 'DeployedFloatBlock', 'FoldedBatchNorm', 'QAvgPool2D',
+           'QBatchNorm', 'QConv2D', 'QConv2DBatchNorm', 'QDense', 'QuantBlock', 'walk',
+           'quant_blocks', 'mode_blocks']
