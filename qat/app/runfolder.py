@@ -104,9 +104,10 @@ class RunFolder:
         """The state to continue from: a fresh one (the recipe saved), or with ``resume`` the
         last commit (the recipe must be the saved one)."""
         state_file = self.path('state.json')
-        if os.path.exists(state_file) and not resume:
+        # rank 0 owns the folder: the other workers may find the state it just wrote
+        if os.path.exists(state_file) and not resume and self.rank == 0:
             raise ExistsError(f"{self.folder} already holds a run: continue it with "
-                                  f"--resume, or choose another run.name (--set run.name=...)")
+                              f"--resume, or choose another run.name (--set run.name=...)")
         if resume and os.path.exists(state_file):
             state = read_json(state_file)
             if state.get('format_version') != FORMAT_VERSION:
