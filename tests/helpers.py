@@ -7,6 +7,8 @@ import numpy as np
 import yaml
 from mxnet.gluon import nn
 
+import qat  # only for the builders of test nets below: no formula is taken from it
+
 F32_EPS = float(np.finfo(np.float32).eps)  # 2^-23, the float32 unit roundoff times 2
 
 
@@ -151,3 +153,16 @@ def train_alike(net, twin, input_shape, steps=3, classes=5, seed=3):
     for key in want:
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
     return want
+
+
+def converted_and_calibrated(make, input_shape, seed=0):
+    """(net, [one batch of 4]): ``make()`` built under ``seed``, Xavier-initialized, run once,
+    converted with the defaults and max-calibrated on that batch."""
+    mx.random.seed(seed)
+    net = make()
+    net.initialize(mx.init.Xavier())
+    data = [mx.nd.array(np.random.RandomState(seed).normal(0, 1, (4,) + tuple(input_shape)))]
+    net(data[0])
+    qat.convert_model(net)
+    qat.calibrate(net, data, method='max')
+    return net, data

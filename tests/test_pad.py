@@ -4,12 +4,11 @@ Caffe has no padding layer: the export then writes the ncnn files and no Caffe f
 import logging
 import os
 
-import mxnet as mx
-import numpy as np
 import pytest
 from mxnet.gluon import HybridBlock, nn
 
 import qat
+from tests.helpers import converted_and_calibrated
 
 # fp32 layers after the int8 ones (pooling, dense) differ by float32 summation order only
 FLOAT_ROUNDING_LSB = 1e-3
@@ -33,14 +32,7 @@ class PadNet(HybridBlock):
 
 
 def _net(mode, **kwargs):
-    mx.random.seed(0)
-    net = PadNet(mode, **kwargs)
-    net.initialize(mx.init.Xavier())
-    data = [mx.nd.array(np.random.RandomState(0).normal(0, 1, (4, 3, 11, 9)))]
-    net(data[0])
-    qat.convert_model(net)
-    qat.calibrate(net, data, method='max')
-    return net, data
+    return converted_and_calibrated(lambda: PadNet(mode, **kwargs), (3, 11, 9))
 
 
 @pytest.mark.parametrize('packing', [False, True], ids=['packing-off', 'packing-on'])

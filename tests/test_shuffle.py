@@ -1,12 +1,11 @@
 """ShuffleNet's channel shuffle (reshape to (N, g, C/g, H, W), swap axes 1 and 2, reshape back)
 exported as one ncnn ShuffleChannel layer: a permutation, so the int8 layer after it sees
 exactly the simulation's codes. Any other Reshape is still a clear export error."""
-import mxnet as mx
-import numpy as np
 import pytest
 from mxnet.gluon import HybridBlock, nn
 
 import qat
+from tests.helpers import converted_and_calibrated
 from qat.deploy.graph import ExportError
 
 
@@ -30,14 +29,7 @@ class ShuffleNet(HybridBlock):
 
 
 def _net(groups, **kwargs):
-    mx.random.seed(0)
-    net = ShuffleNet(groups, **kwargs)
-    net.initialize(mx.init.Xavier())
-    data = [mx.nd.array(np.random.RandomState(0).normal(0, 1, (4, 3, 7, 9)))]
-    net(data[0])
-    qat.convert_model(net)
-    qat.calibrate(net, data, method='max')
-    return net, data
+    return converted_and_calibrated(lambda: ShuffleNet(groups, **kwargs), (3, 7, 9))
 
 
 @pytest.mark.parametrize('packing', [False, True], ids=['packing-off', 'packing-on'])
