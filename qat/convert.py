@@ -224,12 +224,17 @@ def _converters(convert_fn):
     return converters
 
 
+def unmatched(net, patterns):
+    """The glob patterns of ``patterns`` that match no block name or path of ``net``."""
+    blocks = [(block, path) for path, _, _, block in walk(net)]
+    return [pattern for pattern in patterns if isinstance(pattern, str)
+            and not any(_matches(block, path, (pattern,)) for block, path in blocks)]
+
+
 def _warn_unmatched(net, exclude, paths):
-    for pattern in exclude:
-        if isinstance(pattern, str) and not any(_matches(block, path, (pattern,))
-                                                for block, path in paths.items()):
-            log.warning("exclude pattern %r matches no block of %s (block names look like "
-                        "%s)", pattern, net.name, next(iter(paths), net).name)
+    for pattern in unmatched(net, exclude):
+        log.warning("exclude pattern %r matches no block of %s (block names look like %s)",
+                    pattern, net.name, next(iter(paths), net).name)
 
 
 def _first_convertible(net, converters):

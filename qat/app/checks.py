@@ -2,12 +2,11 @@
 devices exist, both data splits open and their first image decodes, labels are in range, the
 model builds with its kwargs and returns class scores, and every ``quantize.exclude`` pattern
 names a layer. Each problem is a UserError naming the recipe key."""
-import fnmatch
-
 import mxnet as mx
 import numpy as np
 from mxnet.gluon import nn
 
+from ..convert import unmatched
 from ..errors import DataError, UserError, reason
 from ..nn import walk
 from .data import open_split
@@ -63,12 +62,10 @@ def check_model(net, input_shape, exclude, ctx):
     if out.ndim != 2:
         raise UserError(f"model.name: the model returns shape {out.shape}; a classifier "
                         f"returns (N, classes)")
-    names = [(path, block.name) for path, _, _, block in walk(net)
-             if isinstance(block, (nn.Conv2D, nn.Dense)) or block._children]
-    for pattern in exclude:
-        if not any(fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(path, pattern)
-                   for path, name in names):
-            layers = [name for path, name in names][:12]
-            raise UserError(f"quantize.exclude: {pattern!r} matches no layer or block of the "
-                            f"model (e.g. {', '.join(layers)})")
+    missing = unmatched(net, exclude)
+    if missing:
+        layers = [block.name for *_, block in walk(net)
+                  if isinstance(block, (nn.Conv2D, nn.Dense))][:12]
+        raise UserError(f"quantize.exclude: {missing[0]!r} matches no layer or block of the "
+                        f"model (e.g. {', '.join(layers)})")
     return out.shape[1]

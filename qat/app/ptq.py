@@ -35,7 +35,6 @@ from ..report import write_report
 from .data import IMAGE_EXTENSIONS, FileSet, Preprocess, iterate
 
 SEARCH_SAMPLES = easyquant.MAX_SAMPLES
-HELP = 'post-training quantization: calibration table and ncnn int8 model (as ncnn2table)'
 DESCRIPTION = ("ncnn2table + ncnn2int8 for a float Gluon model: build it (GluonCV name or "
                "module:function factory, --params), read calibration images (folder or list "
                "file), preprocess them as ncnn does ((pixel - mean) * norm after a resize to "

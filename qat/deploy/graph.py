@@ -362,8 +362,6 @@ class _Tracer(SymbolGraph):
             self.absorbed.add(absorbed)
             self.blob[absorbed] = layer.name
 
-    op_reshape = op_Reshape
-
     def op_Pad(self, index, node):
         attrs = node.get('attrs', {})
         widths = _tuple(attrs.get('pad_width'), ())
@@ -376,8 +374,6 @@ class _Tracer(SymbolGraph):
         self.add('Padding', index, self.data_inputs(node)[:1],
                  {'top': top, 'bottom': bottom, 'left': left, 'right': right, 'mode': mode,
                   'value': float(attrs.get('constant_value', 0.0))})
-
-    op_pad = op_Pad
 
     def op_Flatten(self, index, node):
         self.add('Flatten', index, self.data_inputs(node)[:1])
