@@ -1,12 +1,11 @@
 """ShuffleNet's channel shuffle (reshape to (N, g, C/g, H, W), swap axes 1 and 2, reshape back)
 exported as one ncnn ShuffleChannel layer: a permutation, so the int8 layer after it sees
-exactly the simulation's codes. Any other Reshape is still a clear export error."""
+exactly the simulation's codes. Any other run of reshapes is one ncnn Reshape (exact too)."""
 import pytest
 from mxnet.gluon import HybridBlock, nn
 
 import qat
 from tests.helpers import converted_and_calibrated
-from qat.deploy.graph import ExportError
 
 
 class ShuffleNet(HybridBlock):
@@ -49,8 +48,12 @@ def test_channel_shuffle_is_one_exact_shufflechannel_layer(tmp_path, groups, pac
             assert layer['max_lsb'] == 0, layer
 
 
-def test_another_reshape_is_an_export_error_naming_it(tmp_path):
-    net, _ = _net(2, shuffle=False)
-    with pytest.raises(ExportError, match=r"cannot export op 'Reshape' .*only as part of a "
-                                          r"channel shuffle"):
-        qat.export(net, str(tmp_path), (3, 7, 9))
+def test_another_reshape_run_is_one_exact_ncnn_reshape(tmp_path):
+    net, data = _net(2, shuffle=False)  # reshape to 5-D and back: one Reshape to (C, H, W)
+    paths = qat.export(net, str(tmp_path), (3, 7, 9))
+    lines = open(paths['int8_param']).read().splitlines()
+    reshapes = [line for line in lines if line.startswith('Reshape')]
+    assert len(reshapes) == 1 and reshapes[0].endswith('0=9 1=7 2=12'), reshapes
+    report = qat.verify(net, str(tmp_path), data, packing=False)
+    assert report['passed'], report['failures']
+    assert all(layer.get('code_mismatches', 0) == 0 for layer in report['layers'])

@@ -6,7 +6,8 @@ import numpy as np
 
 from ..batches import labeled_batches
 from ..deploy.export import file_names, read_manifest
-from ..deploy.verify import EXACT_OPTIONS, NcnnModel, consumer_scales, simulate
+from ..deploy.verify import (EXACT_OPTIONS, NcnnModel, consumer_scales, ncnn_arithmetic,
+                             simulate)
 from ..metrics import cosine_similarity
 from ..modes import temporary_mode
 from ..report import bar_panels, fmt_number, format_table
@@ -27,7 +28,7 @@ def layer_comparison(net, data, folder, name='model', max_samples=16, threads=1,
               if layer['kind'] != 'Input' and layer['source']]
     sources = [layer['source'] for layer in layers]
     with temporary_mode(net, bn_frozen=True, online=False):
-        sim = simulate(net, batches, sources)
+        sim = simulate(net, batches, sources, arithmetic=ncnn_arithmetic(manifest))
     with temporary_mode(net, quantize=False):
         reference = simulate(net, batches, sources)
     measured = None

@@ -23,7 +23,15 @@ Eltwise       Eltwise: eltwise_param { operation SUM | PROD | MAX }, any number 
 Concat        Concat: concat_param { axis } (the same NCHW axis number as MXNet's)
 Flatten       Flatten (default axis 1: (N, C*H*W))
 Softmax       Softmax: softmax_param { axis }
+TanH, PReLU   TanH; PReLU (blob: the slopes)
+ELU           ELU: elu_param { alpha }
+Reshape       Reshape: reshape_param { shape { dim: 0 dim: ... } } (0 keeps the batch)
 ============  ===============================================================================
+
+The writers are the op table's (``qat.deploy.optable.LAYERS``); the kinds with no Caffe layer
+that computes the same (Swish, GELU, HardSigmoid, HardSwish, BinaryOp with broadcasting or a
+scalar, Permute, Crop, Padding, ShuffleChannel, adaptive pooling) raise UserError naming the
+layer, and the export then skips the Caffe files with a warning.
 
 A fused ``activation`` of a Convolution / InnerProduct becomes a separate in-place layer after
 it (bottom == top == the layer's blob) named ``<layer>_relu`` / ``_leaky`` / ``_clip`` /
@@ -65,13 +73,11 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, te
 
 from ..errors import UserError
 from ..fileio import atomic_write
-from .ir import ACTIVATIONS
+from .optable import LAYERS
+from .optable.pooling import mxnet_pool_len
 
 # A layer of a parsed .prototxt: params is {param message name: {field: value}}.
 CaffeLayer = namedtuple('CaffeLayer', 'name type bottoms tops params')
-
-POOL_METHODS = {'max': 'MAX', 'avg': 'AVE'}
-ELTWISE_OPS = {'sum': 'SUM', 'prod': 'PROD', 'max': 'MAX'}
 
 
 def write_caffe(graph, prototxt_path, caffemodel_path, net_name):
@@ -110,170 +116,15 @@ def _caffe_layers(graph):
     taken = {layer.name for layer in graph.layers}
     shapes, out = {}, []
     for layer in graph.layers:
-        build = _BUILDERS.get(layer.kind)
-        if build is None:
+        kind = LAYERS.get(layer.kind)
+        if kind is None or kind.caffe is None:
             raise UserError(f"cannot write IR kind {layer.kind!r} (layer {layer.name!r}) "
                              f"to Caffe")
         inputs = [shapes[name] for name in layer.inputs]
-        shapes[layer.name] = _out_shape(layer, inputs)
-        out += build(layer, inputs, taken)
+        shapes[layer.name] = layer.shape if layer.shape is not None \
+            else _out_shape(layer, inputs)
+        out += kind.caffe(layer, inputs, taken)
     return out
-
-
-def _layer(name, kind, bottoms, top, blobs=(), **param):
-    """One LayerParameter dict; ``param``: its ``*_param`` message as a dict, if any."""
-    return {'name': name, 'type': kind, 'bottom': list(bottoms), 'top': [top], **param,
-            'blobs': list(blobs)}
-
-
-def _unique(name, taken):
-    """``name``, or ``name_1``, ``name_2``... if taken; marks the result taken."""
-    candidate, k = name, 0
-    while candidate in taken:
-        k += 1
-        candidate = f'{name}_{k}'
-    taken.add(candidate)
-    return candidate
-
-
-def _input(layer, inputs, taken):
-    shape = {'dim': [1, *layer.params['shape']]}
-    return [_layer(layer.name, 'Input', [], layer.name, input_param={'shape': [shape]})]
-
-
-def _convolution(layer, inputs, taken):
-    p = layer.params
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = p['kernel'], p['stride'], p['pad'], p['dilate']
-    fields = {'num_output': p['num_output'], 'bias_term': layer.weights.get('bias') is not None,
-              'pad_h': ph, 'pad_w': pw, 'kernel_h': kh, 'kernel_w': kw,
-              'stride_h': sh, 'stride_w': sw, 'group': p.get('groups', 1),
-              # caffe2ncnn reads only dilation(0): one value when both axes agree
-              'dilation': [dh] if dh == dw else [dh, dw]}
-    return _weighted(layer, 'Convolution', taken, convolution_param=fields)
-
-
-def _inner_product(layer, inputs, taken):
-    fields = {'num_output': layer.params['num_output'],
-              'bias_term': layer.weights.get('bias') is not None}
-    return _weighted(layer, 'InnerProduct', taken, inner_product_param=fields)
-
-
-def _weighted(layer, kind, taken, **param):
-    """A Convolution / InnerProduct and its fused activation as an in-place layer."""
-    blobs = [layer.weights['weight']]
-    if layer.weights.get('bias') is not None:
-        blobs.append(layer.weights['bias'])
-    out = [_layer(layer.name, kind, layer.inputs, layer.name, blobs, **param)]
-    act = layer.params.get('activation')
-    if act is not None:
-        if act[0] not in ACTIVATIONS:
-            raise UserError(f"unknown activation {act!r} of layer {layer.name!r}")
-        name = _unique(f'{layer.name}_{act[0]}', taken)
-        out.append(_activation(name, layer.name, layer.name, act))
-    return out
-
-
-def _activation(name, bottom, top, act):
-    """The Caffe layer of an IR activation tuple ('relu',) / ('leaky', slope) / ..."""
-    if act[0] == 'sigmoid':
-        return _layer(name, 'Sigmoid', [bottom], top)
-    if act[0] == 'clip':
-        return _layer(name, 'Clip', [bottom], top,
-                      clip_param={'min': float(act[1]), 'max': float(act[2])})
-    slope = float(act[1]) if act[0] == 'leaky' else 0.0
-    param = {'relu_param': {'negative_slope': slope}} if slope != 0 else {}
-    return _layer(name, 'ReLU', [bottom], top, **param)
-
-
-def _relu(layer, inputs, taken):
-    return [_activation(layer.name, layer.inputs[0], layer.name,
-                        ('leaky', layer.params.get('slope', 0.0)))]
-
-
-def _clip(layer, inputs, taken):
-    act = ('clip', layer.params['low'], layer.params['high'])
-    return [_activation(layer.name, layer.inputs[0], layer.name, act)]
-
-
-def _sigmoid(layer, inputs, taken):
-    return [_activation(layer.name, layer.inputs[0], layer.name, ('sigmoid',))]
-
-
-def _batch_norm(layer, inputs, taken):
-    w = layer.weights
-    bn = _layer(layer.name, 'BatchNorm', layer.inputs, layer.name,
-                [w['mean'], w['var'], np.ones(1, np.float32)],
-                batch_norm_param={'use_global_stats': True, 'eps': float(layer.params['eps'])})
-    scale = _layer(_unique(f'{layer.name}_scale', taken), 'Scale', [layer.name], layer.name,
-                   [w['gamma'], w['beta']], scale_param={'bias_term': True})
-    return [bn, scale]
-
-
-def _pooling(layer, inputs, taken):
-    p = layer.params
-    fields = {'pool': POOL_METHODS[p['pool']]}
-    if p['global_pool']:
-        fields['global_pooling'] = True
-    else:
-        (kh, kw), (sh, sw), (ph, pw) = p['kernel'], p['stride'], p['pad']
-        fields.update(kernel_h=kh, kernel_w=kw, stride_h=sh, stride_w=sw, pad_h=ph, pad_w=pw)
-        if _round_mode(layer, inputs[0]) == 'FLOOR':
-            fields['round_mode'] = 'FLOOR'
-    return [_layer(layer.name, 'Pooling', layer.inputs, layer.name, pooling_param=fields)]
-
-
-def _round_mode(layer, in_shape):
-    """'CEIL' or 'FLOOR': the Caffe rounding that gives MXNet's output shape, checked."""
-    p = layer.params
-    if any(pad >= k for pad, k in zip(p['pad'], p['kernel'])):
-        raise UserError(f"Pooling layer {layer.name!r}: Caffe needs pad < kernel, got "
-                         f"pad {tuple(p['pad'])} kernel {tuple(p['kernel'])}")
-    if p['pool'] == 'avg' and any(p['pad']) and not p['count_include_pad']:
-        raise UserError(f"Pooling layer {layer.name!r}: Caffe's average pooling counts the "
-                         f"padding (count_include_pad=False has no Caffe equivalent)")
-    axes = list(zip(in_shape[1:], p['kernel'], p['stride'], p['pad']))
-    want = [_mxnet_pool_len(*axis, p['full']) for axis in axes]
-    for mode in ('CEIL', 'FLOOR'):
-        if [_caffe_pool_len(*axis, mode == 'CEIL') for axis in axes] == want:
-            return mode
-    raise UserError(f"Pooling layer {layer.name!r}: no Caffe rounding gives MXNet's output "
-                     f"size {tuple(want)} (input {tuple(in_shape[1:])}, "
-                     f"{'full' if p['full'] else 'valid'} convention)")
-
-
-def _mxnet_pool_len(n, k, s, pad, full):
-    return (n + 2 * pad - k + (s - 1 if full else 0)) // s + 1
-
-
-def _caffe_pool_len(n, k, s, pad, ceil):
-    size = (n + 2 * pad - k + (s - 1 if ceil else 0)) // s + 1
-    # Caffe drops a last window that starts inside the right padding
-    return size - 1 if pad and (size - 1) * s >= n + pad else size
-
-
-def _eltwise(layer, inputs, taken):
-    return [_layer(layer.name, 'Eltwise', layer.inputs, layer.name,
-                   eltwise_param={'operation': ELTWISE_OPS[layer.params['op']]})]
-
-
-def _concat(layer, inputs, taken):
-    return [_layer(layer.name, 'Concat', layer.inputs, layer.name,
-                   concat_param={'axis': layer.params['axis']})]
-
-
-def _flatten(layer, inputs, taken):
-    return [_layer(layer.name, 'Flatten', layer.inputs, layer.name)]
-
-
-def _softmax(layer, inputs, taken):
-    return [_layer(layer.name, 'Softmax', layer.inputs, layer.name,
-                   softmax_param={'axis': layer.params['axis']})]
-
-
-_BUILDERS = {'Input': _input, 'Convolution': _convolution, 'InnerProduct': _inner_product,
-             'BatchNorm': _batch_norm, 'ReLU': _relu, 'Clip': _clip, 'Sigmoid': _sigmoid,
-             'Pooling': _pooling, 'Eltwise': _eltwise, 'Concat': _concat, 'Flatten': _flatten,
-             'Softmax': _softmax}
 
 
 def _out_shape(layer, inputs):
@@ -291,7 +142,7 @@ def _out_shape(layer, inputs):
     if layer.kind == 'Pooling':
         if p['global_pool']:
             return (x[0], 1, 1)
-        return (x[0], *[_mxnet_pool_len(*axis, p['full']) for axis in
+        return (x[0], *[mxnet_pool_len(*axis, p['full']) for axis in
                         zip(x[1:], p['kernel'], p['stride'], p['pad'])])
     if layer.kind == 'Concat':
         axis = p['axis'] % (len(x) + 1) - 1  # MXNet's axis counts the batch
@@ -325,8 +176,10 @@ _MESSAGES = {
                       'optional PoolingParameter pooling_param = 121; '
                       'optional ReLUParameter relu_param = 123; '
                       'optional SoftmaxParameter softmax_param = 125; '
+                      'optional ReshapeParameter reshape_param = 133; '
                       'optional FlattenParameter flatten_param = 135; '
                       'optional BatchNormParameter batch_norm_param = 139; '
+                      'optional ELUParameter elu_param = 140; '
                       'optional ScaleParameter scale_param = 142; '
                       'optional InputParameter input_param = 143; '
                       'optional ClipParameter clip_param = 148',
@@ -356,6 +209,9 @@ _MESSAGES = {
     'ConcatParameter': 'optional uint32 concat_dim = 1; optional int32 axis = 2',
     'SoftmaxParameter': 'optional int32 axis = 2',
     'FlattenParameter': 'optional int32 axis = 1; optional int32 end_axis = 2',
+    'ReshapeParameter': 'optional BlobShape shape = 1; optional int32 axis = 2; '
+                        'optional int32 num_axes = 3',
+    'ELUParameter': 'optional float alpha = 1',
 }
 _ENUMS = {'PoolingParameter': {'PoolMethod': ('MAX', 'AVE', 'STOCHASTIC'),
                                'RoundMode': ('CEIL', 'FLOOR')},

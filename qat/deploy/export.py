@@ -25,6 +25,8 @@ from . import caffe, ncnn, winograd
 from ..errors import MissingFileError, UserError
 from ..fileio import read_json
 from .graph import ExportError, trace
+from .optable import LAYERS
+from .optable.weighted import requantized_scale
 from .table import render_table
 
 log = logging.getLogger(__name__)
@@ -73,8 +75,13 @@ def manifest(graph, name, guarded, input_names):
     for layer in graph.layers:
         entry = {'name': layer.name, 'kind': layer.kind, 'inputs': layer.inputs,
                  'source': layer.source, 'int8': bool(layer.quant is not None and layer.quant.int8)}
+        simulation = LAYERS[layer.kind].simulation
+        arithmetic = simulation(layer) if simulation is not None else None
+        if arithmetic is not None:  # verify computes this layer with ncnn's arithmetic
+            entry['ncnn_arithmetic'] = {'op': arithmetic[0], 'attrs': arithmetic[1],
+                                        'inputs': layer.sim_inputs}
         if entry['int8']:
-            top = ncnn.requantized_scale(graph, layer)
+            top = requantized_scale(graph, layer)
             entry.update(input_scale=float(layer.quant.input_scale),
                          input_bits=layer.quant.input_bits,
                          weight_bits=layer.quant.weight_bits,

@@ -5,42 +5,60 @@ A ``Layer``'s name is also the name of the blob it produces (one output per laye
 are in topological order; the first is the ``Input``. Weights are float32 numpy arrays with
 BN already folded; an int8 layer also carries its integer weight codes and scales (``Quant``).
 
-Kinds and their ``params`` (shapes are per sample, without the batch axis):
+Kinds and their ``params`` (shapes are per sample, without the batch axis; every kind's
+writers and simulation are in the op table, ``qat.deploy.optable.LAYERS``):
 
-=============  =====================================================================
-Input          shape (C, H, W)
-Convolution    num_output, kernel (kh, kw), stride (sh, sw), pad (ph, pw),
-               dilate (dh, dw), groups, activation; weights: weight (O, I/g, kh, kw),
-               bias (O,) [optional]
-InnerProduct   num_output, activation; weights: weight (O, I), bias (O,) [optional];
-               the input is flattened (c, h, w order)
-BatchNorm      channels, eps; weights: gamma, beta, mean, var (gamma = 1 when fixed)
-ReLU           slope (0.0 = plain ReLU, else leaky)
-Clip           low, high
-Sigmoid        -
-Pooling        pool ('max' | 'avg'), kernel, stride, pad, global_pool (bool),
-               full (bool: MXNet 'full' = ceil convention), count_include_pad (bool)
-Eltwise        op ('sum' | 'prod' | 'max'); two or more inputs of the same shape
-Concat         axis (MXNet axis of the NCHW tensor: 1 = channels)
-Flatten        -
-Softmax        axis (MXNet axis of the batched tensor)
-Padding        top, bottom, left, right, mode ('constant' | 'edge' | 'reflect'), value
-               (of the constant mode); fp32 in ncnn, no arithmetic: exact
-ShuffleChannel group: ShuffleNet's channel shuffle (reshape to (group, C/group), swap,
-               flatten back); a permutation: exact
-=============  =====================================================================
+==============  ====================================================================
+Input           shape (C, H, W)
+Convolution     num_output, kernel (kh, kw), stride (sh, sw), pad (ph, pw),
+                dilate (dh, dw), groups, activation; weights: weight (O, I/g, kh, kw),
+                bias (O,) [optional]
+InnerProduct    num_output, activation; weights: weight (O, I), bias (O,) [optional];
+                the input is flattened (c, h, w order)
+BatchNorm       channels, eps; weights: gamma, beta, mean, var (gamma = 1 when fixed)
+ReLU            slope (0.0 = plain ReLU, else leaky)
+Clip            low, high
+Sigmoid, TanH, Swish, GELU   -
+ELU             alpha
+PReLU           weights: slope (C,) (one value: shared)
+HardSigmoid     alpha, beta: clamp(x * alpha + beta, 0, 1)
+HardSwish       alpha, beta: x * clamp(x * alpha + beta, 0, 1)
+Pooling         pool ('max' | 'avg'), kernel, stride, pad, global_pool (bool),
+                full (bool: MXNet 'full' = ceil convention), count_include_pad (bool);
+                or pool, global_pool False, adaptive (out_h, out_w)
+Eltwise         op ('sum' | 'prod' | 'max'); two or more inputs of the same shape
+BinaryOp        op ('add' | 'sub' | 'mul' | 'div' | 'max' | 'min' | 'rsub' | 'rdiv'),
+                scalar (optional: the second operand); else two inputs that broadcast
+Concat          axis (MXNet axis of the NCHW tensor: 1 = channels)
+Flatten         -
+Reshape         shape (the per-sample output shape)
+Permute         order (ncnn's order_type of a (C, H, W) sample)
+Crop            starts, ends, axes (ncnn axes: 0 = the first per-sample axis)
+Softmax         axis (MXNet axis of the batched tensor)
+Padding         top, bottom, left, right, mode ('constant' | 'edge' | 'reflect'), value
+                (of the constant mode); fp32 in ncnn, no arithmetic: exact
+ShuffleChannel  group: ShuffleNet's channel shuffle (reshape to (group, C/group), swap,
+                flatten back); a permutation: exact
+==============  ====================================================================
 
 ``activation`` (fused into Convolution / InnerProduct) is None or one of
 ``('relu',)``, ``('leaky', slope)``, ``('clip', low, high)``, ``('sigmoid',)``.
+
+``Layer.shape`` is the per-sample output shape MXNet infers (None in hand-built graphs);
+``Layer.sim_inputs`` the MXNet graph nodes (keys) the layer's computation reads, which the
+verifier needs where it computes a layer with ncnn's arithmetic.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import numpy as np
 
-KINDS = ('Input', 'Convolution', 'InnerProduct', 'BatchNorm', 'ReLU', 'Clip', 'Sigmoid',
-         'Pooling', 'Eltwise', 'Concat', 'Flatten', 'Softmax', 'Padding', 'ShuffleChannel')
-ACTIVATIONS = ('relu', 'leaky', 'clip', 'sigmoid')
+from ..errors import UserError
+
+
+
+class ExportError(UserError):
+    """The net cannot be exported as it is; the message names the op, layer or value."""
 
 
 @dataclass
@@ -74,6 +92,8 @@ class Layer:
     weights: dict = field(default_factory=dict)
     quant: Optional[Quant] = None
     source: str = ''  # the MXNet graph node whose output this layer's output equals
+    shape: Optional[tuple] = None
+    sim_inputs: list = field(default_factory=list)
 
     def group_scales(self):
         """Weight scales as ncnn stores them: per output channel, or per group when grouped."""
@@ -108,7 +128,6 @@ class Graph:
         e.g. the saturating Clip in front of a narrow-input layer), consumers rewired."""
         dropped = {layer.name: layer.inputs[0] for layer in self.layers
                    if layer.params.get('int8_only')}
-        layers = [Layer(layer.kind, layer.name, [dropped.get(i, i) for i in layer.inputs],
-                        layer.params, layer.weights, layer.quant, layer.source)
+        layers = [replace(layer, inputs=[dropped.get(i, i) for i in layer.inputs])
                   for layer in self.layers if layer.name not in dropped]
         return Graph(layers, [dropped.get(o, o) for o in self.outputs])

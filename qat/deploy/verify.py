@@ -6,6 +6,7 @@ output's top-1 agreement and its error in LSBs. fp32 model vs the float net (qua
 disabled): relative error. The report is a dict (also written as JSON); ``passed`` is False
 when a threshold is missed.
 """
+import json
 import logging
 import os
 import warnings
@@ -13,7 +14,7 @@ import warnings
 import mxnet as mx
 import numpy as np
 
-from .. import reference
+from .. import native, reference
 from ..batches import labeled_batches
 from ..errors import MissingFileError, UserError
 from ..fileio import write_json
@@ -100,10 +101,50 @@ def _sim_node_names(net, sources, graph):
     return names
 
 
-def simulate(net, batches, sources, input_name='data'):
+def ncnn_arithmetic(manifest):
+    """{layer source: its ``ncnn_arithmetic`` entry} of the manifest's layers that ncnn
+    computes with its own fp32 arithmetic (the op table's ``simulation``)."""
+    return {layer['source']: layer['ncnn_arithmetic'] for layer in manifest['layers']
+            if layer.get('ncnn_arithmetic') and layer['source']}
+
+
+def _with_ncnn_arithmetic(net, symbol, arithmetic):
+    """``symbol`` with each node named in ``arithmetic`` (float-graph keys) computed by the
+    native op that reproduces ncnn's arithmetic, from the entry's input nodes. Without the
+    native operators the symbol is returned unchanged, after a warning (MXNet's arithmetic
+    can then differ from ncnn's in the last bit of those layers)."""
+    if not arithmetic:
+        return symbol
+    if not native.available():
+        log.warning("native operators unavailable: %d fp32 layer(s) simulated with MXNet's "
+                    "arithmetic, which can differ from ncnn's in the last bit",
+                    len(arithmetic))
+        return symbol
+    graph = SymbolGraph(symbol)
+    at = {graph.key(index): index for index in range(len(graph.nodes))}
+    targets = _sim_node_names(net, list(arithmetic), graph)
+    js = json.loads(symbol.tojson())
+    for (source, entry), target in zip(arithmetic.items(), targets):
+        inputs = _sim_node_names(net, entry['inputs'], graph)
+        missing = [key for key in [target] + inputs if key not in at]
+        if missing:
+            raise UserError(f"nodes not found in the simulated graph: {missing}")
+        node = js['nodes'][at[target]]
+        js['nodes'][at[target]] = {
+            'op': entry['op'], 'name': node['name'],
+            'attrs': {key: repr(value) if isinstance(value, float) else str(value)
+                      for key, value in entry['attrs'].items()},
+            'inputs': [[at[key], 0, 0] for key in inputs]}
+    return mx.sym.load_json(json.dumps(js))
+
+
+def simulate(net, batches, sources, input_name='data', arithmetic=None):
     """Outputs of the graph nodes ``sources`` (float-graph names) of ``net`` in its current
-    modes, inference mode, concatenated over ``batches``: {source: array (N, ...)}."""
-    graph = SymbolGraph(trace_symbol(net, (input_name,)))
+    modes, inference mode, concatenated over ``batches``: {source: array (N, ...)}.
+    arithmetic: {source: manifest ``ncnn_arithmetic`` entry} of nodes to compute with ncnn's
+    fp32 arithmetic (``ncnn_arithmetic(manifest)``)."""
+    symbol = _with_ncnn_arithmetic(net, trace_symbol(net, (input_name,)), arithmetic)
+    graph = SymbolGraph(symbol)
     names = _sim_node_names(net, sources, graph)
     missing = [n for n in names if not graph.has_op(n)]
     if missing:
@@ -212,7 +253,8 @@ def verify(net, folder, data, name='model', report_path=None, max_samples=None, 
     # The simulation as deployed: BN folded with its running statistics (the same function
     # in inference, rounded as ncnn rounds it) and the tracked ranges.
     with temporary_mode(net, bn_frozen=True, online=False):
-        sim = simulate(net, batches, [layer['source'] for layer in layers])
+        sim = simulate(net, batches, [layer['source'] for layer in layers],
+                       arithmetic=ncnn_arithmetic(manifest))
     with temporary_mode(net, quantize=False):
         float_out = simulate(net, batches, [by_name[output]['source']])
     samples = np.concatenate([b.asnumpy() for b in batches])

@@ -1,8 +1,10 @@
-"""Fused activation operators, compiled on first use against the installed MXNet.
+"""Native operators, compiled on first use against the installed MXNet.
 
 ``fakequant.cc`` implements, in one pass each way, what ``qat.ops.quantize_activation`` would
 otherwise build from six elementwise MXNet ops (MXNet 1.9 has no operator fusion on CPU).
-It is compiled with the C++ compiler found as ``$CXX`` (default ``g++``) into a cache folder
+``ncnnmath.cc`` computes the fp32 layers ncnn runs between int8 layers (sigmoid, tanh, swish,
+ELU, hard sigmoid / swish, global average pooling) with ncnn's own arithmetic, for the
+simulation that verification compares against. They are compiled with the C++ compiler found as ``$CXX`` (default ``g++``) into a cache folder
 (``$QAT_CACHE_DIR``, default ``~/.cache/gluon-qat``) keyed by a hash of the source and the MXNet
 version, then loaded with ``mx.library.load``. Without a compiler everything still works, on
 the slower pure-MXNet path, after one warning. ``QAT_NATIVE=0`` forces that path.
@@ -18,7 +20,8 @@ import mxnet as mx
 from ..fileio import atomic_path
 
 log = logging.getLogger(__name__)
-SOURCE = os.path.join(os.path.dirname(__file__), 'fakequant.cc')
+SOURCES = [os.path.join(os.path.dirname(__file__), name)
+           for name in ('fakequant.cc', 'ncnnmath.cc')]
 _state = {}
 
 
@@ -32,8 +35,11 @@ def _cpu_flags():
 
 
 def _library_path():
-    with open(SOURCE, 'rb') as handle:
-        digest = hashlib.sha256(handle.read() + mx.__version__.encode()
+    sources = b''
+    for source in SOURCES:
+        with open(source, 'rb') as handle:
+            sources += handle.read()
+    digest = hashlib.sha256(sources + mx.__version__.encode()
                                 + _cpu_flags().encode()).hexdigest()[:16]
     cache = os.environ.get('QAT_CACHE_DIR') or os.path.join(
         os.path.expanduser('~'), '.cache', 'gluon-qat')
@@ -49,12 +55,12 @@ def _compile(target):
         with atomic_path(target, suffix='.so') as tmp:
             subprocess.run([compiler, '-shared', '-fPIC', '-std=c++17', '-O3', '-march=native',
                             # no implicit FMA contraction: x*s must round before the add
-                            '-ffp-contract=off', '-fopenmp', SOURCE,
+                            '-ffp-contract=off', '-fopenmp', *SOURCES,
                             os.path.join(mxnet_dir, 'src', 'lib_api.cc'),
                             '-I', os.path.join(mxnet_dir, 'include'), '-o', tmp],
                            check=True, capture_output=True, text=True)
     except subprocess.CalledProcessError as err:
-        raise RuntimeError(f"{compiler} failed on {SOURCE}:\n{err.stderr[-2000:]}") from None
+        raise RuntimeError(f"{compiler} failed on {' '.join(SOURCES)}:\n{err.stderr[-2000:]}") from None
 
 
 def available():
