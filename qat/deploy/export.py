@@ -76,10 +76,9 @@ def manifest(graph, name, guarded, input_names):
         entry = {'name': layer.name, 'kind': layer.kind, 'inputs': layer.inputs,
                  'source': layer.source, 'int8': bool(layer.quant is not None and layer.quant.int8)}
         simulation = LAYERS[layer.kind].simulation
-        arithmetic = simulation(layer) if simulation is not None else None
-        if arithmetic is not None:  # verify computes this layer with ncnn's arithmetic
-            entry['ncnn_arithmetic'] = {'op': arithmetic[0], 'attrs': arithmetic[1],
-                                        'inputs': layer.sim_inputs}
+        arithmetic = simulation(layer) if simulation is not None else []
+        if arithmetic:  # verify computes these nodes with ncnn's arithmetic
+            entry['ncnn_arithmetic'] = arithmetic
         if entry['int8']:
             top = requantized_scale(graph, layer)
             entry.update(input_scale=float(layer.quant.input_scale),

@@ -106,7 +106,7 @@ class _Tracer(SymbolGraph):
                       self.key(index) if source is None else source,
                       tuple(self.shape(index, output)[1:]) if node['op'] != 'null'
                       else self.input_shape,
-                      [self.key(i) for i in inputs])
+                      [self.key(i) for i in inputs], self.key(index))
         self.layers.append(layer)
         self.blob[index if output is None else (index, output)] = layer.name
         return layer

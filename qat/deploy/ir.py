@@ -45,8 +45,9 @@ ShuffleChannel  group: ShuffleNet's channel shuffle (reshape to (group, C/group)
 ``('relu',)``, ``('leaky', slope)``, ``('clip', low, high)``, ``('sigmoid',)``.
 
 ``Layer.shape`` is the per-sample output shape MXNet infers (None in hand-built graphs);
-``Layer.sim_inputs`` the MXNet graph nodes (keys) the layer's computation reads, which the
-verifier needs where it computes a layer with ncnn's arithmetic.
+``Layer.sim_inputs`` the MXNet graph nodes (keys) the layer's computation reads and
+``Layer.origin`` its first node, which the verifier needs where it computes a layer with
+ncnn's arithmetic.
 """
 from dataclasses import dataclass, field, replace
 from typing import Optional
@@ -94,6 +95,7 @@ class Layer:
     source: str = ''  # the MXNet graph node whose output this layer's output equals
     shape: Optional[tuple] = None
     sim_inputs: list = field(default_factory=list)
+    origin: str = ''  # the MXNet graph node the layer was traced at (its first node)
 
     def group_scales(self):
         """Weight scales as ncnn stores them: per output channel, or per group when grouped."""

@@ -102,15 +102,14 @@ def _sim_node_names(net, sources, graph):
 
 
 def ncnn_arithmetic(manifest):
-    """{layer source: its ``ncnn_arithmetic`` entry} of the manifest's layers that ncnn
-    computes with its own fp32 arithmetic (the op table's ``simulation``)."""
-    return {layer['source']: layer['ncnn_arithmetic'] for layer in manifest['layers']
-            if layer.get('ncnn_arithmetic') and layer['source']}
+    """The manifest's ``ncnn_arithmetic`` entries (the op table's ``simulation``): MXNet
+    nodes to compute with ncnn's own fp32 arithmetic."""
+    return [entry for layer in manifest['layers'] for entry in layer.get('ncnn_arithmetic', [])]
 
 
 def _with_ncnn_arithmetic(net, symbol, arithmetic):
-    """``symbol`` with each node named in ``arithmetic`` (float-graph keys) computed by the
-    native op that reproduces ncnn's arithmetic, from the entry's input nodes. Without the
+    """``symbol`` with the node of each ``arithmetic`` entry (float-graph keys) computed by
+    the native op that reproduces ncnn's arithmetic, from the entry's input nodes. Without the
     native operators the symbol is returned unchanged, after a warning (MXNet's arithmetic
     can then differ from ncnn's in the last bit of those layers)."""
     if not arithmetic:
@@ -122,10 +121,10 @@ def _with_ncnn_arithmetic(net, symbol, arithmetic):
         return symbol
     graph = SymbolGraph(symbol)
     at = {graph.key(index): index for index in range(len(graph.nodes))}
-    targets = _sim_node_names(net, list(arithmetic), graph)
     js = json.loads(symbol.tojson())
-    for (source, entry), target in zip(arithmetic.items(), targets):
-        inputs = _sim_node_names(net, entry['inputs'], graph)
+    for entry in arithmetic:
+        target, = _sim_node_names(net, [entry['node']], graph)
+        inputs = _sim_node_names(net, entry['inputs'] or [], graph)
         missing = [key for key in [target] + inputs if key not in at]
         if missing:
             raise UserError(f"nodes not found in the simulated graph: {missing}")
@@ -134,7 +133,8 @@ def _with_ncnn_arithmetic(net, symbol, arithmetic):
             'op': entry['op'], 'name': node['name'],
             'attrs': {key: repr(value) if isinstance(value, float) else str(value)
                       for key, value in entry['attrs'].items()},
-            'inputs': [[at[key], 0, 0] for key in inputs]}
+            'inputs': node['inputs'] if entry['inputs'] is None
+            else [[at[key], 0, 0] for key in inputs]}
     return mx.sym.load_json(json.dumps(js))
 
 

@@ -4,8 +4,9 @@
 //       codes = clamp(trunc(x*scale + copysign(0.5, x*scale)), low, high)   (ncnn float2int8)
 //       d codes / d x = scale where low <= x*scale <= high, else 0   (straight-through)
 //   qat_absmax(x) -> (1,) max |x|                                     (no gradient)
-//   qat_dequantize(acc, multiplier, bias) -> fma(acc, multiplier[c], bias[c])  (c = axis 1)
-//       one rounding, as ncnn's int8 layers compute acc * scale_in + bias with FMA
+//   qat_dequantize(acc, multiplier, bias; fused=1) -> fma(acc, multiplier[c], bias[c])  (c = axis 1)
+//       one rounding, as ncnn's int8 layers compute acc * scale_in + bias with FMA;
+//       fused=0: acc * multiplier[c] rounded, then + bias[c] (ncnn's generic depthwise loop)
 //
 // One pass over the tensor each way instead of the six elementwise MXNet ops they replace.
 #include <cmath>
@@ -141,11 +142,14 @@ static MXReturnValue dequantize_forward(const std::unordered_map<std::string, st
   float* y = outputs->at(0).data<float>();
   int64_t outer, channels, inner;
   channel_layout(inputs->at(0), &outer, &channels, &inner);
+  const auto it = attrs.find("fused");
+  const bool fused = it == attrs.end() || it->second != "0";
 #pragma omp parallel for collapse(2)
   for (int64_t n = 0; n < outer; ++n)
     for (int64_t c = 0; c < channels; ++c) {
       const int64_t base = (n * channels + c) * inner;
-      for (int64_t i = 0; i < inner; ++i) y[base + i] = std::fma(acc[base + i], m[c], b[c]);
+      for (int64_t i = 0; i < inner; ++i)
+        y[base + i] = fused ? std::fma(acc[base + i], m[c], b[c]) : acc[base + i] * m[c] + b[c];
     }
   return MX_SUCCESS;
 }

@@ -8,6 +8,8 @@
 //                 reciprocal estimate (VRCP14PS) and one Newton step,
 //                 r = (x0 + x0) - x0 * (x0 * b); a * r
 //   sigmoid(x)    1 / (1 + exp(-x))        tanh(x) = 2 * sigmoid(2x) - 1 (one fmsub)
+//   sigmoid_libm  1.f / (1.f + expf(-x)) with libm's expf: the sigmoid an int8 InnerProduct
+//                 fuses (its unpacked output loop is scalar C)
 //   swish(x)      x / (1 + exp(-x))        elu(x)  = x < 0 ? alpha * (exp(x) - 1) : x
 //   hardsigmoid   clamp(fma(x, alpha, beta), 0, 1)      hardswish = x * hardsigmoid(x)
 //
@@ -32,11 +34,12 @@ using namespace mxnet::ext;
 
 namespace {
 
-enum Act { kSigmoid, kTanh, kSwish, kElu, kHardSigmoid, kHardSwish };
+enum Act { kSigmoid, kTanh, kSwish, kElu, kHardSigmoid, kHardSwish, kSigmoidLibm };
 
 bool parse_act(const std::string& name, Act* act) {
-  static const char* names[] = {"sigmoid", "tanh", "swish", "elu", "hardsigmoid", "hardswish"};
-  for (int k = 0; k < 6; ++k)
+  static const char* names[] = {"sigmoid", "tanh", "swish", "elu", "hardsigmoid", "hardswish",
+                                "sigmoid_libm"};
+  for (int k = 0; k < 7; ++k)
     if (name == names[k]) { *act = static_cast<Act>(k); return true; }
   return false;
 }
@@ -77,6 +80,7 @@ float act_scalar(Act act, float x, float alpha, float beta) {
     case kElu: return x < 0.f ? alpha * (exp_cephes(x) - 1.f) : x;
     case kHardSigmoid: return std::fmin(std::fmax(std::fma(x, alpha, beta), 0.f), 1.f);
     case kHardSwish: return std::fmin(std::fmax(std::fma(x, alpha, beta), 0.f), 1.f) * x;
+    case kSigmoidLibm: return 1.f / (1.f + std::exp(-x));
   }
   return x;
 }
@@ -174,6 +178,10 @@ float act_narrow(Act act, float x, float alpha, float beta, int width) {
 // One ncnn channel plane of ``size`` elements, as ncnn's x86 activation layers walk it.
 void act_plane(Act act, const float* x, float* y, int64_t size, float alpha, float beta) {
   int64_t i = 0;
+  if (act == kSigmoidLibm) {
+    for (; i < size; ++i) y[i] = act_scalar(act, x[i], alpha, beta);
+    return;
+  }
 #if defined(__AVX512F__)
   for (; i + 16 <= size; i += 16)
     _mm512_storeu_ps(y + i, act16(act, _mm512_loadu_ps(x + i), alpha, beta));

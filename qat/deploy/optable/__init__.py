@@ -12,10 +12,10 @@ LAYERS: IR kind -> Kind(ncnn, caffe, simulation, ncnn_flat):
         appended to ``bin``;
     caffe(layer, input shapes, taken names) -> [LayerParameter dicts], or None: no Caffe
         equivalent (the Caffe files are then skipped with a warning);
-    simulation(layer) -> (native op, attrs) when the simulation must compute the layer with
-        ncnn's own fp32 arithmetic (``qat/native/ncnnmath.cc``) rather than MXNet's, else
-        None (MXNet's arithmetic is ncnn's, or the deployed blocks compute it: ``QBatchNorm``,
-        ``QAvgPool2D``, the quantized layers);
+    simulation(layer) -> [``base.ncnn_arithmetic`` entries]: the MXNet nodes the verifier
+        must compute with ncnn's own arithmetic (native ops, ``qat/native/ncnnmath.cc``)
+        rather than MXNet's; empty (or no function) where MXNet's arithmetic is ncnn's, or the deployed blocks
+        compute it (``QBatchNorm``, ``QAvgPool2D``, the quantized layers);
     ncnn_flat: 'makes' when ncnn's output is 1-D where MXNet keeps (C, 1, 1) (InnerProduct,
         Flatten, global pooling: a function of the layer), 'keeps' when the layer computes
         on 1-D inputs as they are (all of them 1-D: so is its output); otherwise (None) the
@@ -61,9 +61,9 @@ _act = activations.simulate_as
 LAYERS = {
     'Input': Kind(shape.ncnn_input, shape.caffe_input),
     'Convolution': Kind(weighted.ncnn_convolution, weighted.caffe_convolution,
-                        lambda layer: activations.simulate_fused(layer.params['activation'])),
+                        weighted.simulate_convolution),
     'InnerProduct': Kind(weighted.ncnn_inner_product, weighted.caffe_inner_product,
-                         lambda layer: activations.simulate_fused(layer.params['activation']),
+                         activations.simulate_fused,
                          'makes'),
     'BatchNorm': Kind(weighted.ncnn_batchnorm, weighted.caffe_batchnorm, None, 'keeps'),
     'ReLU': Kind(ncnn_simple('ReLU', lambda p: [(0, float(p['slope']))] if p['slope'] else []),

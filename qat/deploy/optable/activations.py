@@ -10,7 +10,7 @@ exported with ncnn's erf form but simulated with MXNet's (within a few float32 u
 """
 import numpy as np
 
-from .base import caffe_layer, refuse
+from .base import caffe_layer, ncnn_arithmetic, refuse
 
 # Fusable activation tuples -> ncnn's fused activation id (9=) of Convolution / InnerProduct.
 NCNN_FUSED = {'relu': 1, 'leaky': 2, 'clip': 3, 'sigmoid': 4}
@@ -58,11 +58,15 @@ def caffe_fused(name, bottom, top, act):
     return caffe_layer(name, 'ReLU', [bottom], top, **param)
 
 
-def simulate_fused(activation):
-    """The ncnn arithmetic of a fused activation that MXNet computes differently."""
+def simulate_fused(layer):
+    """The ncnn arithmetic of a fused activation that MXNet computes differently: an int8
+    Convolution runs ncnn's Sigmoid layer on its output, an InnerProduct computes it in its
+    scalar output loop with libm's expf (unpacked output, measured)."""
+    activation = layer.params['activation']
     if activation is not None and activation[0] == 'sigmoid':
-        return 'qat_ncnn_act', {'act': 'sigmoid'}
-    return None
+        return [ncnn_arithmetic(layer.source, 'qat_ncnn_act', layer.sim_inputs,
+                                act='sigmoid' if layer.kind == 'Convolution' else 'sigmoid_libm')]
+    return []
 
 
 # ---- tracing --------------------------------------------------------------------------------
@@ -180,9 +184,7 @@ def caffe_elu(layer, inputs, taken):
 def simulate_as(act):
     """The simulation of an activation kind: ncnn's arithmetic (``qat_ncnn_act``)."""
     def simulation(layer):
-        attrs = {'act': act}
-        for key in ('alpha', 'beta'):
-            if key in layer.params:
-                attrs[key] = layer.params[key]
-        return 'qat_ncnn_act', attrs
+        attrs = {key: layer.params[key] for key in ('alpha', 'beta') if key in layer.params}
+        return [ncnn_arithmetic(layer.source, 'qat_ncnn_act', layer.sim_inputs, act=act,
+                                **attrs)]
     return simulation

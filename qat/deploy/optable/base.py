@@ -42,6 +42,13 @@ def ncnn_shape(shape):
     return [(key, int(size)) for key, size in sorted(zip(ids, shape))]
 
 
+def ncnn_arithmetic(node, op, inputs=None, **attrs):
+    """An entry of a layer's ``simulation``: compute MXNet graph node ``node`` (a float-graph
+    key) with the native op ``op`` from the nodes ``inputs`` (keys; None: the node's own
+    inputs), as ncnn computes it."""
+    return {'node': node, 'op': op, 'attrs': attrs, 'inputs': inputs}
+
+
 def caffe_layer(name, kind, bottoms, top, blobs=(), **param):
     """One Caffe LayerParameter dict; ``param``: its ``*_param`` message as a dict, if any."""
     return {'name': name, 'type': kind, 'bottom': list(bottoms), 'top': [top], **param,

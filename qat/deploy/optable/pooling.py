@@ -7,7 +7,7 @@ Simulation: max pooling is exact anywhere; a windowed average is ncnn's in the d
 MXNet (start floor(i * H / out), end ceil((i + 1) * H / out)) and MXNet's rounding.
 """
 from ..ir import ExportError
-from .base import caffe_layer, flag, ints, refuse
+from .base import caffe_layer, flag, ints, ncnn_arithmetic, refuse
 
 POOL_METHODS = {'max': 'MAX', 'avg': 'AVE'}  # IR pool -> Caffe PoolMethod
 
@@ -68,8 +68,8 @@ def ncnn_pooling(layer, graph, int8, guarded, out):
 
 def simulate_pooling(layer):
     if layer.params['pool'] == 'avg' and layer.params['global_pool']:
-        return 'qat_ncnn_global_avgpool', {}
-    return None
+        return [ncnn_arithmetic(layer.source, 'qat_ncnn_global_avgpool', layer.sim_inputs)]
+    return []
 
 
 def caffe_pooling(layer, inputs, taken):

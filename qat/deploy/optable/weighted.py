@@ -15,7 +15,7 @@ from ... import ops
 from ...nn import QConv2DBatchNorm
 from ..ir import ExportError, Quant
 from . import activations
-from .base import IntArray, caffe_layer, caffe_unique, flag, ints, refuse
+from .base import IntArray, caffe_layer, caffe_unique, flag, ints, ncnn_arithmetic, refuse
 
 NO_WINOGRAD = 64  # 31= feature mask bit 6: this layer never runs Winograd
 # ncnn's int8 ConvolutionDepthWise gives garbage (or NaN) with packing on for a grouped,
@@ -293,6 +293,26 @@ def ncnn_batchnorm(layer, graph, int8, guarded, out):
     for key in ('gamma', 'mean', 'var', 'beta'):  # ncnn order: slope, mean, var, bias
         out.raw(w[key])
     return 'BatchNorm', [(0, layer.params['channels']), (1, float(layer.params['eps']))]
+
+
+def _fast_depthwise(layer):
+    """True when ncnn's x86 int8 ConvolutionDepthWise (unpacked) runs ``layer`` in its 3x3
+    stride 1 / 2 kernels, which dequantize with FMA like every other int8 layer. Its generic
+    loop (any other kernel, stride or dilation, or a fused activation other than ReLU)
+    rounds ``acc * scale`` before adding the bias (measured)."""
+    p = layer.params
+    return p['kernel'] == (3, 3) and p['stride'] in ((1, 1), (2, 2)) \
+        and p['dilate'] == (1, 1) and p['activation'] in (None, ('relu',))
+
+
+def simulate_convolution(layer):
+    """An int8 depthwise conv on ncnn's generic loop: its dequantization unfused; and the
+    fused activation's arithmetic."""
+    overrides = []
+    if layer.quant is not None and layer.quant.int8 and is_depthwise(layer) \
+            and not _fast_depthwise(layer):
+        overrides.append(ncnn_arithmetic(layer.origin, 'qat_dequantize', fused=0))
+    return overrides + activations.simulate_fused(layer)
 
 
 # ---- Caffe ----------------------------------------------------------------------------------
