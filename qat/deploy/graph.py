@@ -87,13 +87,18 @@ class _Tracer(SymbolGraph):
             return super().shape(index)
         return self.shapes[f"{self.nodes[index]['name']}_output{output}"]
 
-    def _input_blob(self, index, source):
-        """The blob node ``index`` reads from node ``source`` (the output it names, for a
-        node with several)."""
-        for entry in self.nodes[index].get('inputs', []):
-            if entry[0] == source and (source, entry[1]) in self.blob:
-                return self.blob[(source, entry[1])]
-        return self.blob[source]
+    def _input_blobs(self, index, sources):
+        """The blobs node ``index`` reads from the nodes ``sources`` (for a node with several
+        outputs, the one each of its input entries names, in order)."""
+        entries = list(self.nodes[index].get('inputs', []))
+        blobs = []
+        for source in sources:
+            entry = next((e for e in entries if e[0] == source), None)
+            if entry is not None:
+                entries.remove(entry)
+            output = (source, entry[1]) if entry is not None else None
+            blobs.append(self.blob[output] if output in self.blob else self.blob[source])
+        return blobs
 
     def add(self, kind, index, inputs, params=None, weights=None, quant=None, name=None,
             source=None, output=None):
@@ -101,7 +106,7 @@ class _Tracer(SymbolGraph):
         for that node (for its output ``output`` if it has several)."""
         node = self.nodes[index]
         layer = Layer(kind, _layer_name(name or node['name'], self.taken),
-                      [self._input_blob(index, i) for i in inputs], params or {},
+                      self._input_blobs(index, inputs), params or {},
                       {k: v for k, v in (weights or {}).items() if v is not None}, quant,
                       self.key(index) if source is None else source,
                       tuple(self.shape(index, output)[1:]) if node['op'] != 'null'

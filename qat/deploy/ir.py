@@ -29,6 +29,7 @@ Pooling         pool ('max' | 'avg'), kernel, stride, pad, global_pool (bool),
 Eltwise         op ('sum' | 'prod' | 'max'); two or more inputs of the same shape
 BinaryOp        op ('add' | 'sub' | 'mul' | 'div' | 'max' | 'min' | 'rsub' | 'rdiv'),
                 scalar (optional: the second operand); else two inputs that broadcast
+UnaryOp         op (the MXNet op: 'abs' | 'negative' | 'floor' | 'ceil' | 'square')
 Concat          axis (MXNet axis of the NCHW tensor: 1 = channels)
 Flatten         -
 Reshape         shape (the per-sample output shape)
@@ -37,6 +38,8 @@ Crop            starts, ends, axes (ncnn axes: 0 = the first per-sample axis)
 Softmax         axis (MXNet axis of the batched tensor)
 Padding         top, bottom, left, right, mode ('constant' | 'edge' | 'reflect'), value
                 (of the constant mode); fp32 in ncnn, no arithmetic: exact
+Interp          mode ('nearest' | 'bilinear'), height, width (of the output),
+                align_corners (bool)
 ShuffleChannel  group: ShuffleNet's channel shuffle (reshape to (group, C/group), swap,
                 flatten back); a permutation: exact
 ==============  ====================================================================

@@ -18,12 +18,14 @@
 //       summed in four interleaved float32 lanes (element i into lane i % 4, the last
 //       size % 4 elements added one by one after the lanes are combined as
 //       (l0 + l2) + (l1 + l3)), times float32(1 / size)
+//   qat_ncnn_bilinear(x; height, width, align_corners) -> ncnn's unpacked bilinear Interp
 //
 // The ncnn runtime picks its code path by CPU; the exact forms are its AVX-512 ones, used when
 // this library is built for an AVX-512 CPU. Elsewhere the same formulas run with a correctly
 // rounded division (within an ulp of ncnn's). No gradients: these run only in verification.
 #include <cmath>
 #include <cstring>
+#include <vector>
 #include <string>
 #include "mxnet/lib_api.h"
 #if defined(__AVX512F__)
@@ -270,7 +272,7 @@ MXReturnValue pool_forward(const std::unordered_map<std::string, std::string>& a
   return MX_SUCCESS;
 }
 
-MXReturnValue pool_attrs(const std::unordered_map<std::string, std::string>& attrs, int* num_in,
+MXReturnValue one_input(const std::unordered_map<std::string, std::string>& attrs, int* num_in,
                          int* num_out) {
   *num_in = 1;
   *num_out = 1;
@@ -283,6 +285,82 @@ MXReturnValue pool_shape(const std::unordered_map<std::string, std::string>& att
   const auto& x = in_shapes->at(0);
   if (x.size() != 4) return MX_FAIL;
   out_shapes->at(0) = std::vector<unsigned int>{x[0], x[1], 1, 1};
+  return MX_SUCCESS;
+}
+
+// ncnn's bilinear coefficients of one axis (its linear_coeffs): source index and weights of
+// each output position, computed in double then float as ncnn does.
+void linear_coeffs(int in, int out, bool align_corners, std::vector<int>* index,
+                   std::vector<float>* weight) {
+  const double scale = align_corners ? static_cast<double>(in - 1) / (out - 1)
+                                     : static_cast<double>(in) / out;
+  index->resize(out);
+  weight->resize(out);
+  for (int d = 0; d < out; ++d) {
+    float f = align_corners ? static_cast<float>(d * scale)
+                            : static_cast<float>((d + 0.5) * scale - 0.5);
+    int s = static_cast<int>(std::floor(f));
+    f -= s;
+    if (s < 0) { s = 0; f = 0.f; }
+    if (s >= in - 1) { s = in - 2; f = 1.f; }
+    (*index)[d] = s;
+    (*weight)[d] = f;
+  }
+}
+
+// p * a + q * b as ncnn's bilinear loops round it: fma(q, b, p * a) in its vectors,
+// fma(p, a, q * b) in the scalar tail (GCC's contraction of the C expression, measured).
+float blend(float p, float a, float q, float b, bool vector) {
+  return vector ? std::fma(q, b, p * a) : std::fma(p, a, q * b);
+}
+
+// ncnn's unpacked bilinear Interp: each source row resized horizontally, S[x] * a0 +
+// S[x + 1] * a1, then the two rows blended, r0 * b0 + r1 * b1 (``blend``).
+MXReturnValue bilinear_forward(const std::unordered_map<std::string, std::string>& attrs,
+                               std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
+                               const OpResource& res) {
+  MXTensor& in = inputs->at(0);
+  const int h = in.shape[2], w = in.shape[3];
+  const int oh = std::stoi(attrs.at("height")), ow = std::stoi(attrs.at("width"));
+  const bool align = attrs.count("align_corners") && attrs.at("align_corners") == "1";
+  std::vector<int> xofs, yofs;
+  std::vector<float> alpha, beta;
+  linear_coeffs(w, ow, align, &xofs, &alpha);
+  linear_coeffs(h, oh, align, &yofs, &beta);
+  const float* x = in.data<float>();
+  float* y = outputs->at(0).data<float>();
+  const int64_t planes = in.shape[0] * in.shape[1];
+  const int vector_end = ow - ow % 4;  // ncnn's vector loops; a scalar tail after them
+#pragma omp parallel for
+  for (int64_t p = 0; p < planes; ++p) {
+    const float* src = x + p * h * w;
+    float* dst = y + p * oh * ow;
+    std::vector<float> row0(ow), row1(ow);
+    for (int dy = 0; dy < oh; ++dy) {
+      const float* s0 = src + yofs[dy] * w;
+      const float* s1 = s0 + w;
+      for (int dx = 0; dx < ow; ++dx) {
+        const int sx = xofs[dx];
+        const float a1 = alpha[dx], a0 = 1.f - a1;
+        row0[dx] = blend(s0[sx], a0, s0[sx + 1], a1, dx < vector_end);
+        row1[dx] = blend(s1[sx], a0, s1[sx + 1], a1, dx < vector_end);
+      }
+      const float b1 = beta[dy], b0 = 1.f - b1;
+      for (int dx = 0; dx < ow; ++dx)
+        dst[dy * ow + dx] = blend(row0[dx], b0, row1[dx], b1, dx < vector_end);
+    }
+  }
+  return MX_SUCCESS;
+}
+
+MXReturnValue bilinear_shape(const std::unordered_map<std::string, std::string>& attrs,
+                             std::vector<std::vector<unsigned int>>* in_shapes,
+                             std::vector<std::vector<unsigned int>>* out_shapes) {
+  const auto& x = in_shapes->at(0);
+  if (x.size() != 4 || !attrs.count("height") || !attrs.count("width")) return MX_FAIL;
+  out_shapes->at(0) = std::vector<unsigned int>{
+      x[0], x[1], static_cast<unsigned int>(std::stoi(attrs.at("height"))),
+      static_cast<unsigned int>(std::stoi(attrs.at("width")))};
   return MX_SUCCESS;
 }
 
@@ -304,8 +382,15 @@ REGISTER_OP(qat_ncnn_act)
 .setForward(act_forward, "cpu")
 .setBackward(no_backward, "cpu");
 
+REGISTER_OP(qat_ncnn_bilinear)
+.setParseAttrs(one_input)
+.setInferType(float_type)
+.setInferShape(bilinear_shape)
+.setForward(bilinear_forward, "cpu")
+.setBackward(no_backward, "cpu");
+
 REGISTER_OP(qat_ncnn_global_avgpool)
-.setParseAttrs(pool_attrs)
+.setParseAttrs(one_input)
 .setInferType(float_type)
 .setInferShape(pool_shape)
 .setForward(pool_forward, "cpu")

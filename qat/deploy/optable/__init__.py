@@ -23,7 +23,7 @@ LAYERS: IR kind -> Kind(ncnn, caffe, simulation, ncnn_flat):
 """
 from collections import namedtuple
 
-from . import activations, elementwise, pooling, shape, weighted
+from . import activations, elementwise, pooling, resize, shape, weighted
 from .base import caffe_simple, ncnn_simple
 
 Kind = namedtuple('Kind', 'ncnn caffe simulation ncnn_flat', defaults=(None, None, None))
@@ -42,6 +42,7 @@ OPS = {
     **{op: elementwise.trace_elementwise for op in
        list(elementwise.ELTWISE_OPS) + list(elementwise.BINARY_OPS)},
     **{op: elementwise.trace_scalar for op in elementwise.SCALAR_OPS},
+    **{op: elementwise.trace_unary for op in elementwise.UNARY_OPS},
     **{op: shape.trace_pass_through for op in shape.PASS_THROUGH_OPS},
     **{op: shape.trace_reshape for op in shape.SHAPE_OPS},
     'Flatten': shape.trace_flatten, 'flatten': shape.trace_flatten,
@@ -52,6 +53,8 @@ OPS = {
     'Pad': shape.trace_pad, 'pad': shape.trace_pad,
     'softmax': shape.trace_softmax, 'SoftmaxActivation': shape.trace_softmax,
     'SoftmaxOutput': shape.trace_softmax,
+    'UpSampling': resize.trace_upsampling,
+    '_contrib_BilinearResize2D': resize.trace_bilinear,
 }
 
 PATTERNS = (activations.match_hard_sigmoid, activations.match_swish,
@@ -91,6 +94,7 @@ LAYERS = {
                     elementwise.caffe_eltwise, None, 'keeps'),
     'BinaryOp': Kind(elementwise.ncnn_binary, None, None,
                      lambda layer: 'keeps' if 'scalar' in layer.params else None),
+    'UnaryOp': Kind(elementwise.ncnn_unary, None, None, 'keeps'),
     'Concat': Kind(ncnn_simple('Concat', lambda p: [(0, p['axis'] - 1)]), shape.caffe_concat,
                    None, 'keeps'),
     'Flatten': Kind(ncnn_simple('Flatten'), shape.caffe_flatten, None, 'makes'),
@@ -100,5 +104,6 @@ LAYERS = {
     'Softmax': Kind(ncnn_simple('Softmax', lambda p: [(0, p['axis'] - 1), (1, 1)]),
                     shape.caffe_softmax, None, 'keeps'),
     'Padding': Kind(shape.ncnn_padding, None),
+    'Interp': Kind(resize.ncnn_interp, None, resize.simulate_interp),
     'ShuffleChannel': Kind(ncnn_simple('ShuffleChannel', lambda p: [(0, p['group'])]), None),
 }

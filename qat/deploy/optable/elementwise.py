@@ -3,7 +3,7 @@
 Inputs of one shape: ncnn Eltwise (sum, prod, max), Caffe Eltwise. Inputs of different
 shapes (MXNet's ``broadcast_*``, e.g. an SE block's ``x * w`` with w of shape (N, C, 1, 1)),
 or another op (sub, div, min): ncnn BinaryOp, which broadcasts the same way. A scalar
-operand: BinaryOp with ``with_scalar``. Add, subtract, multiply, max and min round the same
+operand: BinaryOp with ``with_scalar``. abs, negative, floor, ceil, square: ncnn UnaryOp. Add, subtract, multiply, max and min round the same
 in MXNet and ncnn (exact); ncnn's division is a reciprocal estimate refined once (GCC's
 fast-math), so a division can differ from MXNet's in the last bit.
 """
@@ -24,6 +24,8 @@ SCALAR_OPS = {'_plus_scalar': 'add', '_PlusScalar': 'add', '_minus_scalar': 'sub
               '_DivScalar': 'div', '_rdiv_scalar': 'rdiv', '_RDivScalar': 'rdiv',
               '_maximum_scalar': 'max', '_MaximumScalar': 'max', '_minimum_scalar': 'min',
               '_MinimumScalar': 'min'}
+# exact unary ops -> ncnn UnaryOp operation ids (0=)
+UNARY_OPS = {'abs': 0, 'negative': 1, '_np_negative': 1, 'floor': 2, 'ceil': 3, 'square': 4}
 # ncnn BinaryOp operation ids (0=)
 NCNN_BINARY = {'add': 0, 'sub': 1, 'mul': 2, 'div': 3, 'max': 4, 'min': 5, 'rsub': 7, 'rdiv': 8}
 CAFFE_ELTWISE = {'sum': 'SUM', 'prod': 'PROD', 'max': 'MAX'}
@@ -52,6 +54,14 @@ def trace_elementwise(t, index, node):
 def trace_scalar(t, index, node):
     t.add('BinaryOp', index, t.data_inputs(node)[:1],
           {'op': SCALAR_OPS[node['op']], 'scalar': float(node['attrs']['scalar'])})
+
+
+def trace_unary(t, index, node):
+    t.add('UnaryOp', index, t.data_inputs(node)[:1], {'op': node['op']})
+
+
+def ncnn_unary(layer, graph, int8, guarded, out):
+    return 'UnaryOp', [(0, UNARY_OPS[layer.params['op']])]
 
 
 def ncnn_binary(layer, graph, int8, guarded, out):
