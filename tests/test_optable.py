@@ -105,6 +105,8 @@ EXACT = {
         y, height=13, width=5, align_corners=False), (), ['Interp']),
     'bilinear_scale': (lambda F, y, n: F.contrib.BilinearResize2D(
         y, scale_height=2, scale_width=2, align_corners=False), (), ['Interp']),
+    'ones_like_plus': (lambda F, y, n: F.elemwise_add(F.ones_like(y), F.sigmoid(y)), (),
+                       ['BinaryOp']),
     'pad_reflect': (lambda F, y, n: F.pad(y, mode='reflect', pad_width=(0, 0, 0, 0, 1, 2, 2, 1)),
                     (), ['Padding']),
     'depthwise_5x5_dequantized': (lambda F, y, n: n.extra[0](y),

@@ -34,9 +34,6 @@ def _unsupported(op, what):
                   f"the exporter")
 
 
-SE_SQUEEZE = _unsupported('_contrib_AdaptiveAvgPooling2D', "the squeeze of the SE blocks")
-CHANNEL_SPLIT = _unsupported('slice_axis', "the channel split of the units")
-ATTENTION = _unsupported('_contrib_BilinearResize2D', "the attention masks' upsampling")
 
 # (family, GluonCV model, input size, mark of a family that fails today)
 FAMILIES = (
@@ -54,19 +51,20 @@ FAMILIES = (
     ('resnet_v1s', 'resnet50_v1s', 32, None),
     ('resnext', 'resnext50_32x4d', 32, None),
     ('resnext_e', 'resnext101e_64x4d', 32, None),
-    ('se_resnet_v1', 'se_resnet18_v1', 32, SE_SQUEEZE),
-    ('se_resnet_v2', 'se_resnet18_v2', 32, SE_SQUEEZE),
-    ('se_resnext', 'se_resnext50_32x4d', 32, SE_SQUEEZE),
-    ('se_resnext_e', 'se_resnext101e_64x4d', 32, SE_SQUEEZE),
-    ('senet', 'senet_154', 32, SE_SQUEEZE),
-    ('senet_e', 'senet_154e', 32, SE_SQUEEZE),
-    ('resnest', 'resnest14', 32, _unsupported('expand_dims', "the split attention")),
+    ('se_resnet_v1', 'se_resnet18_v1', 32, None),
+    ('se_resnet_v2', 'se_resnet18_v2', 32, None),
+    ('se_resnext', 'se_resnext50_32x4d', 32, None),
+    ('se_resnext_e', 'se_resnext101e_64x4d', 32, None),
+    ('senet', 'senet_154', 32, None),
+    ('senet_e', 'senet_154e', 32, None),
+    ('resnest', 'resnest14', 32, _unsupported('sum', "the split attention's sum over the "
+                                                     "radix axis (a Reduction; its softmax "
+                                                     "would need ncnn's Softmax arithmetic)")),
     ('mobilenet_v1', 'mobilenet0.25', 32, None),
     ('mobilenet_v2', 'mobilenetv2_0.25', 32, None),
-    ('mobilenet_v3', 'mobilenetv3_small', 32, _unsupported('_plus_scalar',
-                                                           "the hard sigmoid / hard swish")),
+    ('mobilenet_v3', 'mobilenetv3_small', 32, None),
     ('shufflenet_v1', 'shufflenet_v1', 32, None),
-    ('shufflenet_v2', 'shufflenet_v2', 32, CHANNEL_SPLIT),
+    ('shufflenet_v2', 'shufflenet_v2', 32, None),
     ('squeezenet', 'squeezenet1.1', 209, None),
     ('densenet', 'densenet121', 221, None),
     ('vgg', 'vgg11', 32, None),
@@ -75,14 +73,16 @@ FAMILIES = (
     ('googlenet', 'googlenet', 223, None),
     ('inception_v3', 'inceptionv3', 299, None),
     ('xception', 'xception', 32, None),
-    ('nasnet', 'nasnet_4_1056', 32, _unsupported('slice', "the shifted pooling path of the "
-                                                          "cells")),
+    ('nasnet', 'nasnet_4_1056', 32, _fails(
+        "exact with packing off; with ncnn's default options 88 % of the output within 1 LSB "
+        "(max 2.7 LSB, top-1 agreement 100 %): ncnn's pack-8 int8 depthwise convolution "
+        "dequantizes with a 12-bit reciprocal estimate (_mm_rcp_ps), one code off in many of "
+        "the 40 separable convolutions, compounding through the cells", AssertionError)),
     ('darknet', 'darknet53', 32, None),
     ('dla', 'dla34', 32, None),
-    ('hrnet', 'hrnet_w18_small_v1_c', 32, _unsupported('UpSampling',
-                                                       "the fusion of the branches")),
-    ('residual_attention', 'residualattentionnet56', 221, ATTENTION),
-    ('cifar_residual_attention', 'cifar_residualattentionnet56', 32, ATTENTION),
+    ('hrnet', 'hrnet_w18_small_v1_c', 32, None),
+    ('residual_attention', 'residualattentionnet56', 221, None),
+    ('cifar_residual_attention', 'cifar_residualattentionnet56', 32, None),
     ('cifar_resnet_v1', 'cifar_resnet20_v1', 32, None),
     ('cifar_resnet_v2', 'cifar_resnet20_v2', 32, None),
     ('cifar_wide_resnet', 'cifar_wideresnet16_10', 32, None),

@@ -97,6 +97,10 @@ class _Tracer(SymbolGraph):
             if entry is not None:
                 entries.remove(entry)
             output = (source, entry[1]) if entry is not None else None
+            if output not in self.blob and source not in self.blob:
+                raise ExportError(f"cannot export {self.describe(self.nodes[index])}: its input "
+                                  f"{self.nodes[source]['name']!r} has no ncnn layer (a "
+                                  f"constant only elementwise arithmetic can take)")
             blobs.append(self.blob[output] if output in self.blob else self.blob[source])
         return blobs
 

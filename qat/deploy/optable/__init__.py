@@ -43,6 +43,7 @@ OPS = {
        list(elementwise.ELTWISE_OPS) + list(elementwise.BINARY_OPS)},
     **{op: elementwise.trace_scalar for op in elementwise.SCALAR_OPS},
     **{op: elementwise.trace_unary for op in elementwise.UNARY_OPS},
+    **{op: elementwise.trace_constant_like for op in elementwise.CONSTANT_LIKE},
     **{op: shape.trace_pass_through for op in shape.PASS_THROUGH_OPS},
     **{op: shape.trace_reshape for op in shape.SHAPE_OPS},
     'Flatten': shape.trace_flatten, 'flatten': shape.trace_flatten,

@@ -31,8 +31,28 @@ NCNN_BINARY = {'add': 0, 'sub': 1, 'mul': 2, 'div': 3, 'max': 4, 'min': 5, 'rsub
 CAFFE_ELTWISE = {'sum': 'SUM', 'prod': 'PROD', 'max': 'MAX'}
 
 
+CONSTANT_LIKE = {'ones_like': 1.0, 'zeros_like': 0.0}  # tensors of one value, x's shape
+
+
+def trace_constant_like(t, index, node):
+    """``ones_like(x)`` / ``zeros_like(x)``: no layer; the elementwise op reading it takes
+    its value as a scalar operand (residual attention's ``1 + mask``)."""
+
+
 def trace_elementwise(t, index, node):
     sources = t.data_inputs(node)
+    constants = [s for s in sources if t.nodes[s]['op'] in CONSTANT_LIKE]
+    if len(sources) == 2 and len(constants) == 1:
+        (tensor,) = [s for s in sources if s not in constants]
+        op = BINARY_OPS.get(node['op']) or EQUAL_SHAPE_AS_BINARY.get(ELTWISE_OPS.get(node['op']))
+        if op is None or t.shape(tensor) != t.shape(index):
+            raise refuse(t, node, "only add, sub, mul, max, min of a tensor and a same-shaped "
+                                  "constant")
+        if op in ('sub', 'div') and sources[0] in constants:
+            op = 'r' + op
+        t.add('BinaryOp', index, [tensor],
+              {'op': op, 'scalar': CONSTANT_LIKE[t.nodes[constants[0]]['op']]})
+        return
     shapes = {t.shape(s) for s in sources}
     if len(sources) < 2:
         raise refuse(t, node, "an elementwise op needs two or more tensor inputs")
