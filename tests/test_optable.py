@@ -126,6 +126,19 @@ APPROXIMATE = {
         y, F.contrib.AdaptiveAvgPooling2D(F.abs(y) + 1, output_size=1)), (), ['BinaryOp']),
     'adaptive_avg_2x3': (lambda F, y, n: F.contrib.AdaptiveAvgPooling2D(y, output_size=(2, 3)),
                          (), ['Pooling']),
+    'deconvolution': (lambda F, y, n: n.extra[0](y), (nn.Conv2DTranspose(
+        6, 3, strides=2, padding=1, output_padding=1, bias_initializer=mx.init.Uniform(1.0)),),
+        ['Deconvolution']),
+    'instance_norm': (lambda F, y, n: n.extra[0](y), (nn.InstanceNorm(
+        beta_initializer=mx.init.Uniform(1.0), gamma_initializer=mx.init.Uniform(1.0)),),
+        ['InstanceNorm']),
+    'layer_norm': (lambda F, y, n: n.extra[0](y), (nn.LayerNorm(
+        beta_initializer=mx.init.Uniform(1.0)),), ['LayerNorm']),
+    'group_norm': (lambda F, y, n: n.extra[0](y), (nn.GroupNorm(
+        num_groups=2, beta_initializer=mx.init.Uniform(1.0)),), ['GroupNorm']),
+    'sum_mean_keepdims': (lambda F, y, n: F.broadcast_add(
+        F.sum(y, axis=1, keepdims=True), F.mean(y, axis=(2, 3), keepdims=True)), (),
+        ['Reduction', 'BinaryOp']),
     'softmax_channels': (_standalone(lambda F, y, n: F.softmax(y, axis=1)), (), ['Softmax']),
 }
 

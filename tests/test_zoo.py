@@ -29,12 +29,6 @@ def _fails(reason, raises=ExportError):
     return pytest.mark.xfail(strict=True, raises=raises, reason=reason)
 
 
-def _unsupported(op, what):
-    return _fails(f"export: ExportError: cannot export op {op!r} ({what}): not supported by "
-                  f"the exporter")
-
-
-
 # (family, GluonCV model, input size, mark of a family that fails today)
 FAMILIES = (
     ('resnet_v1', 'resnet18_v1', 32, None),
@@ -57,9 +51,7 @@ FAMILIES = (
     ('se_resnext_e', 'se_resnext101e_64x4d', 32, None),
     ('senet', 'senet_154', 32, None),
     ('senet_e', 'senet_154e', 32, None),
-    ('resnest', 'resnest14', 32, _unsupported('sum', "the split attention's sum over the "
-                                                     "radix axis (a Reduction; its softmax "
-                                                     "would need ncnn's Softmax arithmetic)")),
+    ('resnest', 'resnest14', 32, None),
     ('mobilenet_v1', 'mobilenet0.25', 32, None),
     ('mobilenet_v2', 'mobilenetv2_0.25', 32, None),
     ('mobilenet_v3', 'mobilenetv3_small', 32, None),

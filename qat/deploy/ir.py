@@ -16,6 +16,12 @@ Convolution     num_output, kernel (kh, kw), stride (sh, sw), pad (ph, pw),
 InnerProduct    num_output, activation; weights: weight (O, I), bias (O,) [optional];
                 the input is flattened (c, h, w order)
 BatchNorm       channels, eps; weights: gamma, beta, mean, var (gamma = 1 when fixed)
+Deconvolution   num_output, kernel, stride, pad, dilate, adj (output padding), activation;
+                weights: weight (O, I, kh, kw) (ncnn's order), bias [optional]; fp32
+InstanceNorm    channels, eps; weights: gamma, beta (C,)
+LayerNorm       size (of the last axis), eps; weights: gamma, beta (size,)
+GroupNorm       groups, channels, eps; weights: gamma, beta (C,)
+Reduction       op ('sum' | 'mean'), axes (ncnn axes), keepdims
 ReLU            slope (0.0 = plain ReLU, else leaky)
 Clip            low, high
 Sigmoid, TanH, Swish, GELU   -

@@ -18,8 +18,8 @@ import numpy as np
 from ..errors import UserError
 from .optable import LAYERS
 from .optable.base import IntArray
-from .optable.weighted import (PACKING_BUG_GROUP_OUTPUTS, is_depthwise,  # noqa: F401
-                               ncnn_split_convolution, requantized_scale, splits_groups)
+from .optable.weighted import ncnn_split_convolution, splits_groups
+from .optable.weighted import requantized_scale  # noqa: F401  (part of this module's API)
 
 MAGIC = 7767517
 TAG_FP32 = 0x00000000

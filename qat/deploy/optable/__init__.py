@@ -23,7 +23,7 @@ LAYERS: IR kind -> Kind(ncnn, caffe, simulation, ncnn_flat):
 """
 from collections import namedtuple
 
-from . import activations, elementwise, pooling, resize, shape, weighted
+from . import activations, elementwise, normalization, pooling, resize, shape, weighted
 from .base import caffe_simple, ncnn_simple
 
 Kind = namedtuple('Kind', 'ncnn caffe simulation ncnn_flat', defaults=(None, None, None))
@@ -36,6 +36,11 @@ OPS = {
     'Convolution': weighted.trace_convolution,
     'FullyConnected': weighted.trace_fully_connected,
     'BatchNorm': weighted.trace_batchnorm,
+    'Deconvolution': weighted.trace_deconvolution,
+    'InstanceNorm': normalization.trace_instance_norm,
+    'LayerNorm': normalization.trace_layer_norm,
+    'GroupNorm': normalization.trace_group_norm,
+    'sum': normalization.trace_reduction, 'mean': normalization.trace_reduction,
     'Pooling': pooling.trace_pooling,
     '_contrib_AdaptiveAvgPooling2D': pooling.trace_adaptive_avg,
     **{op: activations.trace_activation for op in _ACTIVATION_OPS},
@@ -70,6 +75,11 @@ LAYERS = {
                          activations.simulate_fused,
                          'makes'),
     'BatchNorm': Kind(weighted.ncnn_batchnorm, weighted.caffe_batchnorm, None, 'keeps'),
+    'Deconvolution': Kind(weighted.ncnn_deconvolution, None),
+    'InstanceNorm': Kind(normalization.ncnn_instance_norm, None),
+    'LayerNorm': Kind(normalization.ncnn_layer_norm, None),
+    'GroupNorm': Kind(normalization.ncnn_group_norm, None),
+    'Reduction': Kind(normalization.ncnn_reduction, None),
     'ReLU': Kind(ncnn_simple('ReLU', lambda p: [(0, float(p['slope']))] if p['slope'] else []),
                  activations.caffe_standalone, None, 'keeps'),
     'Clip': Kind(ncnn_simple('Clip', lambda p: [(0, float(p['low'])), (1, float(p['high']))]),

@@ -43,9 +43,12 @@ def trace_group_norm(t, index, node):
     if len(shape) != 4:
         raise refuse(t, node, "GroupNorm of a 4-D (N, C, H, W) tensor only")
     groups = int(attrs.get('num_groups', 1))
+    # MXNet's gamma / beta are per group, ncnn's per channel
+    affine = {key: np.repeat(value, shape[1] // groups)
+              for key, value in _affine(t, node, groups).items()}
     t.add('GroupNorm', index, t.data_inputs(node)[:1],
           {'groups': groups, 'channels': shape[1], 'eps': float(attrs.get('eps', 1e-5))},
-          _affine(t, node, shape[1]))
+          affine)
 
 
 def trace_reduction(t, index, node):

@@ -140,6 +140,38 @@ def trace_fully_connected(t, index, node):
     _trace_weighted(t, index, node, 'InnerProduct', {'num_output': int(attrs['num_hidden'])})
 
 
+def trace_deconvolution(t, index, node):
+    """Conv2DTranspose: an fp32 ncnn Deconvolution (the converter leaves it float); MXNet's
+    weight (in, out, kh, kw) is ncnn's (out, in, kh, kw) transposed."""
+    attrs = node.get('attrs', {})
+    kernel = ints(attrs['kernel'])
+    groups = int(attrs.get('num_group', 1))
+    if attrs.get('layout', 'NCHW') != 'NCHW' or len(kernel) != 2 or groups != 1:
+        raise refuse(t, node, "only 2-D NCHW deconvolutions without groups")
+    weight = t.param(node, 1).asnumpy().astype(np.float32).transpose(1, 0, 2, 3)
+    bias = None if flag(attrs.get('no_bias')) else t.param(node, 2).asnumpy().astype(np.float32)
+    params = {'num_output': int(attrs['num_filter']), 'kernel': kernel,
+              'stride': ints(attrs.get('stride'), (1, 1)) or (1, 1),
+              'pad': ints(attrs.get('pad'), (0, 0)) or (0, 0),
+              'dilate': ints(attrs.get('dilate'), (1, 1)) or (1, 1),
+              'adj': ints(attrs.get('adj'), (0, 0)) or (0, 0),
+              'bias_term': bias is not None, 'activation': None}
+    layer = t.add('Deconvolution', index, t.data_inputs(node)[:1], params,
+                  {'weight': np.ascontiguousarray(weight), 'bias': bias})
+    t.fuse_activation(index, layer)
+
+
+def ncnn_deconvolution(layer, graph, int8, guarded, out):
+    p = layer.params
+    pairs = _conv_geometry(p, p['num_output'], layer.weights['weight'].size)
+    adj_h, adj_w = p['adj']
+    pairs += [(18, adj_w), (19, adj_h)] + activations.ncnn_fused(p['activation'])
+    out.tagged(layer.weights['weight'])
+    if p['bias_term']:
+        out.raw(layer.weights['bias'])
+    return 'Deconvolution', pairs
+
+
 def trace_batchnorm(t, index, node):
     """A BatchNorm not folded into a conv: ncnn's fp32 BatchNorm layer, the same
     parameters. The simulation computes it as ncnn does (``QBatchNorm`` with BN frozen:
