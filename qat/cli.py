@@ -4,7 +4,7 @@ import logging
 import os
 import sys
 
-from .app import demo, models, ptq
+from .app import demo, models, ptq, simulate
 from .app.stages import load_run, run_recipe, validation_batches
 from .deploy import WINOGRAD_POLICIES, export, format_report, verify
 from .errors import UserError
@@ -55,6 +55,11 @@ def _verify(args):
 
 def _calibrate(args):
     return ptq.run(args) or 0
+
+
+def _simulate(args):
+    simulate.run(args)
+    return 0
 
 
 def _demo(args):
@@ -113,6 +118,12 @@ def _parser():
                                       '(like ncnn2table + ncnn2int8)')
     ptq.add_arguments(calibrating)
     calibrating.set_defaults(handler=_calibrate)
+
+    simulating = commands.add_parser('simulate', help='top-1 of a float model over a grid of '
+                                     'post-training quantization schemes (bits, granularity, '
+                                     'signed input, BN, first layer, method)')
+    simulate.add_arguments(simulating)
+    simulating.set_defaults(handler=_simulate)
 
     demo_command = commands.add_parser('demo', help='float vs simulated int8/int4 on the '
                                        'bundled digits')

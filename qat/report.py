@@ -89,6 +89,22 @@ def bar_panels(names, panels, title, path):
     return save_figure(fig, path)
 
 
+def hbars(names, values, title, xlabel, path):
+    """One horizontal bar per name, top to bottom (for long labels); PNG at ``path``,
+    atomic."""
+    plt = pyplot()
+    fig, axis = plt.subplots(figsize=(8, 0.25 * len(names) + 1.2))
+    positions = np.arange(len(names))
+    axis.barh(positions, values)
+    axis.set_yticks(positions)
+    axis.set_yticklabels(names, fontsize=7)
+    axis.invert_yaxis()
+    axis.set_xlabel(xlabel)
+    axis.grid(axis='x', alpha=0.3)
+    axis.set_title(title)
+    return save_figure(fig, path)
+
+
 def write_report(text, plot, folder, name):
     """Write ``<name>.md`` (``text``) and ``<name>.png`` (``plot(path)``) into ``folder``,
     each atomically. Returns {'table': path, 'plot': path}."""

@@ -63,6 +63,15 @@ def validation_batches(recipe, preprocess, limit=None, classes=None):
                    workers=recipe['data']['workers'], classes=classes)
 
 
+def calibration_batches(recipe, train_set, preprocess, seed):
+    """The first ``calibrate.batches`` training batches in a fixed order, re-iterable (some
+    calibration methods read them twice): what the PTQ stage calibrates on."""
+    size = recipe['run']['batch_size']
+    order = epoch_order(len(train_set), seed, 0)[:size * recipe['calibrate']['batches']]
+    return Reiterable(lambda: iterate(train_set, preprocess, size, order=order,
+                                      workers=recipe['data']['workers']))
+
+
 class Run(Trainer):
     """One recipe run: the run folder, devices, data and the stages (see the module doc)."""
 
@@ -111,13 +120,7 @@ class Run(Trainer):
         return validation_batches(self.recipe, self.preprocess, limit, self.classes)
 
     def calibration_batches(self):
-        """The first ``calibrate.batches`` training batches in a fixed order, re-iterable
-        (some calibration methods read them twice)."""
-        size = self.recipe['run']['batch_size']
-        order = epoch_order(len(self.train_set), self.seed, 0)
-        order = order[:size * self.recipe['calibrate']['batches']]
-        return Reiterable(lambda: iterate(self.train_set, self.preprocess, size, order=order,
-                                          workers=self.recipe['data']['workers']))
+        return calibration_batches(self.recipe, self.train_set, self.preprocess, self.seed)
 
     def evaluate(self, net):
         return accuracy(net, self.val_batches(), self.devices.contexts[0])

@@ -3,11 +3,13 @@ models, and verify them with the real ncnn runtime.
 
     graph.trace -> ir.Graph -> caffe.write_caffe / table.render_table / ncnn.render
     export (all of them, atomically) ; verify (ncnn runtime vs the simulation)
+
+Every op, its ncnn and Caffe form and its simulation: the op table, ``optable``.
 """
-from . import caffe, ncnn, table, winograd
+from . import caffe, ncnn, optable, table, winograd
 from .export import WINOGRAD_POLICIES, export, winograd_guards
 from .graph import ExportError, trace
 from .verify import THRESHOLDS, format_report, verify
 
-__all__ = ['caffe', 'ncnn', 'table', 'winograd', 'WINOGRAD_POLICIES', 'export',
+__all__ = ['caffe', 'ncnn', 'optable', 'table', 'winograd', 'WINOGRAD_POLICIES', 'export',
            'winograd_guards', 'ExportError', 'trace', 'THRESHOLDS', 'format_report', 'verify']

@@ -1,0 +1,77 @@
+"""``qat simulate``: a grid of post-training schemes over a float model, one top-1 each."""
+import json
+import os
+
+import pytest
+
+from qat.app import simulate
+from qat.cli import main
+from qat.errors import UserError
+from tests.helpers import tiny_recipe
+
+
+@pytest.fixture(scope='module')
+def run_folder(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('simulate')
+    recipe = tiny_recipe(tmp, 'sim', qat={'epochs': 0, 'input_quant_epoch': 0, 'freeze_bn_epoch': 0,
+                                          'freeze_ranges_epoch': 0})
+    assert main(['train', recipe]) == 0
+    return str(tmp / 'checkpoints' / 'sim'), recipe
+
+
+def test_the_recipes_own_schemes_repeat_the_ptq_stage(run_folder, tmp_path):
+    folder, _ = run_folder
+    ptq = json.load(open(os.path.join(folder, 'state.json')))['results']['ptq']
+    table, plot = str(tmp_path / 'grid.md'), str(tmp_path / 'grid.png')
+    assert main(['simulate', folder, '--bits', '8,4', '--output', table, '--png', plot]) == 0
+    rows = simulate.simulate(folder, {'bits': ['8', '4']}, show_progress=False,
+                             out=lambda line: None)
+    assert [row['top1'] for row in rows[1:]] == [ptq['W8A8'], ptq['W4A4']]
+    float_top1 = json.load(open(os.path.join(folder, 'state.json')))['results']['float']
+    assert rows[0]['scheme'] == 'float' and rows[0]['top1'] == float_top1
+    text = open(table).read()
+    assert f"| bits=8 | 8 | 8 | channel | yes | fold | 8 | ema | {ptq['W8A8']:.2f} |" in text
+    assert open(plot, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_every_axis_changes_what_it_names(run_folder):
+    folder, _ = run_folder
+    grid = {'weight_bits': ['3'], 'input_bits': ['5'], 'granularity': ['tensor'],
+            'input_signed': ['no'], 'bn': ['keep'], 'first_layer': ['float'],
+            'method': ['max']}
+    (row,) = simulate.simulate(folder, grid, show_progress=False, out=lambda line: None)[1:]
+    assert (row['weight_bits'], row['input_bits'], row['granularity'], row['input_signed'],
+            row['bn'], row['first_layer'], row['method']) == (3, 5, 'tensor', 'no', 'keep',
+                                                               'float', 'max')
+    assert 0 <= row['top1'] <= 100
+
+
+def test_a_recipe_file_takes_the_float_weights_from_params(run_folder):
+    folder, recipe = run_folder
+    rows = simulate.simulate(recipe, {'bits': ['8']}, params=os.path.join(folder, 'float.params'),
+                             show_progress=False, out=lambda line: None)
+    again = simulate.simulate(folder, {'bits': ['8']}, show_progress=False,
+                              out=lambda line: None)
+    assert [r['top1'] for r in rows] == [r['top1'] for r in again]
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--bits', '9'], "--bits: 9 not valid"),
+    (['--method', 'kl,median'], "--method: median not valid"),
+    (['--granularity', ''], "--granularity: nothing not valid"),
+    (['--bits', '8', '--weight-bits', '4'], "--bits sets weight and input bits together"),
+])
+def test_bad_grid_values_are_one_line_errors(run_folder, capsys, argv, message):
+    folder, _ = run_folder
+    assert main(['simulate', folder] + argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_sources_name_the_file(run_folder, tmp_path):
+    _, recipe = run_folder
+    with pytest.raises(UserError, match='no such run folder or recipe file'):
+        simulate.simulate(str(tmp_path / 'nothing'), {})
+    with pytest.raises(UserError, match='no float weights: pass --params'):
+        simulate.simulate(recipe, {})
+    with pytest.raises(UserError, match='float parameters not found'):
+        simulate.simulate(recipe, {}, params=str(tmp_path / 'none.params'))
