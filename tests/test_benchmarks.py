@@ -17,6 +17,7 @@ OPTIONS = {
     'agreement': ['--samples', '--models'],
     'winograd': ['--rounds'],
     'zoo': ['--families', '--samples', '--repeats'],
+    'memory': ['--repeats', '--threads', '--models', '--train-model', '--batch'],
 }
 HELPERS = {'common'}
 
