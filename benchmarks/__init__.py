@@ -13,6 +13,7 @@ each printing Markdown tables. Run them from the repository root:
                                       latency of the guards
     python -m benchmarks.zoo          one model of every GluonCV classification family: export,
                                       ncnn vs simulation agreement, int8/fp32 latency
+    python -m benchmarks.latency      latency-aware int8 vs all-int8 vs fp32 ncnn models
     python -m benchmarks.memory       peak memory of the ncnn runtime (fp32 vs int8) and of a
                                       float vs QAT training step
 

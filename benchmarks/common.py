@@ -1,9 +1,8 @@
 """What the benchmarks share: their command line, the GluonCV zoo of the deploy benchmarks,
-and interleaved median timing (each variant timed in turn, round after round, so that
-machine noise hits all of them alike)."""
+and the interleaved median timing of ``qat.timing``."""
 import argparse
-import statistics
-import time
+
+from qat.timing import interleaved_medians, stopwatch  # noqa: F401  (the benchmarks use them)
 
 # (GluonCV name, input size) of the deploy and agreement benchmarks
 ZOO = (('resnet18_v1', 224), ('mobilenet1.0', 224), ('mobilenetv2_1.0', 224),
@@ -24,25 +23,3 @@ def add_models_option(arguments, default=ZOO):
 def parse_models(specs):
     """[(name, size)] of 'name:input_size' specs."""
     return [(spec.split(':')[0], int(spec.split(':')[1])) for spec in specs]
-
-
-def stopwatch(function, *args):
-    """A function that calls ``function(*args)`` and returns the seconds it took."""
-    def run():
-        start = time.perf_counter()
-        function(*args)
-        return time.perf_counter() - start
-    return run
-
-
-def interleaved_medians(runs, rounds, warmup=1):
-    """{key: median seconds} of ``runs`` ({key: function() -> the seconds it measured}):
-    ``warmup`` untimed rounds, then ``rounds`` rounds calling every function once in turn."""
-    for _ in range(warmup):
-        for run in runs.values():
-            run()
-    times = {key: [] for key in runs}
-    for _ in range(rounds):
-        for key, run in runs.items():
-            times[key].append(run())
-    return {key: statistics.median(values) for key, values in times.items()}

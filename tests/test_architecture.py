@@ -11,7 +11,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 # Bottom to top; a module may import from its own layer and the layers below it.
 LAYERS = [
     ('qat.errors', 'qat.config', 'qat.ops', 'qat.native', 'qat.reference', 'qat.fileio',
-     'qat.metrics', 'qat.report', 'qat.batches'),
+     'qat.metrics', 'qat.report', 'qat.batches', 'qat.timing'),
     ('qat.nn', 'qat.symbol'),  # symbol reads the graph and needs only nn.walk
     ('qat.modes', 'qat.probes', 'qat.convert'),
     ('qat.calibration', 'qat.deploy'),

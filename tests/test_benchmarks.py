@@ -17,6 +17,7 @@ OPTIONS = {
     'agreement': ['--samples', '--models'],
     'winograd': ['--rounds'],
     'zoo': ['--families', '--samples', '--repeats'],
+    'latency': ['--rounds', '--threads', '--models'],
     'memory': ['--repeats', '--threads', '--models', '--train-model', '--batch'],
 }
 HELPERS = {'common'}

@@ -29,6 +29,8 @@ from ..calibration import METHODS, calibrate, easyquant
 from ..config import BITS, QuantScheme
 from ..convert import convert_model
 from ..deploy import WINOGRAD_POLICIES, export, format_report, verify
+from ..deploy.latency import format_latency, latency_aware
+from ..fileio import atomic_write
 from ..errors import UserError, reason
 from ..nn import quant_blocks, walk
 from ..report import write_report
@@ -274,6 +276,10 @@ def add_arguments(parser):
     out.add_argument('--threads', type=int,
                      help="CPU threads for inference and image decoding (default: MXNet's "
                           "own, all cores; decoding in the main thread)")
+    out.add_argument('--latency-aware', action='store_true',
+                     help='time each group of int8 layers fp32 in the ncnn runtime (with '
+                          '--threads) and keep fp32 those that make the model faster; the '
+                          'choice is written to <name>-latency.md')
     out.add_argument('--compare', type=int, default=0, metavar='N',
                      help='write <name>-layers.md/.png: every layer float vs simulated vs ncnn '
                           'int8 (cosine, max error) on N calibration images')
@@ -351,10 +357,17 @@ def _run(args, out):
     started = time.perf_counter()
     calibrate(net, data, args.method, progress=lambda m: out('      ' + m))
     out(f"      done in {time.perf_counter() - started:.1f} s")
+    latency = None
+    if args.latency_aware:
+        latency = format_latency(latency_aware(net, shape, threads=args.threads or 1,
+                                               progress=lambda m: out('      ' + m)))
+        out(latency)
     out(f"[3/4] writing {args.name}.table and the ncnn int8 model into {args.output}")
     files = export(net, args.output, shape, args.name, winograd=args.winograd)
     for kind in ('table', 'int8_param', 'int8_bin', 'param', 'bin'):
         out(f"      {files[kind]}")
+    if latency is not None:
+        atomic_write(os.path.join(args.output, f"{args.name}-latency.md"), latency + '\n')
     if args.compare:
         rows = comparison.layer_comparison(net, data, args.output, args.name,
                                            max_samples=args.compare,
