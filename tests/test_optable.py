@@ -195,3 +195,12 @@ def test_several_outputs_are_exported_and_each_verified(tmp_path):
     heads = [layer for layer in report['layers'] if layer['layer'] in manifest['outputs']]
     assert len(heads) == 2 and all(layer['max_lsb'] == 0 for layer in heads), heads
     assert paths['int8_param']
+
+
+def test_without_the_native_ops_verify_warns_and_stays_within_a_hundredth_lsb(
+        monkeypatch, tmp_path, caplog):
+    monkeypatch.setitem(native._state, 'ok', False)  # as on a machine without a compiler
+    with caplog.at_level('WARNING', logger='qat.deploy.verify'):
+        report = _export_and_verify(EXACT['se_dense'], tmp_path)
+    assert "simulated with MXNet's arithmetic" in caplog.text
+    assert max(layer['max_lsb'] for layer in report['layers']) <= 0.01
