@@ -2,7 +2,6 @@
 in the net and the export. The timings themselves are measured by ``benchmarks.latency``."""
 import os
 
-import mxnet as mx
 import pytest
 from mxnet.gluon import nn
 
