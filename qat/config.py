@@ -101,6 +101,16 @@ class QuantConfig:
         return cls(**values)
 
 
+def winograd_candidate(block):
+    """True for a Gluon Conv2D that ncnn may run with int8 Winograd: 3x3 kernel, stride 1,
+    dilation 1, one group (ncnn2table's test)."""
+    kwargs = getattr(block, '_kwargs', None)
+    if type(block).__name__ != 'Conv2D' or not kwargs:
+        return False
+    return tuple(kwargs.get('kernel', ())) == (3, 3) and tuple(kwargs.get('stride', ())) == (1, 1) \
+        and tuple(kwargs.get('dilate', ())) == (1, 1) and kwargs.get('num_group', 1) == 1
+
+
 def _glob(block, path, pattern):
     return fnmatch.fnmatchcase(block.name, pattern) or fnmatch.fnmatchcase(path, pattern)
 
@@ -116,6 +126,10 @@ class QuantScheme:
         sees the raw image; 8 is the usual choice), None = like the others.
     by_type: {block type (nn.Conv2D, nn.Dense): QuantConfig or None}.
     exclude: glob patterns of blocks left float with everything inside them.
+    winograd_weight_bits: weight bits of every 3x3, stride-1, undilated, ungrouped Conv2D —
+        the convs ncnn may run with int8 Winograd F(4,3); ncnn2table's rule is 6 (its weight
+        scale 31/absmax, so that Winograd's transformed weights stay within int8). None: no
+        rule. It applies on top of the first-layer rule, by_type and default, not to by_name.
     Precedence: by_name, then the first-layer rule, then by_type, then default.
     """
     default: QuantConfig = QuantConfig()
@@ -123,6 +137,7 @@ class QuantScheme:
     first_layer_bits: int = None
     by_type: dict = field(default_factory=dict)
     exclude: tuple = ()
+    winograd_weight_bits: int = None
 
     def __post_init__(self):
         for where, value in [('default', self.default)] + [
@@ -134,6 +149,8 @@ class QuantScheme:
         if self.first_layer_bits is not None:
             self.default.updated(weight_bits=self.first_layer_bits,
                                  input_bits=self.first_layer_bits)  # validates
+        if self.winograd_weight_bits is not None:
+            self.default.updated(weight_bits=self.winograd_weight_bits)  # validates
 
     def config_for(self, block, path, first=False):
         """The QuantConfig of ``block`` at ``path`` (``first``: it is the net's first layer),
@@ -141,6 +158,13 @@ class QuantScheme:
         for pattern, config in self.by_name.items():
             if _glob(block, path, pattern):
                 return config
+        config = self._rules_config(block, first)
+        if config is not None and self.winograd_weight_bits is not None \
+                and winograd_candidate(block):
+            return config.updated(weight_bits=self.winograd_weight_bits)
+        return config
+
+    def _rules_config(self, block, first):
         if first and self.first_layer_bits is not None:
             return self.default.updated(weight_bits=self.first_layer_bits,
                                         input_bits=self.first_layer_bits)
@@ -160,7 +184,7 @@ class QuantScheme:
         ``exclude`` (patterns) and ``layers`` ({pattern: {field: value} or None}). Errors
         are ValueError naming ``<origin>.<key>``."""
         names = {f.name for f in fields(QuantConfig)}
-        extra = {'first_layer_bits', 'exclude', 'layers'}
+        extra = {'first_layer_bits', 'exclude', 'layers', 'winograd_weight_bits'}
         unknown = sorted(set(values) - names - extra)
         if unknown:
             raise UserError(f"{origin}.{unknown[0]}: unknown key; valid: "
@@ -181,8 +205,12 @@ class QuantScheme:
                 by_name[pattern] = default.updated(**override)
             except ValueError as err:
                 raise UserError(f"{origin}.layers.{pattern}: {err}") from None
-        try:
-            return cls(default, by_name, values.get('first_layer_bits'),
-                       exclude=tuple(values.get('exclude') or ()))
-        except ValueError as err:
-            raise UserError(f"{origin}.first_layer_bits: {err}") from None
+        for key in ('first_layer_bits', 'winograd_weight_bits'):
+            if values.get(key) is not None:
+                try:
+                    default.updated(weight_bits=values[key])
+                except ValueError as err:
+                    raise UserError(f"{origin}.{key}: {err}") from None
+        return cls(default, by_name, values.get('first_layer_bits'),
+                   exclude=tuple(values.get('exclude') or ()),
+                   winograd_weight_bits=values.get('winograd_weight_bits'))

@@ -1,5 +1,6 @@
 """Latency-aware int8 (``qat.deploy.latency``): the groups, the choice rule and what it leaves
 in the net and the export. The timings themselves are measured by ``benchmarks.latency``."""
+import math
 import os
 
 import pytest
@@ -24,7 +25,8 @@ def _mobile():
     return net
 
 
-@pytest.mark.parametrize('min_gain, expected', [(-1.0, 'all'), (1.0, 'none')])
+# min_gain -inf keeps every group fp32, +inf none, whatever the (noisy) timings
+@pytest.mark.parametrize('min_gain, expected', [(-math.inf, 'all'), (math.inf, 'none')])
 def test_the_choice_rule_and_what_it_leaves(min_gain, expected, tmp_path):
     net, data = converted_and_calibrated(_mobile, SHAPE)
     report = latency_aware(net, SHAPE, rounds=2, min_gain=min_gain)

@@ -263,6 +263,9 @@ def add_arguments(parser):
     quant.add_argument('--input-bits', type=int, help='input bits (default --bits)')
     quant.add_argument('--first-layer-bits', type=int,
                        help='bits of the first layer (default: as the others)')
+    quant.add_argument('--winograd-weight-bits', type=int,
+                       help="weight bits of every 3x3 stride-1 conv (ncnn2table's rule: 6, so "
+                            "that ncnn's int8 Winograd stays exact); default: as the others")
     quant.add_argument('--weight-granularity', '--granularity', dest='weight_granularity',
                        default='channel', choices=('channel', 'tensor'),
                        help='weight scales per output channel (per group) or per tensor')
@@ -292,7 +295,8 @@ def add_arguments(parser):
 def quant_scheme(args):
     """The QuantScheme of the flags (the same path as a recipe's ``quantize`` section)."""
     low, high = BITS
-    for option in ('bits', 'weight_bits', 'input_bits', 'first_layer_bits'):
+    for option in ('bits', 'weight_bits', 'input_bits', 'first_layer_bits',
+                   'winograd_weight_bits'):
         value = getattr(args, option)
         if value is not None and not low <= value <= high:
             raise UsageError(f"--{option.replace('_', '-')} {value}: bits must be in "
@@ -300,6 +304,7 @@ def quant_scheme(args):
     return QuantScheme.from_dict({
         'weight_bits': args.weight_bits or args.bits, 'input_bits': args.input_bits or args.bits,
         'weight_granularity': args.weight_granularity, 'first_layer_bits': args.first_layer_bits,
+        'winograd_weight_bits': args.winograd_weight_bits,
         'exclude': args.exclude}, origin='qat calibrate')
 
 

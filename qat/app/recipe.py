@@ -176,6 +176,9 @@ SCHEMA = {
                              'max kept by calibration)', one_of(RANGE_TRACKERS)),
         'first_layer_bits': Key(8, 'int?', 'weight and input bits of the first conv / dense '
                                 '(it sees the raw image); null: like the others', BITS),
+        'winograd_weight_bits': Key(None, 'int?', 'weight bits of every 3x3 stride-1 conv (the '
+                                    'convs ncnn may run with int8 Winograd; ncnn2table uses 6); '
+                                    'null: no rule', BITS),
         'exclude': Key([], 'strs', 'glob patterns of block names or paths left float'),
         'layers': Key({}, 'dict', 'per-layer overrides: `{glob pattern of block name or path: '
                       '{QuantConfig field: value}}`, or `null` for a layer left float; the '
