@@ -23,7 +23,8 @@ SHAPE = (3, 7, 9)
 
 
 class OpNet(HybridBlock):
-    """c1 -> op -> c2 -> pool -> fc; ``op(F, y, net)`` may use the blocks in ``extra``."""
+    """c1 -> op -> c2 -> pool -> fc; ``op(F, y, net)`` may use the blocks ``extra()`` makes
+    (a function: every net gets blocks of its own)."""
 
     def __init__(self, op, extra=(), depthwise=None, **kwargs):
         super().__init__(**kwargs)
@@ -32,7 +33,7 @@ class OpNet(HybridBlock):
             self.c1 = nn.Conv2D(8, 3, padding=1, in_channels=3,
                                 bias_initializer=mx.init.Uniform(1.0))
             self.extra = nn.HybridSequential()
-            for block in extra:
+            for block in (extra() if callable(extra) else extra):
                 self.extra.add(block)
             self.c2 = nn.Conv2D(8, 1)
             self.pool = nn.GlobalAvgPool2D()
@@ -70,17 +71,17 @@ EXACT = {
     'tanh': (_standalone(lambda F, y, n: F.tanh(y)), (), ['TanH']),
     'elu': (_standalone(lambda F, y, n: F.LeakyReLU(y, act_type='elu', slope=0.7)), (),
             ['ELU']),
-    'prelu': (_standalone(lambda F, y, n: n.extra[0](y)), (nn.PReLU(),), ['PReLU']),
+    'prelu': (_standalone(lambda F, y, n: n.extra[0](y)), lambda: (nn.PReLU(),), ['PReLU']),
     'leaky': (_standalone(lambda F, y, n: F.LeakyReLU(y, slope=0.1)), (), ['ReLU']),
-    'swish': (_standalone(lambda F, y, n: n.extra[0](y)), (nn.Swish(),), ['Swish']),
+    'swish': (_standalone(lambda F, y, n: n.extra[0](y)), lambda: (nn.Swish(),), ['Swish']),
     'swish_plain': (_standalone(lambda F, y, n: y * F.sigmoid(y)), (), ['Swish']),
     'hard_sigmoid_op': (_standalone(lambda F, y, n: F.hard_sigmoid(y)), (), ['HardSigmoid']),
     'hard_sigmoid_gluoncv': (_standalone(lambda F, y, n: n.extra[0](y)),
-                             (gluoncv.nn.HardSigmoid(),), ['HardSigmoid']),
+                             lambda: (gluoncv.nn.HardSigmoid(),), ['HardSigmoid']),
     'hard_swish_gluoncv': (_standalone(lambda F, y, n: n.extra[0](y)),
-                           (gluoncv.nn.HardSwish(),), ['HardSwish']),
-    'se_dense': (_se, (nn.Dense(8),), ['InnerProduct', 'Reshape', 'BinaryOp']),
-    'se_conv': (_se_conv, (nn.Conv2D(8, 1),), ['BinaryOp']),
+                           lambda: (gluoncv.nn.HardSwish(),), ['HardSwish']),
+    'se_dense': (_se, lambda: (nn.Dense(8),), ['InnerProduct', 'Reshape', 'BinaryOp']),
+    'se_conv': (_se_conv, lambda: (nn.Conv2D(8, 1),), ['BinaryOp']),
     'broadcast_sub_channel': (lambda F, y, n: F.broadcast_sub(
         y, F.slice_axis(y, axis=1, begin=0, end=1)), (), ['Crop', 'BinaryOp']),
     'broadcast_add_negative_axis': (lambda F, y, n: F.broadcast_add(
@@ -110,11 +111,11 @@ EXACT = {
     'pad_reflect': (lambda F, y, n: F.pad(y, mode='reflect', pad_width=(0, 0, 0, 0, 1, 2, 2, 1)),
                     (), ['Padding']),
     'depthwise_5x5_dequantized': (lambda F, y, n: n.extra[0](y),
-                                  (nn.Conv2D(8, 5, padding=2, groups=8,
+                                  lambda: (nn.Conv2D(8, 5, padding=2, groups=8,
                                              bias_initializer=mx.init.Uniform(1.0)),),
                                   ['ConvolutionDepthWise']),
     'depthwise_3x3_relu6_dequantized': (lambda F, y, n: F.concat(
-        F.clip(n.extra[0](y), 0, 6), y, dim=1), (nn.Conv2D(8, 3, padding=1, groups=8,
+        F.clip(n.extra[0](y), 0, 6), y, dim=1), lambda: (nn.Conv2D(8, 3, padding=1, groups=8,
                                                            bias_initializer=mx.init.Uniform(1.0)),),
         ['ConvolutionDepthWise']),
 }
@@ -126,15 +127,15 @@ APPROXIMATE = {
         y, F.contrib.AdaptiveAvgPooling2D(F.abs(y) + 1, output_size=1)), (), ['BinaryOp']),
     'adaptive_avg_2x3': (lambda F, y, n: F.contrib.AdaptiveAvgPooling2D(y, output_size=(2, 3)),
                          (), ['Pooling']),
-    'deconvolution': (lambda F, y, n: n.extra[0](y), (nn.Conv2DTranspose(
+    'deconvolution': (lambda F, y, n: n.extra[0](y), lambda: (nn.Conv2DTranspose(
         6, 3, strides=2, padding=1, output_padding=1, bias_initializer=mx.init.Uniform(1.0)),),
         ['Deconvolution']),
-    'instance_norm': (lambda F, y, n: n.extra[0](y), (nn.InstanceNorm(
+    'instance_norm': (lambda F, y, n: n.extra[0](y), lambda: (nn.InstanceNorm(
         beta_initializer=mx.init.Uniform(1.0), gamma_initializer=mx.init.Uniform(1.0)),),
         ['InstanceNorm']),
-    'layer_norm': (lambda F, y, n: n.extra[0](y), (nn.LayerNorm(
+    'layer_norm': (lambda F, y, n: n.extra[0](y), lambda: (nn.LayerNorm(
         beta_initializer=mx.init.Uniform(1.0)),), ['LayerNorm']),
-    'group_norm': (lambda F, y, n: n.extra[0](y), (nn.GroupNorm(
+    'group_norm': (lambda F, y, n: n.extra[0](y), lambda: (nn.GroupNorm(
         num_groups=2, beta_initializer=mx.init.Uniform(1.0)),), ['GroupNorm']),
     'sum_mean_keepdims': (lambda F, y, n: F.broadcast_add(
         F.sum(y, axis=1, keepdims=True), F.mean(y, axis=(2, 3), keepdims=True)), (),
