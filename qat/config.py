@@ -13,7 +13,7 @@ from .errors import UserError
 
 BITS = (2, 8)                      # the widths a layer can be simulated at (int8 storage)
 GRANULARITIES = ('channel', 'tensor')
-RANGE_TRACKERS = ('ema', 'max')
+RANGE_TRACKERS = ('ema', 'max', 'lsq')
 # A QuantConfig as a float32 vector (saved with the parameters, see ``to_vector``): the
 # checkpoint format version first, then the fields in this order.
 CHECKPOINT_FORMAT = 2
@@ -32,8 +32,10 @@ class QuantConfig:
     input_signed: True is what ncnn runs; False (codes in [0, 2^b-1]) is simulation only.
     fake_bn: fold a following BatchNorm into the conv during training (Jacob et al. 2018).
     range_momentum: EMA momentum of the per-batch max |x| used as the input range.
-    range_tracker: 'ema' (bias-corrected EMA, updated in training) or 'max' (running max,
-        kept by `calibrate`).
+    range_tracker: 'ema' (bias-corrected EMA, updated in training), 'max' (running max,
+        kept by `calibrate`) or 'lsq' (learned step size, Esser et al. 2020: the input range
+        and the weight ranges are trained parameters, started from the calibrated range and
+        from max|w|; see ``qat.nn.layers.QuantBlock``).
     """
     weight_bits: int = 8
     input_bits: int = 8

@@ -293,6 +293,7 @@ MIGRATIONS = {
     'qconfig': (None, "the configs given to convert_model (format 1 saved none)"),
     'bn_qmode': (None, "the modes of the quantized blocks (stand-alone BatchNorms were left "
                        "float before)"),
+    'learned_threshold': ('zeros', "zeros, learned ranges not started (they came with LSQ)"),
 }
 
 
@@ -325,8 +326,8 @@ def load_parameters(net, path, ctx=None, **kwargs):
         param, init = expected[key], MIGRATIONS[suffix][0]
         if param._data is None:
             param.initialize(init=init, ctx=ctx)
-        elif init == 'ones':
-            param.set_data(mx.nd.ones(param.shape))
+        elif init in ('ones', 'zeros'):
+            param.set_data(getattr(mx.nd, init)(param.shape))
     for suffix in sorted(set(migrated.values())):
         log.info("%s: an older checkpoint without %s: migrated to %s", path, suffix,
                  MIGRATIONS[suffix][1])

@@ -117,6 +117,15 @@ def freeze_ranges(net, frozen=True):
     return _set_mode(net, ranges_frozen=frozen)
 
 
+def init_learned_thresholds(net, force=False):
+    """Start the learned ranges (LSQ, ``range_tracker='lsq'``) of every block where they are
+    not set (all of them with ``force``): the input range from the tracked / calibrated one,
+    the weight ranges from max|w| (times ``weight_threshold_factor``). ``calibrate`` calls it.
+    Returns the names of the blocks that changed."""
+    return [block.name for _, block in quant_blocks(net)
+            if block.init_learned_thresholds(force)]
+
+
 # Bound as methods of a converted net (``net.freeze_bn()``).
 MODE_FUNCTIONS = (enable_quantize, disable_quantize, quantize_input, freeze_bn, freeze_ranges)
 

@@ -36,10 +36,41 @@ def safe_threshold(F, threshold):
     return F.clip(threshold, MIN_THRESHOLD, MAX_THRESHOLD)
 
 
-def scale_from_threshold(F, threshold, bits, signed=True):
-    """Multiplier ``s = qmax / T`` (float32) for a range ``T`` of any shape; no gradient."""
+def scale_from_threshold(F, threshold, bits, signed=True, learned=False):
+    """Multiplier ``s = qmax / T`` (float32) for a range ``T`` of any shape; no gradient,
+    unless the range is ``learned`` (LSQ)."""
     _, high = qrange(bits, signed)
-    return F.BlockGrad(high / safe_threshold(F, threshold))
+    scale = high / safe_threshold(F, threshold)
+    return scale if learned else F.BlockGrad(scale)
+
+
+def lsq_gradient_factor(F, count, bits, signed=True):
+    """How much the gradient of a learned threshold ``T`` is scaled (LSQ, Esser et al. 2020).
+
+    LSQ learns the step ``d = T / qmax`` with its gradient scaled by ``1/sqrt(count * qmax)``
+    (``count``: the values that one step quantizes, a (1,) float32 tensor). The parameter here
+    is ``T = qmax * d`` (the range ncnn's ``qmax / T`` exports); its gradient is scaled by
+    ``qmax^2 / sqrt(count * qmax)`` so that SGD moves it exactly as LSQ moves ``d``
+    (``dL/dT = dL/dd / qmax`` and ``dT = qmax * dd``)."""
+    _, high = qrange(bits, signed)
+    return float(high) ** 2 * F.rsqrt(count * float(high))
+
+
+def scaled_gradient(F, value, factor):
+    """``value`` in the forward pass, exactly (``v + (v - v) * f`` adds an exact 0), with its
+    gradient multiplied by ``factor`` (broadcast against it)."""
+    frozen = F.BlockGrad(value)
+    return frozen + F.broadcast_mul(value - frozen, factor)
+
+
+def lsq_quantize(F, x, scale, bits, signed=True):
+    """Integer codes of ``x`` for a learned ``scale`` (broadcast against ``x``, same rank):
+    the codes of ``quantize`` (``round(clip(y)) == clip(round(y))`` for integer bounds), with
+    LSQ's gradients: ``scale`` towards ``x`` and ``x`` towards ``scale`` where
+    ``lo <= x * scale <= hi``, 0 where the value is clipped."""
+    low, high = qrange(bits, signed)
+    y = F.clip(F.elemwise_mul(x, F.broadcast_like(scale, x)), low, high)
+    return y + F.BlockGrad(round_half_away(F, y) - y)
 
 
 def round_half_away(F, v):
@@ -65,16 +96,17 @@ def quantize(F, x, scale, bits, signed=True):
     return codes + (y - F.BlockGrad(y))
 
 
-def quantize_activation(F, x, scale, bits, signed=True):
+def quantize_activation(F, x, scale, bits, signed=True, learned=False):
     """Integer codes of an activation ``x`` (any shape) for a scalar ``scale`` of shape (1,).
 
     The same codes as ``quantize``, but the gradient is ``scale`` inside [lo, hi] and 0 outside
-    (a clipped input cannot move its code). Runs as one fused operator (``qat.native``) when
-    it could be compiled, else as the equivalent MXNet ops.
+    (a clipped input cannot move its code); with a ``learned`` scale (LSQ) also ``x`` towards
+    the scale there. Runs as one fused operator (``qat.native``) when it could be compiled,
+    else as the equivalent MXNet ops (which give the scale its gradient anyway).
     """
     low, high = qrange(bits, signed)
     if native.available():
-        return F.qat_quantize_act(x, scale, low=low, high=high)
+        return F.qat_quantize_act(x, scale, low=low, high=high, scale_grad=int(learned))
     y = F.clip(F.broadcast_mul(x, scale), low, high)
     return y + F.BlockGrad(round_half_away(F, y) - y)
 

@@ -6,6 +6,7 @@ are collected by ``observers`` and reduced by the pure numpy functions of ``thre
 ``easyquant`` is the scale search.
 """
 from . import easyquant, thresholds
+from ..modes import init_learned_thresholds
 from ..nn import quant_blocks
 from .methods import METHODS, Method, check_options, set_ranges
 from .observers import LOG_EVERY, collect_histograms
@@ -22,15 +23,19 @@ def calibrate(net, data, method='ema', num_batches=None, log_every=LOG_EVERY, pr
     taking one progress line (EasyQuant's per-layer results).
     options: the method's options (``METHODS[method].options``), e.g. ``bins=2048``,
     ``percentile=99.99``, ``distribution='laplace'``, EasyQuant's ``max_samples``.
-    Each block's bits and signedness come from its ``config``. Deterministic: the same data
+    Each block's bits and signedness come from its ``config``; blocks with learned ranges
+    (LSQ) start them here (``init_learned_thresholds``). Deterministic: the same data
     and settings give identical thresholds. Returns {block name: threshold}."""
     spec = check_options(method, options)
     if not spec.search:
-        return set_ranges(net, data, method, num_batches, log_every, **options)
-    easyquant.search(net, data, progress=progress,
-                     **{k: v for k, v in options.items() if v is not None})
-    return {block.name: block.input_threshold() for _, block in quant_blocks(net)
-            if block.input_threshold() is not None}
+        found = set_ranges(net, data, method, num_batches, log_every, **options)
+    else:
+        easyquant.search(net, data, progress=progress,
+                         **{k: v for k, v in options.items() if v is not None})
+        found = {block.name: block.input_threshold() for _, block in quant_blocks(net)
+                 if block.input_threshold() is not None}
+    init_learned_thresholds(net)  # LSQ starts from the calibrated ranges
+    return found
 
 
 __all__ = ['METHODS', 'Method', 'calibrate', 'collect_histograms', 'easyquant', 'set_ranges',

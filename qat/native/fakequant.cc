@@ -3,6 +3,8 @@
 //   qat_quantize_act(x, scale; low, high) -> codes
 //       codes = clamp(trunc(x*scale + copysign(0.5, x*scale)), low, high)   (ncnn float2int8)
 //       d codes / d x = scale where low <= x*scale <= high, else 0   (straight-through)
+//       d codes / d scale = x there, else 0, when scale_grad=1 (learned ranges, LSQ);
+//       0 otherwise (the range is not a trained quantity)
 //   qat_absmax(x) -> (1,) max |x|                                     (no gradient)
 //   qat_dequantize(acc, multiplier, bias; fused=1) -> fma(acc, multiplier[c], bias[c])  (c = axis 1)
 //       one rounding, as ncnn's int8 layers compute acc * scale_in + bias with FMA;
@@ -48,13 +50,17 @@ static MXReturnValue quantize_backward(const std::unordered_map<std::string, std
   const float scale = inputs->at(2).data<float>()[0];
   float* grad_x = outputs->at(0).data<float>();
   const float low = attr_float(attrs, "low"), high = attr_float(attrs, "high");
+  const bool scale_grad = attr_float(attrs, "scale_grad") != 0.f;
   const int64_t n = inputs->at(1).size();
-#pragma omp parallel for
+  double sum = 0;  // double: a sum over the whole tensor
+#pragma omp parallel for reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) {
     const float v = x[i] * scale;
-    grad_x[i] = (v >= low && v <= high) ? grad[i] * scale : 0.f;
+    const bool inside = v >= low && v <= high;
+    grad_x[i] = inside ? grad[i] * scale : 0.f;
+    if (scale_grad && inside) sum += static_cast<double>(grad[i]) * x[i];
   }
-  outputs->at(1).data<float>()[0] = 0.f;
+  outputs->at(1).data<float>()[0] = static_cast<float>(sum);
   return MX_SUCCESS;
 }
 

@@ -29,7 +29,7 @@ DEFAULT_MODE = {'quantize': True, 'quantize_input': True, 'online': False,
 # about unused parameters is silenced for exactly these names and no others.
 warnings.filterwarnings(
     'ignore', message=r'Parameter (\S+_(qmode|qconfig|range_ema|range_ema_var|'
-                      r'weight_threshold_factor)'
+                      r'weight_threshold_factor|learned_threshold|weight_learned_threshold)'
                       r'(, )?)+ is not used')
 
 
@@ -71,7 +71,17 @@ class QuantBlock(HybridBlock):
     ``qat.load_parameters``,
     ``weight_threshold_factor`` (O,) a per-output-channel multiplier of the weight threshold
     max|w| (ones: the plain max; a scale search such as ``qat.easyquant`` sets it; see
-    ``shared_factor`` for grouped convs and per-tensor scales).
+    ``shared_factor`` for grouped convs and per-tensor scales),
+    ``learned_threshold`` (1,) and ``weight_learned_threshold`` (O,): the input and weight
+    ranges LSQ trains (``range_tracker='lsq'``), 0 = not started (the tracked range and
+    max|w| times the factor are used then; ``init_learned_thresholds`` starts them).
+
+    With LSQ the thresholds ``T`` are parameters: the input codes and the weight codes get
+    LSQ's gradient towards ``T`` (``ops.lsq_quantize``; clipped values count with their
+    bound), scaled by ``ops.lsq_gradient_factor``, and the output multiplier ``1 / (s_in s_w)``
+    passes its own part on, which together is exactly LSQ's gradient of the dequantized value
+    ``q * T / qmax``. The forward pass, and so the exported ``qmax / T``, is the same as for
+    any other range.
     """
 
     def __init__(self, float_block, config):
@@ -98,6 +108,13 @@ class QuantBlock(HybridBlock):
         self.weight_threshold_factor = self.params.get(
             'weight_threshold_factor', shape=(self._out_channels(float_block),),
             init='ones', grad_req='null', differentiable=False)
+        # Learned ranges: no weight decay (it would pull every range towards 0).
+        self.learned_threshold = self.params.get('learned_threshold', shape=(1,),
+                                                 init='zeros', grad_req='null', wd_mult=0.0)
+        self.weight_learned_threshold = self.params.get(
+            'weight_learned_threshold', shape=(self._out_channels(float_block),),
+            init='zeros', grad_req='null', wd_mult=0.0)
+        self._sync_grad_req()
         if float_block.act is not None:
             self.act = float_block.act
 
@@ -115,7 +132,20 @@ class QuantBlock(HybridBlock):
         self.qconfig.init = mx.init.Constant(config.to_vector())
         if self.qconfig._data is not None:
             self.qconfig.set_data(mx.nd.array(config.to_vector()))
+        self._sync_grad_req()
         self._clear_cached_op()
+
+    @property
+    def learns_ranges(self):
+        """True when the ranges are trained parameters (LSQ)."""
+        return self._config.range_tracker == 'lsq'
+
+    def _sync_grad_req(self):
+        # Only learned ranges get gradients (an optimizer built later sees which).
+        req = 'write' if self.learns_ranges else 'null'
+        for param in (self.learned_threshold, self.weight_learned_threshold):
+            if param.grad_req != req:
+                param.grad_req = req
 
     def load_config(self):
         """Take the QuantConfig from the (loaded) ``qconfig`` parameter."""
@@ -147,22 +177,54 @@ class QuantBlock(HybridBlock):
         self._clear_cached_op()
 
     # ----- ranges ------------------------------------------------------------------------
+    def _threshold_array(self):
+        """The input range the graph uses, as a (1,) NDArray (0 when never set)."""
+        tracked = ranges.ema_value(mx.nd, self.range_ema.data(), mx.nd.zeros((1,)))
+        if self.learns_ranges:
+            learned = self.learned_threshold.data()
+            return mx.nd.where(learned > 0, learned, tracked)
+        return tracked
+
     def input_threshold(self):
-        """Tracked input range (float) or None when it was never set."""
-        m_x, m_1 = self.range_ema.data().asnumpy()
-        return float(m_x / m_1) if m_1 > 0 else None
+        """The input range (float): the learned one when LSQ has started, else the tracked
+        one; None when it was never set."""
+        value = float(self._threshold_array().asnumpy()[0])
+        return value if value > 0 else None
 
     def set_input_threshold(self, threshold):
-        """Set the tracked input range (as calibration does)."""
+        """Set the input range (as calibration does): the tracked one and, with LSQ, the
+        learned one."""
         self.range_ema.set_data(mx.nd.array([threshold, 1.0]))
+        if self.learns_ranges:
+            self.learned_threshold.set_data(mx.nd.array([threshold]))
+
+    def init_learned_thresholds(self, force=False):
+        """Start LSQ's learned ranges where they are 0 (all of them with ``force``): the
+        input one from the tracked range (if set), the weight ones from max|w| times
+        ``weight_threshold_factor``, per channel / group / tensor as used now. Returns True
+        when something was set."""
+        if not self.learns_ranges:
+            return False
+        changed = False
+        tracked = ranges.ema_value(mx.nd, self.range_ema.data(), mx.nd.zeros((1,)))
+        if (force or self.learned_threshold.data().asscalar() == 0) \
+                and tracked.asscalar() > 0:
+            self.learned_threshold.set_data(tracked)
+            changed = True
+        if force or not self.weight_learned_threshold.data().asnumpy().any():
+            weight, _ = self.folded_weight()
+            self.weight_learned_threshold.set_data(self._max_weight_threshold(
+                mx.nd, weight, weight.shape[0], self.groups,
+                self.weight_threshold_factor.data(weight.context)))
+            changed = True
+        return changed
 
     def input_scale(self):
-        """The deployed input scale ``qmax / T`` (float32) of the tracked range, or None
+        """The deployed input scale ``qmax / T`` (float32) of the input range, or None
         when the range was never set; computed by the training graph's own functions."""
         if self.input_threshold() is None:
             return None
-        threshold = ranges.ema_value(mx.nd, self.range_ema.data(), mx.nd.zeros((1,)))
-        scale = ops.scale_from_threshold(mx.nd, threshold, self.config.input_bits,
+        scale = ops.scale_from_threshold(mx.nd, self._threshold_array(), self.config.input_bits,
                                          self.config.input_signed)
         return np.float32(scale.asnumpy()[0])
 
@@ -182,26 +244,46 @@ class QuantBlock(HybridBlock):
             weight, _ = self.folded_weight()
         return self._quantized_weight(mx.nd, weight, weight.shape[0], self.groups)
 
-    def _quantized_input(self, F, x, range_ema, range_ema_var, anchor):
+    def _learning(self, F, learned, count, bits, signed=True):
+        """A learned threshold as the graph uses it: LSQ's gradient scale while the ranges
+        train, no gradient once they are frozen."""
+        if self._mode['ranges_frozen']:
+            return F.BlockGrad(learned)
+        return ops.scaled_gradient(F, learned, ops.lsq_gradient_factor(F, count, bits, signed))
+
+    def _quantized_input(self, F, x, state, anchor):
         """(codes of x, s_in, token) when input quantization is on, else (x, None, None).
+        ``state``: the block's quantizer parameters as graph inputs (``range_ema``,
+        ``range_ema_var``, ``learned_threshold``: LSQ's, used once it is set (> 0)).
         ``token`` is a (1,) zero to add on ``anchor``'s gradient path (see qat.nn.ranges)."""
         if not self._mode['quantize_input']:
             return x, None, None
         cfg = self.config
-        tracking = not self._mode['ranges_frozen']
+        range_ema, range_ema_var = state['range_ema'], state['range_ema_var']
+        learned = state['learned_threshold']
         online = self._mode['online']
+        lsq = self.learns_ranges and not online
+        tracking = not self._mode['ranges_frozen'] and not lsq
         batch = ops.batch_threshold(F, x, cfg.input_signed) if tracking or online else None
         if online:
             threshold = batch
         else:
             fallback = batch if batch is not None else F.zeros_like(range_ema)
             threshold = ranges.ema_value(F, range_ema, F.slice_axis(fallback, 0, 0, 1))
+        if lsq:
+            # values per sample: one step size quantizes them all (LSQ's N)
+            count = F.Cast(F.size_array(x), 'float32') / F.Cast(
+                F.slice_axis(F.shape_array(x), axis=0, begin=0, end=1), 'float32')
+            threshold = F.where(learned > 0, self._learning(
+                F, learned, count, cfg.input_bits, cfg.input_signed), threshold)
         token = None
         if tracking and cfg.range_tracker == 'ema':
             token = ranges.ema_update(F, batch, range_ema, range_ema_var, cfg.range_momentum,
                                       anchor)
-        s_in = ops.scale_from_threshold(F, threshold, cfg.input_bits, cfg.input_signed)
-        codes = ops.quantize_activation(F, x, s_in, cfg.input_bits, cfg.input_signed)
+        s_in = ops.scale_from_threshold(F, threshold, cfg.input_bits, cfg.input_signed,
+                                        learned=lsq)
+        codes = ops.quantize_activation(F, x, s_in, cfg.input_bits, cfg.input_signed,
+                                        learned=lsq)
         return codes, s_in, token
 
     @staticmethod
@@ -209,19 +291,36 @@ class QuantBlock(HybridBlock):
         return float_block._channels if isinstance(float_block, nn.Conv2D) \
             else float_block._units
 
-    def _quantized_weight(self, F, weight, channels, groups, factor=None):
+    def _max_weight_threshold(self, F, weight, channels, groups, factor):
+        """max|w| (``ops.weight_threshold``) times the factor, one value per output channel."""
+        granularity = self.config.weight_granularity
+        threshold = ops.weight_threshold(F, weight, channels, groups, granularity)
+        return threshold * shared_factor(F, factor, channels, groups, granularity)
+
+    def _quantized_weight(self, F, weight, channels, groups, factor=None, learned=None):
         """(codes of the weight, per-output-channel scale (O,)). The threshold is max|w|
-        (``ops.weight_threshold``) times ``weight_threshold_factor`` (``factor``: its value
-        inside a graph; read from the parameter when None, as the exporter calls this)."""
+        (``ops.weight_threshold``) times ``weight_threshold_factor`` (``factor``), or with LSQ
+        the learned ``weight_learned_threshold`` (``learned``) once it is set; inside a graph
+        both come as inputs, read from the parameters when None (as the exporter calls this)."""
         cfg = self.config
         if factor is None:
             factor = self.weight_threshold_factor.data(weight.context)
-        threshold = ops.weight_threshold(F, weight, channels, groups, cfg.weight_granularity)
-        threshold = threshold * shared_factor(F, factor, channels, groups,
-                                              cfg.weight_granularity)
-        s_w = ops.scale_from_threshold(F, threshold, cfg.weight_bits)
+        threshold = self._max_weight_threshold(F, weight, channels, groups, factor)
         shape = (-1,) + (1,) * (3 if self._weight_ndim == 4 else 1)
-        return ops.quantize(F, weight, F.reshape(s_w, shape), cfg.weight_bits), s_w
+        if not self.learns_ranges:
+            s_w = ops.scale_from_threshold(F, threshold, cfg.weight_bits)
+            return ops.quantize(F, weight, F.reshape(s_w, shape), cfg.weight_bits), s_w
+        if learned is None:
+            learned = self.weight_learned_threshold.data(weight.context)
+        # one learned value per stored scale, like the factor; N = the weights it covers
+        learned = shared_factor(F, learned, channels, groups, cfg.weight_granularity)
+        shares = {'tensor': 1, 'channel': channels if groups == 1 else groups}
+        count = F.Cast(F.size_array(weight), 'float32') / float(
+            shares[cfg.weight_granularity])
+        threshold = F.where(learned > 0, self._learning(F, learned, count, cfg.weight_bits),
+                            threshold)
+        s_w = ops.scale_from_threshold(F, threshold, cfg.weight_bits, learned=True)
+        return ops.lsq_quantize(F, weight, F.reshape(s_w, shape), cfg.weight_bits), s_w
 
     @staticmethod
     def output_multiplier(F, s_in, s_w):
@@ -278,13 +377,14 @@ class QConv2D(QuantBlock):
             return F.Convolution(x, weight, name='fwd', **kwargs)
         return F.Convolution(x, weight, bias, name='fwd', **kwargs)
 
-    def _quantized_conv(self, F, x, weight, bias, range_ema, range_ema_var, factor,
-                        extra_multiplier=None):
+    def _quantized_conv(self, F, x, weight, bias, state, extra_multiplier=None):
         """``(conv(x_q, w_q) * (1 / (s_in * s_w)) * extra_multiplier + bias``; with input
-        quantization off, ``conv(x, w_q / s_w)`` instead. ``factor``: the weight-threshold
-        multipliers."""
-        w_q, s_w = self._quantized_weight(F, weight, self._channels, self.groups, factor)
-        x_q, s_in, token = self._quantized_input(F, x, range_ema, range_ema_var, weight)
+        quantization off, ``conv(x, w_q / s_w)`` instead. ``state``: the quantizer
+        parameters (graph inputs by name)."""
+        w_q, s_w = self._quantized_weight(F, weight, self._channels, self.groups,
+                                          state['weight_threshold_factor'],
+                                          state['weight_learned_threshold'])
+        x_q, s_in, token = self._quantized_input(F, x, state, weight)
         if token is not None:
             w_q = F.broadcast_add(w_q, F.reshape(token, (1, 1, 1, 1)))
         if s_in is None and extra_multiplier is None:
@@ -303,13 +403,10 @@ class QConv2D(QuantBlock):
         """``fma(out, multiplier[c], bias[c])``: ncnn's dequantization, one rounding."""
         return ops.dequantize(F, out, multiplier, bias, 4, name='dequantize')
 
-    def hybrid_forward(self, F, x, weight, bias=None, range_ema=None, range_ema_var=None,
-                       qmode=None, qconfig=None, weight_threshold_factor=None):
+    def hybrid_forward(self, F, x, weight, bias=None, **state):
         if not self._mode['quantize']:
             return self._apply_act(self._conv(F, x, weight, bias))
-        out = self._quantized_conv(F, x, weight, bias, range_ema, range_ema_var,
-                                   weight_threshold_factor)
-        return self._apply_act(out)
+        return self._apply_act(self._quantized_conv(F, x, weight, bias, state))
 
 
 class QConv2DBatchNorm(QConv2D):
@@ -360,22 +457,18 @@ class QConv2DBatchNorm(QConv2D):
         return self.folded_weight_bias(mx.nd, weight, bias, *bn)
 
     def hybrid_forward(self, F, x, weight, bias=None, gamma=None, beta=None,
-                       running_mean=None, running_var=None, range_ema=None,
-                       range_ema_var=None, qmode=None, qconfig=None,
-                       weight_threshold_factor=None):
+                       running_mean=None, running_var=None, **state):
         bn_params = (gamma, beta, running_mean, running_var)
         if not self._mode['quantize']:
             return self._batchnorm(F, self._conv(F, x, weight, bias), *bn_params)
         folded_weight, folded_bias = self.folded_weight_bias(F, weight, bias, *bn_params)
         if self._mode['bn_frozen']:
-            return self._quantized_conv(F, x, folded_weight, folded_bias, range_ema,
-                                        range_ema_var, weight_threshold_factor)
+            return self._quantized_conv(F, x, folded_weight, folded_bias, state)
         factor = ops.bn_factor(F, gamma, running_var, self._bn_kwargs['eps'],
                                self._bn_kwargs['fix_gamma'])
         # A zero gamma gives zero folded weights and output beta; avoid 0/0 there.
         safe_factor = F.where(factor == 0, F.ones_like(factor), factor)
-        unfolded = self._quantized_conv(F, x, folded_weight, bias, range_ema, range_ema_var,
-                                        weight_threshold_factor,
+        unfolded = self._quantized_conv(F, x, folded_weight, bias, state,
                                         extra_multiplier=1.0 / safe_factor)
         return self._batchnorm(F, unfolded, *bn_params)
 
@@ -401,12 +494,13 @@ class QDense(QuantBlock):
         return F.FullyConnected(x, weight, bias, no_bias=bias is None, num_hidden=self._units,
                                 flatten=self._flatten, name='fwd')
 
-    def hybrid_forward(self, F, x, weight, bias=None, range_ema=None, range_ema_var=None,
-                       qmode=None, qconfig=None, weight_threshold_factor=None):
+    def hybrid_forward(self, F, x, weight, bias=None, **state):
         if not self._mode['quantize']:
             return self._apply_act(self._fc(F, x, weight, bias))
-        w_q, s_w = self._quantized_weight(F, weight, self._units, 1, weight_threshold_factor)
-        x_q, s_in, token = self._quantized_input(F, x, range_ema, range_ema_var, weight)
+        w_q, s_w = self._quantized_weight(F, weight, self._units, 1,
+                                          state['weight_threshold_factor'],
+                                          state['weight_learned_threshold'])
+        x_q, s_in, token = self._quantized_input(F, x, state, weight)
         if token is not None:
             w_q = F.broadcast_add(w_q, F.reshape(token, (1, 1)))
         if s_in is None:

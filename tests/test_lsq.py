@@ -1,0 +1,209 @@
+"""Learned ranges (LSQ, ``range_tracker='lsq'``): the gradients towards the input and weight
+thresholds against LSQ's formula and against finite differences, on the fused and the plain
+MXNet paths; the forward pass is unchanged by it; a net trained with learned ranges exports
+and verifies bit-exact; checkpoints without the learned ranges still load."""
+import mxnet as mx
+import numpy as np
+import pytest
+from mxnet import autograd
+from mxnet.gluon import nn
+
+import qat
+from qat import native, reference
+from qat.config import QuantConfig, QuantScheme
+from qat.nn import quant_blocks
+from tests.helpers import sgd_step
+
+UNITS, FEATURES, BATCH = 5, 12, 6
+
+
+def _lsq_dense(bits, seed=0):
+    """A converted Dense with learned ranges, started from max calibration, then moved so
+    that some inputs and some weights are clipped (both branches of the gradient)."""
+    rng = np.random.RandomState(seed)
+    mx.random.seed(seed)
+    dense = nn.Dense(UNITS, in_units=FEATURES)
+    dense.initialize(mx.init.Xavier())
+    net = nn.HybridSequential()
+    net.add(dense)
+    x = mx.nd.array(rng.normal(0, 1, (BATCH, FEATURES)))
+    qat.convert_model(net, config=QuantScheme(QuantConfig(weight_bits=bits, input_bits=bits,
+                                                          range_tracker='lsq')))
+    qat.calibrate(net, [x], method='max')
+    block = quant_blocks(net)[0][1]
+    block.learned_threshold.set_data(block.learned_threshold.data() * 0.7)
+    block.weight_learned_threshold.set_data(block.weight_learned_threshold.data() * 0.8)
+    return net, block, x, rng.normal(0, 1, (BATCH, UNITS))
+
+
+def _autograd(net, block, x, r, use_native):
+    saved = native._state['ok']
+    native._state['ok'] = use_native
+    try:
+        qat.modes.clear_cached_graphs(net)
+        with autograd.record():
+            loss = (net(x) * mx.nd.array(r)).sum()
+        loss.backward()
+        return (block.learned_threshold.grad().asnumpy().astype(np.float64),
+                block.weight_learned_threshold.grad().asnumpy().astype(np.float64))
+    finally:
+        native._state['ok'] = saved
+        qat.modes.clear_cached_graphs(net)
+
+
+def _lsq_reference(block, x, r, bits):
+    """LSQ's gradients (Esser et al. 2020, eq. 3 and the gradient scale g) in float64, for the
+    thresholds T = qmax * step: dL/dT = qmax^2 g * sum(dL/dv * dv/dstep) / qmax."""
+    qmax = 2 ** (bits - 1) - 1
+    x = x.asnumpy().astype(np.float64)
+    w = block.weight.data().asnumpy().astype(np.float64)
+    t_x = float(block.learned_threshold.data().asnumpy()[0])
+    t_w = block.weight_learned_threshold.data().asnumpy().astype(np.float64)[:, None]
+
+    def quantized(v, step):
+        q = np.clip(np.trunc(v / step + 0.5 * np.sign(v / step)), -qmax, qmax)
+        inside = np.abs(v / step) <= qmax
+        return q * step, np.where(inside, q - v / step, q)  # value, d value / d step
+    x_hat, dx_dstep = quantized(x, t_x / qmax)
+    w_hat, dw_dstep = quantized(w, t_w / qmax)
+    grad_x_hat, grad_w_hat = r @ w_hat, r.T @ x_hat  # L = sum(r * (x_hat @ w_hat.T + b))
+    g_x = 1 / np.sqrt(FEATURES * qmax)
+    g_w = 1 / np.sqrt(FEATURES * qmax)  # per output channel: its FEATURES weights
+    grad_t_x = qmax ** 2 * g_x * (grad_x_hat * dx_dstep).sum() / qmax
+    grad_t_w = qmax ** 2 * g_w * (grad_w_hat * dw_dstep).sum(axis=1) / qmax
+    return np.array([grad_t_x]), grad_t_w
+
+
+def _surrogate_loss(block, x, r, bits, t_x, t_w, offsets):
+    """The loss with each code's rounding offset ``round(v/step) - v/step`` held at its value
+    at the start (the straight-through estimator) and clipped codes at their bound: smooth in
+    the thresholds, so its finite differences are LSQ's gradient without the scale g."""
+    qmax = 2 ** (bits - 1) - 1
+    x = x.asnumpy().astype(np.float64)
+    w = block.weight.data().asnumpy().astype(np.float64)
+
+    def value(v, threshold, offset):
+        step = threshold / qmax
+        inside = np.abs(v / step) <= qmax
+        return np.where(inside, v + step * offset, np.sign(v) * threshold)
+    x_hat = value(x, t_x, offsets[0])
+    w_hat = value(w, t_w[:, None], offsets[1])
+    return (r * (x_hat @ w_hat.T)).sum()
+
+
+@pytest.mark.parametrize('use_native', [True, False])
+@pytest.mark.parametrize('bits', [2, 4, 8])
+def test_gradients_equal_lsqs_formula(bits, use_native):
+    if use_native and not native.available():
+        pytest.skip('no C++ compiler here')
+    net, block, x, r = _lsq_dense(bits)
+    grad_x, grad_w = _autograd(net, block, x, r, use_native)
+    ref_x, ref_w = _lsq_reference(block, x, r, bits)
+    np.testing.assert_allclose(grad_x, ref_x, rtol=2e-4, atol=1e-6)
+    np.testing.assert_allclose(grad_w, ref_w, rtol=2e-4, atol=1e-6)
+    assert np.abs(grad_w).min() > 0  # every channel's threshold learns
+
+
+@pytest.mark.parametrize('bits', [2, 4])
+def test_gradients_equal_finite_differences(bits):
+    net, block, x, r = _lsq_dense(bits, seed=1)
+    grad_x, grad_w = _autograd(net, block, x, r, native.available())
+    qmax = 2 ** (bits - 1) - 1
+    t_x = float(block.learned_threshold.data().asnumpy()[0])
+    t_w = block.weight_learned_threshold.data().asnumpy().astype(np.float64)
+    xs, w = x.asnumpy().astype(np.float64), block.weight.data().asnumpy().astype(np.float64)
+
+    def offset(v, step):
+        return np.trunc(v / step + 0.5 * np.sign(v / step)) - v / step
+    offsets = (offset(xs, t_x / qmax), offset(w, t_w[:, None] / qmax))
+    g = qmax ** 2 / np.sqrt(FEATURES * qmax)  # the gradient scale of both thresholds
+
+    def loss(tx, tw):
+        return _surrogate_loss(block, x, r, bits, tx, tw, offsets)
+    eps = 1e-4
+    fd_x = (loss(t_x + eps, t_w) - loss(t_x - eps, t_w)) / (2 * eps)
+    np.testing.assert_allclose(grad_x[0], g * fd_x, rtol=1e-3, atol=1e-6)
+    for c in range(UNITS):
+        step = np.zeros(UNITS)
+        step[c] = eps
+        fd_w = (loss(t_x, t_w + step) - loss(t_x, t_w - step)) / (2 * eps)
+        np.testing.assert_allclose(grad_w[c], g * fd_w, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize('bits', [2, 4, 8])
+def test_forward_is_ncnns_int8_dense_with_the_learned_scales(bits):
+    """The learned thresholds enter the forward pass exactly: the output is ncnn's int8
+    InnerProduct (numpy oracle) with ``s = qmax / T`` of the learned T, bit for bit."""
+    net, block, x, _ = _lsq_dense(bits)
+    qmax = 2 ** (bits - 1) - 1
+    s_in = reference.scale_from_threshold(block.learned_threshold.data().asnumpy(), bits)[0]
+    s_w = reference.scale_from_threshold(block.weight_learned_threshold.data().asnumpy(), bits)
+    expected = reference.int8_dense(x.asnumpy(), block.weight.data().asnumpy(),
+                                    block.bias.data().asnumpy(), s_in, s_w, bits)
+    assert np.array_equal(net(x).asnumpy(), expected)
+    codes, scales = block.weight_codes()
+    assert np.array_equal(scales.asnumpy(), s_w)
+    assert np.abs(codes.asnumpy()).max() == qmax  # some weights are clipped at the bound
+    assert block.input_scale() == s_in
+
+
+def test_frozen_ranges_get_no_gradient():
+    net, block, x, r = _lsq_dense(4)
+    qat.freeze_ranges(net)
+    grad_x, grad_w = _autograd(net, block, x, r, native.available())
+    assert not grad_x.any() and not grad_w.any()
+
+
+def _conv_net():
+    net = nn.HybridSequential()
+    net.add(nn.Conv2D(8, 3, padding=1, in_channels=3), nn.BatchNorm(), nn.Activation('relu'),
+            nn.Conv2D(8, 3, padding=1, groups=8), nn.BatchNorm(), nn.Activation('relu'),
+            nn.Conv2D(12, 1), nn.GlobalAvgPool2D(), nn.Dense(4))
+    return net
+
+
+def test_trained_learned_ranges_export_and_verify_bit_exact(tmp_path):
+    shape = (3, 10, 10)
+    mx.random.seed(0)
+    rng = np.random.RandomState(0)
+    net = _conv_net()
+    net.initialize(mx.init.Xavier())
+    x = mx.nd.array(rng.normal(0, 1, (8,) + shape))
+    net(x)
+    qat.convert_model(net, config=QuantScheme(QuantConfig(weight_bits=4, input_bits=4,
+                                                          range_tracker='lsq'),
+                                              first_layer_bits=8))
+    qat.calibrate(net, [x], method='max')
+    start = {b.name: (b.input_threshold(), b.weight_learned_threshold.data().asnumpy().copy())
+             for _, b in quant_blocks(net)}
+    net.hybridize()
+    trainer = mx.gluon.Trainer(net.collect_params(), 'sgd', {'learning_rate': 0.05,
+                                                             'momentum': 0.9})
+    labels = mx.nd.array(rng.randint(0, 4, 8))
+    for _ in range(5):
+        sgd_step(net, trainer, x, labels)
+    for _, block in quant_blocks(net):  # the ranges did learn
+        before_x, before_w = start[block.name]
+        assert block.input_threshold() != before_x
+        assert not np.array_equal(block.weight_learned_threshold.data().asnumpy(), before_w)
+    qat.freeze_bn(net)
+    qat.freeze_ranges(net)
+    qat.export(net, str(tmp_path), shape)
+    report = qat.verify(net, str(tmp_path), [x], packing=False)
+    assert report['passed']
+    assert report['int8']['max_lsb'] == 0
+
+
+def test_checkpoint_without_learned_ranges_loads_with_them_unset(tmp_path):
+    mx.random.seed(0)
+    net = _conv_net()
+    net.initialize()
+    net(mx.nd.zeros((1, 3, 8, 8)))
+    qat.convert_model(net)
+    path = str(tmp_path / 'old.params')
+    params = {k: v.data() for k, v in net._collect_params_with_prefix().items()
+              if not k.endswith('learned_threshold')}
+    mx.nd.save(path, params)
+    qat.load_parameters(net, path)
+    for _, block in quant_blocks(net):
+        assert not block.learned_threshold.data().asnumpy().any()
