@@ -136,10 +136,13 @@ def _prepare_folder(folder):
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def export(net, folder, input_shape, name='model', input_names=('data',), winograd='off'):
+def export(net, folder, input_shape, name='model', input_names=('data',), winograd='off',
+           detection=None):
     """Export ``net`` (converted; calibrated or trained) into ``folder``.
 
-    input_shape: (C, H, W). winograd: a key of WINOGRAD_POLICIES. Returns {kind: path}.
+    input_shape: (C, H, W). winograd: a key of WINOGRAD_POLICIES. detection: for a GluonCV
+    SSD / YOLOv3, overrides of the deployed decoder's thresholds ({'confidence_threshold':
+    0.5, ...}; ``qat.deploy.optable.detection.DETECTION_OPTIONS``). Returns {kind: path}.
     Raises ExportError (nothing written) for an op that cannot be exported, a layer whose
     input range is unset, non-finite weights or scales, or a folder that cannot be written."""
     if not (isinstance(input_shape, (tuple, list)) and len(input_shape) == 3
@@ -149,7 +152,7 @@ def export(net, folder, input_shape, name='model', input_names=('data',), winogr
                           f"{input_shape!r}")
     if not name or os.path.basename(name) != name or name in ('.', '..'):
         raise ExportError(f"export name {name!r} must be a plain file name (no folder)")
-    graph = trace(net, tuple(input_shape), input_names)
+    graph = trace(net, tuple(input_shape), input_names, detection)
     _check_finite(graph)
     guarded = winograd_guards(graph, winograd)
     fp32_param, fp32_bin = ncnn.render(graph.float_graph(), int8=False)

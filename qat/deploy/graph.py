@@ -59,7 +59,7 @@ class _Tracer(SymbolGraph):
     ``SymbolGraph``), building the IR layers. The op table's trace functions get it as ``t``
     and use the methods below."""
 
-    def __init__(self, net, input_shape, input_names):
+    def __init__(self, net, input_shape, input_names, detection=None):
         super().__init__(_float_trace(net, input_names), net, input_names,
                          {name: (1,) + tuple(input_shape) for name in input_names})
         self.input_shape = tuple(input_shape)
@@ -68,6 +68,8 @@ class _Tracer(SymbolGraph):
         self.blob = {}        # node index (or (index, output k)) -> IR layer name
         self.absorbed = set()  # node indices folded into an earlier layer
         self.layers, self.taken = [], set()
+        self.detection_options = detection  # export(detection=...): decoder overrides
+        self.memo = {}  # what a pattern found once per graph (the detector's decoding)
 
     # ----- what the op table's trace functions use ------------------------------------------
     def param(self, node, position):
@@ -152,20 +154,22 @@ class _Tracer(SymbolGraph):
                 raise ExportError(f"cannot export {self.describe(node)}: not supported by the "
                                   f"exporter (the supported ops: qat.deploy.optable.OPS)")
             trace_op(self, index, node)
-        outputs = [self.blob[index] for index in self.heads]
+        # (a detector's outputs are all one detection blob)
+        outputs = list(dict.fromkeys(self.blob[index] for index in self.heads))
         return Graph(self.layers, outputs)
 
 
-def trace(net, input_shape, input_names=('data',)):
+def trace(net, input_shape, input_names=('data',), detection=None):
     """The deployment graph of a converted (calibrated or trained) net.
 
-    input_shape: (C, H, W) of one sample. Raises ExportError naming the op and block for
+    input_shape: (C, H, W) of one sample. detection: overrides of a detector's decoding
+    (``optable.detection.DETECTION_OPTIONS``). Raises ExportError naming the op and block for
     anything that cannot be exported, and for an int8 layer whose input range is unset."""
     if len(input_shape) != 3:
         raise ExportError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
     if not quant_blocks(net):
         raise ExportError(f"{net.name} has no quantized blocks: call qat.convert_model first")
-    graph = _Tracer(net, input_shape, tuple(input_names)).run()
+    graph = _Tracer(net, input_shape, tuple(input_names), detection).run()
     _clip_narrow_inputs(graph)
     return graph
 

@@ -170,7 +170,8 @@ def read_param(path):
 def read_weights(param_path, bin_path):
     """{layer name: {blob name: array}} of the weighted layers of an ncnn model, read back
     following the blob order of the contract (§2.4): 'weight' (int8 codes or float32), 'bias',
-    'weight_scales', 'input_scale', 'top_scale' / BatchNorm 'slope', 'mean', 'var', 'bias'.
+    'weight_scales', 'input_scale', 'top_scale' / BatchNorm 'slope', 'mean', 'var', 'bias' /
+    MemoryData 'data' (shaped (c, h, w) without the zero sizes) / PReLU 'slope'.
     A grouped conv written per group (Slice -> Convolutions -> Concat) is read back as one
     layer under the Concat's name, as ConvolutionDepthWise stores it: the groups' weights
     and biases concatenated, one weight scale per group."""
@@ -206,6 +207,12 @@ def read_weights(param_path, bin_path):
             weights[name] = blobs
         elif kind == 'BatchNorm':
             weights[name] = {key: take(p[0], '<f4') for key in ('slope', 'mean', 'var', 'bias')}
+        elif kind == 'PReLU':
+            weights[name] = {'slope': take(p.get(0, 1), '<f4')}
+        elif kind == 'MemoryData':  # raw float32, (h, w)
+            shape = tuple(p.get(key, 0) for key in (2, 1, 0))
+            shape = tuple(size for size in shape if size) or (1,)
+            weights[name] = {'data': take(int(np.prod(shape)), '<f4').reshape(shape)}
     if offset != len(data):
         raise UserError(f"{bin_path}: {len(data) - offset} bytes left after the last layer "
                          f"of {param_path}")

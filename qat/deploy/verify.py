@@ -3,8 +3,11 @@
 int8 model vs the simulated (fake-quantized) net, layer by layer: requantized blobs as int8
 codes (exact agreement expected), float blobs in LSBs of their quantization step; the final
 output's top-1 agreement and its error in LSBs. fp32 model vs the float net (quantization
-disabled): relative error. The report is a dict (also written as JSON); ``passed`` is False
-when a threshold is missed.
+disabled): relative error. A detector (an export ending in ncnn's DetectionOutput /
+Yolov3DetectionOutput) is judged on its raw head outputs (LSBs) and on its detections:
+ncnn's against the numpy reference of the same decoding (``qat.deploy.detection``) fed with
+the simulated heads, matched by IoU. The report is a dict (also written as JSON);
+``passed`` is False when a threshold is missed.
 """
 import json
 import logging
@@ -15,6 +18,7 @@ import mxnet as mx
 import numpy as np
 
 from .. import native, reference
+from . import detection
 from ..batches import labeled_batches
 from ..errors import MissingFileError, UserError
 from ..fileio import write_json
@@ -25,6 +29,7 @@ from ..report import progress
 from ..symbol import SymbolGraph, trace_symbol
 from .export import file_names, read_manifest
 from .graph import block_index
+from .ncnn import read_param, read_weights
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +38,12 @@ THRESHOLDS = {
     'min_top1_agreement': 0.99,      # int8 ncnn vs simulated net, fraction of samples
     'min_within_1lsb': 0.999,        # fraction of int8 output elements within 1 LSB of the sim
     'max_fp32_relative_error': 1e-4,  # fp32 ncnn vs float net: max|diff| / max|float|
+}
+# A detector's (its heads take min_within_1lsb and max_fp32_relative_error above).
+DETECTION_THRESHOLDS = {
+    'min_detection_iou': 0.99,       # int8 ncnn vs reference decoding: every matched pair
+    'max_score_lsb': 1.0,            # |score difference| in steps of 1/127
+    'max_unmatched_detections': 0,   # missing + extra (borderline scores not counted)
 }
 
 
@@ -78,7 +89,9 @@ class NcnnModel:
             status, out = extractor.extract(blob)
             if status != 0:
                 raise RuntimeError(f"ncnn could not compute blob {blob!r} (status {status})")
-            results[blob] = np.array(out, dtype=np.float32, copy=True)
+            # (a detection layer that finds nothing leaves its blob empty)
+            results[blob] = np.zeros(0, np.float32) if out.empty() else \
+                np.array(out, dtype=np.float32, copy=True)
         return results
 
 
@@ -203,20 +216,22 @@ def consumer_scales(manifest):
     return scales
 
 
-def _run_ncnn(folder, name, samples, blobs, output, threads, packing):
-    """({blob: [per-sample array]} of the int8 model, [output per sample] of the fp32 model)
-    of the export ``name`` in ``folder``, with the exact-comparison options."""
+def _run_ncnn(folder, name, samples, blobs, outputs, threads, packing):
+    """({blob: [per-sample array]} of the int8 model, the same of the fp32 model for the
+    blobs ``outputs``) of the export ``name`` in ``folder``, with the exact-comparison
+    options."""
     names = file_names(name)
     options = dict(EXACT_OPTIONS, use_packing_layout=packing)
     model8 = NcnnModel(os.path.join(folder, names['int8_param']),
                        os.path.join(folder, names['int8_bin']), threads, **options)
     model32 = NcnnModel(os.path.join(folder, names['param']), os.path.join(folder, names['bin']),
                         threads, **options)
-    ncnn8, ncnn32 = {blob: [] for blob in blobs}, []
+    ncnn8, ncnn32 = {blob: [] for blob in blobs}, {blob: [] for blob in outputs}
     for sample in progress(samples, label='verify (ncnn)', unit='image'):
         for blob, value in model8.run(sample, blobs).items():
             ncnn8[blob].append(value)
-        ncnn32.append(model32.run(sample, [output])[output])
+        for blob, value in model32.run(sample, outputs).items():
+            ncnn32[blob].append(value)
     return ncnn8, ncnn32
 
 
@@ -235,19 +250,23 @@ def verify(net, folder, data, name='model', report_path=None, max_samples=None, 
 
     data: iterable of batches (NDArray / numpy, or (data, label)); labels add accuracies.
     thresholds: override THRESHOLDS. Returns the report (``report['passed']``)."""
-    unknown = set(thresholds) - set(THRESHOLDS)
+    unknown = set(thresholds) - set(THRESHOLDS) - set(DETECTION_THRESHOLDS)
     if unknown:
         raise UserError(f"unknown verify threshold(s) {sorted(unknown)}; valid: "
-                         f"{sorted(THRESHOLDS)}")
-    limits = dict(THRESHOLDS, **thresholds)
+                         f"{sorted(THRESHOLDS) + sorted(DETECTION_THRESHOLDS)}")
+    limits = dict(THRESHOLDS, **DETECTION_THRESHOLDS, **thresholds)
     manifest = read_manifest(folder, name)
     if not quant_blocks(net):
         raise UserError(f"{net.name} has no quantized blocks: verify needs the converted net")
     batches, labels = labeled_batches(data, max_samples)
     layers = [layer for layer in manifest['layers'] if layer['kind'] != 'Input'
               and layer['source']]
+    decoder = detection.detector_layer(manifest)
+    # the outputs compared: a detector's raw heads, else the net's outputs
+    finals = [head['name'] for head in _head_layers(manifest, decoder)] \
+        if decoder is not None else manifest['outputs']
     if not per_layer:
-        layers = [layer for layer in layers if layer['name'] in manifest['outputs']]
+        layers = [layer for layer in layers if layer['name'] in finals]
     output = manifest['outputs'][0]
     by_name = {layer['name']: layer for layer in manifest['layers']}
     # The simulation as deployed: BN folded with its running statistics (the same function
@@ -255,11 +274,14 @@ def verify(net, folder, data, name='model', report_path=None, max_samples=None, 
     with temporary_mode(net, bn_frozen=True, online=False):
         sim = simulate(net, batches, [layer['source'] for layer in layers],
                        arithmetic=ncnn_arithmetic(manifest))
+    samples = np.concatenate([b.asnumpy() for b in batches])
+    if decoder is not None:
+        return _detector_report(net, manifest, folder, batches, samples, layers, sim, limits,
+                                threads, packing, report_path)
     with temporary_mode(net, quantize=False):
         float_out = simulate(net, batches, [by_name[output]['source']])
-    samples = np.concatenate([b.asnumpy() for b in batches])
     ncnn8, ncnn32 = _run_ncnn(folder, name, samples, [layer['name'] for layer in layers],
-                              output, threads, packing)
+                              [output], threads, packing)
     scales = consumer_scales(manifest)
     per_layer_report = []
     for layer in layers:
@@ -270,7 +292,7 @@ def verify(net, folder, data, name='model', report_path=None, max_samples=None, 
     out_sim = sim[by_name[output]['source']].reshape(len(samples), -1)
     out8 = np.stack(ncnn8[output]).reshape(len(samples), -1)
     out_float = float_out[by_name[output]['source']].reshape(len(samples), -1)
-    out32 = np.stack(ncnn32).reshape(len(samples), -1)
+    out32 = np.stack(ncnn32[output]).reshape(len(samples), -1)
     final = _compare_layer(by_name[output], out_sim, out8, None)
     report = {
         'name': name, 'folder': folder, 'samples': int(len(samples)),
@@ -296,6 +318,118 @@ def verify(net, folder, data, name='model', report_path=None, max_samples=None, 
     return report
 
 
+def _decoder_inputs(manifest, decoder, values, weights, sample):
+    """The decoder's input blobs for one sample: ``values`` ({source: (N, ...) array}) for
+    the heads, ncnn's Softmax of its input where the decoder reads a Softmax, the priors
+    from the .bin."""
+    by_name = {layer['name']: layer for layer in manifest['layers']}
+    inputs = []
+    for blob in decoder['inputs']:
+        layer = by_name[blob]
+        if layer['kind'] == 'MemoryData':
+            inputs.append(weights[blob]['data'])
+        elif layer['kind'] == 'Softmax':
+            inputs.append(detection.softmax(values[by_name[layer['inputs'][0]]['source']]
+                                            [sample]))
+        else:
+            inputs.append(values[layer['source']][sample])
+    return inputs
+
+
+def _head_layers(manifest, decoder):
+    """The raw prediction layers the decoder (a manifest entry) reads (a Softmax's input in
+    its place)."""
+    by_name = {layer['name']: layer for layer in manifest['layers']}
+    heads = []
+    for blob in decoder['inputs']:
+        layer = by_name[blob]
+        if layer['kind'] == 'Softmax':
+            layer = by_name[layer['inputs'][0]]
+        if layer['kind'] != 'MemoryData':
+            heads.append(layer)
+    return heads
+
+
+def _detector_report(net, manifest, folder, batches, samples, layers, sim, limits, threads,
+                     packing, report_path):
+    """verify's report of a detector: per layer as for any net, the heads in LSBs, fp32 heads
+    against the float net, and ncnn's detections (int8 and fp32) against the reference
+    decoding of the simulated (float) heads."""
+    decoder = detection.detector_layer(manifest)
+    heads = _head_layers(manifest, decoder)
+    names = file_names(manifest['name'])
+    params = {layer[1]: layer[4] for layer in read_param(os.path.join(folder,
+                                                                      names['int8_param']))}
+    weights = read_weights(os.path.join(folder, names['int8_param']),
+                           os.path.join(folder, names['int8_bin']))
+    with temporary_mode(net, quantize=False):
+        float_heads = simulate(net, batches, [head['source'] for head in heads])
+    blobs = list(dict.fromkeys([layer['name'] for layer in layers] + [decoder['name']]))
+    ncnn8, ncnn32 = _run_ncnn(folder, manifest['name'], samples, blobs,
+                              [head['name'] for head in heads] + [decoder['name']], threads,
+                              packing)
+    count = len(samples)
+    scales = consumer_scales(manifest)
+    per_layer = [_compare_layer(layer, sim[layer['source']].reshape(count, -1),
+                                np.stack(ncnn8[layer['name']]).reshape(count, -1),
+                                scales.get(layer['name'])) for layer in layers]
+    by_layer = {entry['layer']: entry for entry in per_layer}
+    head_entries = [by_layer[head['name']] for head in heads]
+    relative = max(float(np.abs(np.stack(ncnn32[head['name']]).reshape(count, -1)
+                                - float_heads[head['source']].reshape(count, -1)).max()
+                         / max(np.abs(float_heads[head['source']]).max(), 1e-30))
+                   for head in heads)
+    threshold = float(params[decoder['name']][detection_threshold_id(decoder['kind'])])
+    matches = {}
+    for precision, values, outputs in (('int8', sim, ncnn8), ('fp32', float_heads, ncnn32)):
+        per_sample = []
+        for k in range(count):
+            ours = detection.decode(decoder['kind'], params[decoder['name']],
+                                    _decoder_inputs(manifest, decoder, values, weights, k))
+            per_sample.append(detection.match(ours, outputs[decoder['name']][k].reshape(-1, 6),
+                                              threshold))
+        matches[precision] = detection.merge_matches(per_sample)
+    report = {
+        'name': manifest['name'], 'folder': folder, 'samples': int(count),
+        'options': {'threads': threads, 'packing': packing, 'fp16': False},
+        'detector': decoder['kind'], 'score_threshold': threshold,
+        'int8': {'heads_max_lsb': max(e['max_lsb'] for e in head_entries),
+                 'within_1lsb': min(e['within_1lsb'] for e in head_entries),
+                 'detections': matches['int8']},
+        'fp32': {'max_relative_error': relative, 'detections': matches['fp32']},
+        'layers': per_layer, 'thresholds': limits,
+    }
+    report['failures'] = _detector_failures(report, limits)
+    report['passed'] = not report['failures']
+    if report_path is not None:
+        write_json(report_path, report)
+    return report
+
+
+def detection_threshold_id(kind):
+    """The ncnn param id of a detection layer's score threshold."""
+    return {'DetectionOutput': 4, 'Yolov3DetectionOutput': 2}[kind]
+
+
+def _detector_failures(report, limits):
+    found = report['int8']['detections']
+    checks = {'min_within_1lsb': report['int8']['within_1lsb'],
+              'max_fp32_relative_error': report['fp32']['max_relative_error'],
+              'min_detection_iou': found['min_iou'],
+              'max_score_lsb': found['max_score_lsb'],
+              'max_unmatched_detections': found['missing'] + found['extra']}
+    return [f"{key}: {value:.6g} (limit {limits[key]:.6g})" for key, value in checks.items()
+            if not (value <= limits[key] if key.startswith('max') else value >= limits[key])]
+
+
+def _format_detections(label, found):
+    return (f"{label}: {found['matched']}/{found['reference']} reference detections matched "
+            f"(min IoU {found['min_iou']:.6f}, max score difference "
+            f"{found['max_score_diff']:.3g} = {found['max_score_lsb']:.3g} LSB), "
+            f"{found['missing']} missing, {found['extra']} extra, "
+            f"{found['borderline']} borderline")
+
+
 def format_report(report):
     """The report as a text table: per-layer agreement, then the summary."""
     rows = [f"{'layer':<44} {'kind':<13} {'int8':<4} {'LSB':>10} {'max LSB':>8} "
@@ -307,6 +441,14 @@ def format_report(report):
                     f"{entry.get('code_mismatches', ''):>10}")
     i8, f32 = report['int8'], report['fp32']
     rows.append('')
+    if 'detector' in report:
+        rows.append(f"int8 heads: max {i8['heads_max_lsb']:.3g} LSB, "
+                    f"{100 * i8['within_1lsb']:.3f}% within 1 LSB; fp32 heads: max relative "
+                    f"error {f32['max_relative_error']:.3g}")
+        rows.append(_format_detections('int8 ncnn vs reference decoding', i8['detections']))
+        rows.append(_format_detections('fp32 ncnn vs reference decoding', f32['detections']))
+        rows.append('PASSED' if report['passed'] else 'FAILED: ' + '; '.join(report['failures']))
+        return '\n'.join(rows)
     rows.append(f"int8 ncnn vs simulated: top-1 agreement {100 * i8['top1_agreement']:.2f}%, "
                 f"max error {i8['max_abs_error']:.4g} ({i8['max_lsb']:.3g} LSB), "
                 f"{100 * i8['within_1lsb']:.3f}% within 1 LSB")

@@ -6,7 +6,8 @@ an ExportError naming the op and its block.
 
 OPS: MXNet op -> trace(tracer, node index, node), which adds IR layers (``qat.deploy.ir``).
 PATTERNS: tried on every node, in order, before its OPS entry: a pattern that matches a run of
-    nodes (hard sigmoid, channel shuffle, ...) adds one layer for all of them.
+    nodes (hard sigmoid, channel shuffle, ...) adds one layer for all of them; a detector's
+    whole decoding (``detection``) becomes one ncnn detection layer.
 LAYERS: IR kind -> Kind(ncnn, caffe, simulation, ncnn_flat):
     ncnn(layer, graph, int8, guarded, bin) -> (ncnn type, [(param id, value)]), weights
         appended to ``bin``;
@@ -23,7 +24,8 @@ LAYERS: IR kind -> Kind(ncnn, caffe, simulation, ncnn_flat):
 """
 from collections import namedtuple
 
-from . import activations, elementwise, normalization, pooling, resize, shape, weighted
+from . import (activations, detection, elementwise, normalization, pooling, resize, shape,
+               weighted)
 from .base import caffe_simple, ncnn_simple
 
 Kind = namedtuple('Kind', 'ncnn caffe simulation ncnn_flat', defaults=(None, None, None))
@@ -59,12 +61,15 @@ OPS = {
     'Pad': shape.trace_pad, 'pad': shape.trace_pad,
     'softmax': shape.trace_softmax, 'SoftmaxActivation': shape.trace_softmax,
     'SoftmaxOutput': shape.trace_softmax,
-    'UpSampling': resize.trace_upsampling,
+    'slice_like': shape.trace_slice_like,
+    'UpSampling': resize.trace_upsampling, 'repeat': resize.trace_repeat,
     '_contrib_BilinearResize2D': resize.trace_bilinear,
+    **{op: detection.refuse_decoding for op in ('_contrib_box_nms', '_contrib_box_decode',
+                                                '_contrib_MultiBoxDetection')},
 }
 
-PATTERNS = (activations.match_hard_sigmoid, activations.match_swish,
-            shape.match_channel_shuffle)
+PATTERNS = (detection.match_detection, activations.match_hard_sigmoid,
+            activations.match_swish, shape.match_channel_shuffle, shape.match_shape_operand)
 
 _act = activations.simulate_as
 LAYERS = {
@@ -117,4 +122,7 @@ LAYERS = {
     'Padding': Kind(shape.ncnn_padding, None),
     'Interp': Kind(resize.ncnn_interp, None, resize.simulate_interp),
     'ShuffleChannel': Kind(ncnn_simple('ShuffleChannel', lambda p: [(0, p['group'])]), None),
+    'MemoryData': Kind(detection.ncnn_memory_data, None),
+    'DetectionOutput': Kind(detection.ncnn_detection_output, None),
+    'Yolov3DetectionOutput': Kind(detection.ncnn_yolov3_detection_output, None),
 }

@@ -1,5 +1,6 @@
-"""Resizing: ``UpSampling`` (nearest, integer scale) and ``BilinearResize2D`` (any output
-size, either corner convention) -> ncnn Interp.
+"""Resizing: ``UpSampling`` (nearest, integer scale), ``repeat`` along the height and / or
+width (YOLOv3's upsampling) and ``BilinearResize2D`` (any output size, either corner
+convention) -> ncnn Interp.
 
 Nearest copies values: exact. Bilinear is ncnn's arithmetic in the simulation
 (``qat_ncnn_bilinear``): the same source positions and weights as MXNet (align_corners:
@@ -19,6 +20,34 @@ def trace_upsampling(t, index, node):
     _, _, height, width = t.shape(index)
     t.add('Interp', index, t.data_inputs(node)[:1],
           {'mode': 'nearest', 'height': height, 'width': width, 'align_corners': False})
+
+
+def trace_repeat(t, index, node):
+    """``repeat`` of the height or width of an NCHW tensor (a run of them, e.g. YOLOv3's
+    ``x.repeat(axis=-1).repeat(axis=-2)``, is one layer): nearest Interp to the output size,
+    which copies source pixel ``y * in / out`` = ``y // repeats``: exact."""
+    chain = [index]
+    while True:
+        user = t.only_consumer(chain[-1])
+        if user is None or t.nodes[user]['op'] != 'repeat' or not _spatial_repeat(t, user):
+            break
+        chain.append(user)
+    if not _spatial_repeat(t, index):
+        raise refuse(t, node, "only repeat along the height or width of an NCHW tensor, "
+                              "with repeats >= 1")
+    _, _, height, width = t.shape(chain[-1])
+    t.add('Interp', index, t.data_inputs(node)[:1],
+          {'mode': 'nearest', 'height': height, 'width': width, 'align_corners': False},
+          source=t.key(chain[-1]))
+    t.absorb(chain[1:], index)
+
+
+def _spatial_repeat(t, index):
+    attrs = t.nodes[index].get('attrs', {})
+    shape = t.shape(index)
+    axis = attrs.get('axis', 'None')
+    return (len(shape) == 4 and axis != 'None' and int(axis) % 4 in (2, 3)
+            and int(attrs.get('repeats', 0)) >= 1)
 
 
 def trace_bilinear(t, index, node):

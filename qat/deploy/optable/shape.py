@@ -138,6 +138,35 @@ def _none_or_int(value):
     return None if value in (None, 'None') else int(value)
 
 
+def trace_slice_like(t, index, node):
+    """slice_like(x, like): x cropped to the shape of ``like`` on the given axes (YOLOv3's
+    upsampled route): nothing where the shapes already agree, else one Crop from 0."""
+    source = t.data_inputs(node)[0]
+    full, out = t.shape(source), t.shape(index)
+    axes = [axis for axis in range(len(full)) if full[axis] != out[axis]]
+    if not axes:
+        trace_pass_through(t, index, node)
+        return
+    if 0 in axes:
+        raise refuse(t, node, "slicing the batch axis")
+    t.add('Crop', index, [source], {'starts': (0,) * len(axes),
+                                    'ends': tuple(out[axis] for axis in axes),
+                                    'axes': tuple(ncnn_axis(axis, len(full)) for axis in axes)})
+
+
+def match_shape_operand(t, index, node):
+    """``x * 0`` read only as the shape operand of slice_like (GluonCV's idiom): no layer."""
+    if node['op'] not in ('_mul_scalar', '_MulScalar') \
+            or float(node.get('attrs', {}).get('scalar', 1)) != 0:
+        return False
+    users = t.consumers.get(index, [])
+    if not users or index in t.heads or any(
+            t.nodes[user]['op'] != 'slice_like' or t.nodes[user]['inputs'][0][0] == index
+            for user in users):
+        return False
+    return True
+
+
 def trace_split(t, index, node):
     """SliceChannel / split: one ncnn Crop per output (its consumers read output k)."""
     attrs = node.get('attrs', {})

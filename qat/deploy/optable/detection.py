@@ -1,0 +1,269 @@
+"""GluonCV's box decoding and NMS -> ncnn's own detection layers.
+
+A detector is traced in its inference form. Its *raw predictions* are the last nodes that
+carry learned values (the cut); every op node that no raw prediction needs is the decoding
+(anchor generation, box decoding, class decoding, NMS, the final slices), and that whole part
+of the graph becomes one ncnn layer reading the raw predictions:
+
+* SSD (a ``_contrib_box_decode`` node: GluonCV's ``SSD``): the raw class predictions
+  (A, K) go through ncnn's Softmax over the K = classes + 1 scores (GluonCV's
+  ``softmax(cls_preds, axis=-1)``); the anchors, which depend only on the input size,
+  become a MemoryData of shape (2, A * 4): row 0 the priors as corners normalized by the
+  input width / height, row 1 the box coder's stds (GluonCV's (0.1, 0.1, 0.2, 0.2)) as
+  per-prior variances; then ``DetectionOutput(location (A, 4), confidence, priors)``.
+* YOLOv3 (GluonCV's ``YOLOOutputV3`` blocks): ``Yolov3DetectionOutput`` over the raw
+  prediction convs (A * (5 + C), H, W) of every output, whose channel layout (per anchor:
+  x, y, w, h, objectness, classes) is ncnn's; the anchors as ``biases`` (pixels), one mask
+  entry per anchor in output order, the strides as ``anchors_scale``.
+
+Both output rows ``[label, score, x1, y1, x2, y2]`` with label 1..C (GluonCV's class id + 1)
+and corners relative to the input (0..1), like the models of ncnn's examples. Thresholds
+come from the net (box_nms' ``overlap_thresh``, ``valid_thresh``, ``topk``, the post-NMS
+slice) unless ``export(..., detection={...})`` overrides them (``DETECTION_OPTIONS``). ncnn
+decodes as its layers do, not as GluonCV: SSD's NMS per class as GluonCV, YOLOv3's over all
+classes with the best class of each box only.
+"""
+import mxnet as mx
+import numpy as np
+
+from ..ir import ExportError
+from ...nn import walk
+from .base import refuse
+
+# export(detection=...) keys, by layer: what a user may set on the deployed decoder
+DETECTION_OPTIONS = {
+    'DetectionOutput': ('confidence_threshold', 'nms_threshold', 'nms_top_k', 'keep_top_k'),
+    'Yolov3DetectionOutput': ('confidence_threshold', 'nms_threshold'),
+}
+KINDS = tuple(DETECTION_OPTIONS)
+
+
+def _ancestors(t, roots):
+    """Indices of ``roots`` and every node they read, transitively."""
+    seen, stack = set(), list(roots)
+    while stack:
+        index = stack.pop()
+        if index in seen:
+            continue
+        seen.add(index)
+        stack.extend(source for source, *_ in t.nodes[index].get('inputs', []))
+    return seen
+
+
+def _decoding_region(t, cut, what):
+    """The op nodes that the cut nodes do not need; every graph output must be among them."""
+    needed = _ancestors(t, cut)
+    region = {index for index, node in enumerate(t.nodes)
+              if node['op'] != 'null' and index not in needed}
+    stray = [t.nodes[h]['name'] for h in t.heads if h not in region]
+    if stray:
+        raise ExportError(f"cannot export {what}: the net's outputs {stray} are not part of "
+                          f"its decoding (only the detections can be exported)")
+    return region
+
+
+def _nms(t, region):
+    """(overlap threshold, valid threshold, topk, post-NMS count) of the region's box_nms;
+    (1.0 (nothing suppressed), 0.0, -1, -1) without NMS."""
+    nms = [i for i in region if t.nodes[i]['op'] == '_contrib_box_nms']
+    if len(nms) > 1:
+        raise refuse(t, t.nodes[nms[1]], "more than one box_nms in the decoding")
+    if not nms:
+        return 1.0, 0.0, -1, -1
+    attrs = t.nodes[nms[0]].get('attrs', {})
+    post = -1
+    for user in t.consumers.get(nms[0], []):
+        user_attrs = t.nodes[user].get('attrs', {})
+        if t.nodes[user]['op'] == 'slice_axis' and int(user_attrs.get('axis', 0)) == 1:
+            post = int(user_attrs['end'])
+    return (float(attrs.get('overlap_thresh', 0.5)), float(attrs.get('valid_thresh', 0)),
+            int(attrs.get('topk', -1)), post)
+
+
+def _evaluate(t, index):
+    """The value (numpy) of node ``index`` for a zero input: for nodes that depend on the
+    input's shape only (SSD's anchors)."""
+    symbol = t.op_output(t.key(index))
+    inputs = [mx.sym.var(name) for name in t.input_names]
+    block = mx.gluon.SymbolBlock(symbol, inputs, params=t.net.collect_params())
+    zeros = [mx.nd.zeros((1,) + t.input_shape) for _ in inputs]
+    return block(*zeros).asnumpy()
+
+
+def _options(t, kind, defaults):
+    """The decoder's parameters: ``defaults`` with the export's ``detection`` overrides."""
+    given = dict(t.detection_options or {})
+    unknown = set(given) - set(DETECTION_OPTIONS[kind])
+    if unknown:
+        raise ExportError(f"unknown detection option(s) {sorted(unknown)} for {kind}; valid: "
+                          f"{list(DETECTION_OPTIONS[kind])}")
+    return dict(defaults, **given)
+
+
+# ---- SSD ------------------------------------------------------------------------------------
+def _analyse_ssd(t, decode):
+    node = t.nodes[decode]
+    attrs = node.get('attrs', {})
+    if float(attrs.get('clip', -1)) > 0:
+        raise refuse(t, node, "box_decode with clip (ncnn's DetectionOutput does not clip)")
+    box, anchors = (source for source, *_ in node['inputs'][:2])
+    boxes = t.shape(box)[1]
+    softmax = [i for i, n in enumerate(t.nodes) if n['op'] == 'softmax'
+               and t.shape(i)[:2] == (1, boxes) and len(t.shape(i)) == 3]
+    if len(softmax) != 1:
+        raise refuse(t, node, f"expected one softmax over the class scores of the {boxes} "
+                              f"anchors, found {len(softmax)}")
+    softmax = softmax[0]
+    if int(t.nodes[softmax].get('attrs', {}).get('axis', -1)) % 3 != 2:
+        raise refuse(t, t.nodes[softmax], "the class softmax must be over the last axis")
+    cls = t.data_inputs(t.nodes[softmax])[0]
+    region = _decoding_region(t, [box, cls], 'the SSD decoding')
+    overlap, valid, topk, post = _nms(t, region)
+    if any(t.nodes[i]['op'] == '_contrib_box_nms' and t.nodes[i]['attrs'].get(
+            'force_suppress') in ('True', '1') for i in region):
+        raise refuse(t, node, "box_nms with force_suppress (ncnn's DetectionOutput applies "
+                              "NMS per class)")
+    # MultiPerClassDecoder's score threshold (scores > thresh)
+    greater = [float(t.nodes[i]['attrs']['scalar']) for i in region
+               if t.nodes[i]['op'] == '_greater_scalar']
+    num_class = t.shape(cls)[2]
+    params = _options(t, 'DetectionOutput', {
+        'num_class': num_class, 'nms_threshold': overlap,
+        'nms_top_k': topk if topk > 0 else boxes,
+        'keep_top_k': post if post > 0 else boxes * (num_class - 1),
+        'confidence_threshold': max([valid] + greater)})
+    params['variances'] = tuple(float(attrs.get(f'std{k}', d))
+                                for k, d in enumerate((0.1, 0.1, 0.2, 0.2)))
+    params['format'] = attrs.get('format', 'center')
+    return {'kind': 'DetectionOutput', 'region': region, 'box': box, 'cls': cls,
+            'softmax': softmax, 'anchors': anchors, 'params': params}
+
+
+def _priors(t, anchors, params):
+    """(2, A * 4) float32: the anchors as corners relative to the input, then the variances."""
+    values = _evaluate(t, anchors).reshape(-1, 4).astype(np.float64)
+    if params['format'] == 'center':
+        cx, cy, w, h = values.T
+        values = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
+    _, height, width = t.input_shape
+    values = values / np.array([width, height, width, height])
+    variances = np.tile(np.array(params['variances']), len(values))
+    return np.stack([values.reshape(-1), variances]).astype(np.float32)
+
+
+def _emit_ssd(t, found, index):
+    params = found['params']
+    t.add('Softmax', found['softmax'], [found['cls']], {'axis': 2})
+    priors = _priors(t, found['anchors'], params)
+    layer = t.add('MemoryData', found['anchors'], [], {'shape': priors.shape},
+                  weights={'data': priors}, name='detection_priors', source='')
+    layer.shape = priors.shape
+    decoder = {key: params[key] for key in ('num_class', 'nms_threshold', 'nms_top_k',
+                                            'keep_top_k', 'confidence_threshold', 'variances')}
+    return t.add('DetectionOutput', index, [found['box'], found['softmax'], found['anchors']],
+                 decoder, name='detection_out', source='')
+
+
+# ---- YOLOv3 ---------------------------------------------------------------------------------
+def _yolo_outputs(t):
+    from gluoncv.model_zoo.yolo.yolo3 import YOLOOutputV3
+    blocks = {id(block): block for *_, block in walk(t.net) if isinstance(block, YOLOOutputV3)}
+    return list(blocks.values())
+
+
+def _analyse_yolo(t, outputs):
+    convs, biases, strides = [], [], []
+    for block in outputs:
+        found = [i for i, n in enumerate(t.nodes) if n['op'] == 'Convolution'
+                 and n['name'].startswith(block.prefix)]
+        if len(found) != 1:
+            raise ExportError(f"cannot export YOLOv3 output {block.name}: expected one "
+                              f"prediction convolution, found {len(found)}")
+        convs.append(found[0])
+        biases.extend(block.anchors.data().asnumpy().reshape(-1).tolist())
+        strides.append(float(block._stride))
+    per_output = {block._num_anchors for block in outputs}
+    classes = {block._classes for block in outputs}
+    if len(per_output) != 1 or len(classes) != 1:
+        raise ExportError(f"cannot export YOLOv3 outputs {[b.name for b in outputs]}: ncnn's "
+                          f"Yolov3DetectionOutput needs the same anchors per output and classes "
+                          f"everywhere, got {sorted(per_output)} anchors, {sorted(classes)} "
+                          f"classes")
+    region = _decoding_region(t, convs, 'the YOLOv3 decoding')
+    overlap, valid, _, _ = _nms(t, region)
+    num_box = per_output.pop()
+    params = _options(t, 'Yolov3DetectionOutput', {'confidence_threshold': valid,
+                                                   'nms_threshold': overlap})
+    params.update(num_class=classes.pop(), num_box=num_box, biases=tuple(biases),
+                  mask=tuple(float(k) for k in range(num_box * len(outputs))),
+                  anchors_scale=tuple(strides))
+    return {'kind': 'Yolov3DetectionOutput', 'region': region, 'convs': convs,
+            'params': params}
+
+
+def _emit_yolo(t, found, index):
+    return t.add('Yolov3DetectionOutput', index, found['convs'], found['params'],
+                 name='detection_out', source='')
+
+
+# ---- the pattern ----------------------------------------------------------------------------
+def _analyse(t):
+    """The tracer's detector (memoized): None for a net without GluonCV decoding."""
+    if 'detection' not in t.memo:
+        decode = [i for i, n in enumerate(t.nodes) if n['op'] == '_contrib_box_decode']
+        outputs = _yolo_outputs(t)
+        if len(decode) > 1:
+            raise refuse(t, t.nodes[decode[1]], "more than one box_decode")
+        found = _analyse_ssd(t, decode[0]) if decode else \
+            _analyse_yolo(t, outputs) if outputs else None
+        if found is not None:
+            found['last'] = max(found['region'])
+        t.memo['detection'] = found
+    return t.memo['detection']
+
+
+def match_detection(t, index, node):
+    """Every node of the decoding: no layer, until its last node, where the decoder's layers
+    are added and every graph output becomes the detection blob."""
+    found = _analyse(t)
+    if found is None or index not in found['region']:
+        return False
+    if index == found['last']:
+        layer = (_emit_ssd if found['kind'] == 'DetectionOutput' else _emit_yolo)(t, found,
+                                                                                 index)
+        layer.shape = None  # one row per detection: known only at run time
+        for head in t.heads:
+            t.blob[head] = layer.name
+    return True
+
+
+def refuse_decoding(t, index, node):
+    """A decoding op outside a recognized GluonCV SSD / YOLOv3 decoding."""
+    raise refuse(t, node, "box decoding and NMS are exported only as GluonCV's SSD "
+                          "(box_decode) or YOLOv3 (YOLOOutputV3) decoding, which become ncnn's "
+                          "DetectionOutput / Yolov3DetectionOutput")
+
+
+# ---- ncnn -----------------------------------------------------------------------------------
+def ncnn_memory_data(layer, graph, int8, guarded, out):
+    height, width = layer.params['shape']
+    out.raw(layer.weights['data'])  # MemoryData reads raw float32 (no tag)
+    return 'MemoryData', [(0, int(width)), (1, int(height))]
+
+
+def ncnn_detection_output(layer, graph, int8, guarded, out):
+    p = layer.params
+    return 'DetectionOutput', [(0, p['num_class']), (1, float(p['nms_threshold'])),
+                               (2, p['nms_top_k']), (3, p['keep_top_k']),
+                               (4, float(p['confidence_threshold']))] + \
+        [(5 + k, float(v)) for k, v in enumerate(p['variances'])]
+
+
+def ncnn_yolov3_detection_output(layer, graph, int8, guarded, out):
+    p = layer.params
+    return 'Yolov3DetectionOutput', [(0, p['num_class']), (1, p['num_box']),
+                                     (2, float(p['confidence_threshold'])),
+                                     (3, float(p['nms_threshold'])),
+                                     (4, list(p['biases'])), (5, list(p['mask'])),
+                                     (6, list(p['anchors_scale']))]
+
