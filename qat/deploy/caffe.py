@@ -165,7 +165,9 @@ _MESSAGES = {
     'BlobProto': 'optional BlobShape shape = 7; repeated float data = 5 packed; '
                  'optional int32 num = 1; optional int32 channels = 2; '
                  'optional int32 height = 3; optional int32 width = 4',
-    'NetParameter': 'optional string name = 1; repeated LayerParameter layer = 100',
+    'NetParameter': 'optional string name = 1; repeated LayerParameter layer = 100; '
+                    'repeated string input = 3; repeated int32 input_dim = 4; '
+                    'repeated BlobShape input_shape = 8',
     'LayerParameter': 'optional string name = 1; optional string type = 2; '
                       'repeated string bottom = 3; repeated string top = 4; '
                       'repeated BlobProto blobs = 7; '
@@ -182,7 +184,17 @@ _MESSAGES = {
                       'optional ELUParameter elu_param = 140; '
                       'optional ScaleParameter scale_param = 142; '
                       'optional InputParameter input_param = 143; '
-                      'optional ClipParameter clip_param = 148',
+                      'optional ClipParameter clip_param = 148; '
+                      'optional TransformationParameter transform_param = 100; '
+                      'optional PowerParameter power_param = 122; '
+                      'optional PReLUParameter prelu_param = 131',
+    # read only (the importer): preprocessing, Power, PReLU's sharing
+    'TransformationParameter': 'optional float scale = 1; optional bool mirror = 2; '
+                               'optional uint32 crop_size = 3; optional string mean_file = 4; '
+                               'repeated float mean_value = 5',
+    'PowerParameter': 'optional float power = 1; optional float scale = 2; '
+                      'optional float shift = 3',
+    'PReLUParameter': 'optional bool channel_shared = 2',
     'InputParameter': 'repeated BlobShape shape = 1',
     'ConvolutionParameter': 'optional uint32 num_output = 1; optional bool bias_term = 2; '
                             'repeated uint32 pad = 3; repeated uint32 kernel_size = 4; '
@@ -198,7 +210,7 @@ _MESSAGES = {
                         'optional uint32 pad_h = 9; optional uint32 pad_w = 10; '
                         'optional bool global_pooling = 12; optional RoundMode round_mode = 13',
     'InnerProductParameter': 'optional uint32 num_output = 1; optional bool bias_term = 2; '
-                             'optional int32 axis = 5',
+                             'optional int32 axis = 5; optional bool transpose = 6',
     'BatchNormParameter': 'optional bool use_global_stats = 1; '
                           'optional float moving_average_fraction = 2; optional float eps = 3',
     'ScaleParameter': 'optional int32 axis = 1; optional int32 num_axes = 2; '
@@ -273,12 +285,22 @@ def read_prototxt(path):
     """The layers of a text ``.prototxt`` as ``CaffeLayer(name, type, bottoms, tops, params)``;
     params holds the ``*_param`` messages that are set, as dicts of the fields that are set
     (repeated fields as lists, enums by name)."""
+    return read_net(path)[1]
+
+
+def read_net(path, skip_unknown=False):
+    """(the NetParameter's own fields that are set, as a dict without 'layer'; the layers as
+    in ``read_prototxt``) of a text ``.prototxt``; ``skip_unknown`` ignores the fields this
+    subset of caffe.proto does not declare (training settings: fillers, lr_mult, ...)."""
     with open(path, encoding='utf-8') as f:
-        net = text_format.Parse(f.read(), caffe_messages()['NetParameter']())
-    return [CaffeLayer(layer.name, layer.type, list(layer.bottom), list(layer.top),
-                       {fd.name: _message_dict(value) for fd, value in layer.ListFields()
-                        if fd.name.endswith('_param')})
-            for layer in net.layer]
+        net = text_format.Parse(f.read(), caffe_messages()['NetParameter'](),
+                                allow_unknown_field=skip_unknown)
+    fields = {fd.name: _field_value(fd, value) for fd, value in net.ListFields()
+              if fd.name != 'layer'}
+    return fields, [CaffeLayer(layer.name, layer.type, list(layer.bottom), list(layer.top),
+                               {fd.name: _message_dict(value) for fd, value in layer.ListFields()
+                                if fd.name.endswith('_param')})
+                    for layer in net.layer]
 
 
 def _message_dict(message):
