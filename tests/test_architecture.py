@@ -14,7 +14,7 @@ LAYERS = [
      'qat.metrics', 'qat.report', 'qat.batches', 'qat.timing'),
     ('qat.nn', 'qat.symbol'),  # symbol reads the graph and needs only nn.walk
     ('qat.modes', 'qat.probes', 'qat.convert'),
-    ('qat.calibration', 'qat.deploy'),
+    ('qat.calibration', 'qat.deploy', 'qat.importers'),  # importers read deploy's file readers
     ('qat.analysis',),
     ('qat.app',),
     ('qat.cli', 'qat'),  # the command and the public API on top
@@ -137,7 +137,7 @@ def test_modules_import_only_from_below():
 
 
 @pytest.mark.parametrize('library', ['qat.nn', 'qat.calibration', 'qat.deploy',
-                                     'qat.analysis'])
+                                     'qat.importers', 'qat.analysis'])
 def test_the_library_knows_nothing_of_the_application(library):
     assert [f"{m} -> {t}" for m, edges in EDGES.items() if m.startswith(library)
             for t, _, _ in edges if t.startswith('qat.app') or t == 'qat.cli'] == []

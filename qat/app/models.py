@@ -1,9 +1,11 @@
 """The model registry: where a float network comes from.
 
 ``SOURCES`` maps a source name to (builder, what the model name looks like): GluonCV model
-zoo names and ``module:function`` factories; ``build`` adds the weights (saved parameters,
-GluonCV's pretrained files, or a seeded initialization). A name that is not found is one
-error listing the closest valid names.
+zoo names, ``module:function`` factories and model files (``x-symbol.json``, ``x.onnx``,
+``x.prototxt``, ``x.param``: ``qat.importers``, chosen from the suffix, the weights file next
+to it or given); ``build`` adds the weights (saved parameters, GluonCV's pretrained files, the
+model file's own weights, or a seeded initialization). A name that is not found is one error
+listing the closest valid names.
 """
 import difflib
 import importlib
@@ -19,6 +21,7 @@ from mxnet.gluon import Block
 from ..calibration import calibrate
 from ..convert import convert_model
 from ..errors import UserError, reason
+from ..importers import IMPORTERS, ModelFileError, import_model, importer_of, weights_of
 from ..modes import freeze_bn
 
 
@@ -36,15 +39,29 @@ def _factory(name, kwargs):
     return getattr(importlib.import_module(module), function)(**kwargs)
 
 
+def _file(name, kwargs):
+    """A model file through ``qat.importers`` (``kwargs``: only ``weights``, its weights
+    file when it is not the one next to it)."""
+    try:
+        return import_model(name, kwargs.get('weights') or None)
+    except ModelFileError as err:
+        raise ModelError(str(err)) from None
+
+
 # source -> (builder(name, kwargs) -> Block, the form of a model name)
 SOURCES = {
     'gluoncv': (_gluoncv, 'a GluonCV model zoo name, e.g. cifar_resnet20_v1'),
     'factory': (_factory, 'module:function returning a Gluon HybridBlock, e.g. mypkg.nets:build'),
+    'file': (_file, f"a model file ({', '.join('x' + s for s in IMPORTERS)}; the weights "
+                    f"file next to it unless given)"),
 }
 
 
 def source_of(name):
-    """'factory' for ``module:function`` names, else 'gluoncv'."""
+    """'file' for a model file name (by its suffix), 'factory' for ``module:function``
+    names, else 'gluoncv'."""
+    if importer_of(name):
+        return 'file'
     return 'factory' if ':' in name else 'gluoncv'
 
 
@@ -55,7 +72,16 @@ def gluoncv_names():
 
 def name_problem(source, name, check_module=True):
     """Why ``name`` is not a model of ``source`` (None when it is): an unknown GluonCV name
-    with the closest names, a malformed factory, a factory module that is not found."""
+    with the closest names, a malformed factory, a factory module that is not found, a model
+    file (or its weights file) that is not there."""
+    if source == 'file':
+        if not importer_of(name):
+            return f"not a model file: the name must end in one of {', '.join(IMPORTERS)}"
+        if check_module:
+            for path in (name, weights_of(name)):
+                if path and not os.path.isfile(path):
+                    return f"file not found: {path}"
+        return None
     if source == 'factory':
         if not re.fullmatch(r'[\w.]+:\w+', name):
             return f"a factory is module:function, got {name!r}"
@@ -76,17 +102,21 @@ def name_problem(source, name, check_module=True):
 
 
 def build(name, kwargs=None, source=None, params=None, pretrained=False, seed=0, ctx=None,
-          input_shape=None, label=None):
+          input_shape=None, label=None, weights=None):
     """The float model ``name`` of ``source`` (default: from the form of the name) called with
     ``kwargs``, its weights from ``params`` (a ``save_parameters`` file), GluonCV's
-    ``pretrained`` files or a seeded Xavier initialization, on the devices ``ctx``; with
+    ``pretrained`` files, a model file's ``weights`` (default: the file next to it; kwargs
+    are not used for files) or a seeded Xavier initialization, on the devices ``ctx``; with
     ``input_shape`` (C, H, W) it runs once so that every shape is known. Block names are the
     same in every process (fresh name counters). Raises ModelError naming what is wrong
     (``label``: how the model is named there, default "the model <name>")."""
     source = source or source_of(name)
     if source not in SOURCES:
         raise ModelError(f"unknown model source {source!r}; valid: {sorted(SOURCES)}")
-    kwargs = dict(kwargs or {})
+    kwargs = {'weights': weights} if source == 'file' else dict(kwargs or {})
+    if weights and source != 'file':
+        raise ModelError(f"{name}: a weights file comes with model files only "
+                         f"({', '.join(IMPORTERS)}); use the parameters option instead")
     if pretrained:
         if source != 'gluoncv':
             raise ModelError(f"{name}: pretrained weights come with GluonCV model names only")
@@ -94,6 +124,8 @@ def build(name, kwargs=None, source=None, params=None, pretrained=False, seed=0,
     problem = name_problem(source, name)
     if problem:
         raise ModelError(f"{name}: {problem}")
+    if weights and not os.path.isfile(weights):
+        raise ModelError(f"{weights}: no such file (the weights of {name})")
     mx.random.seed(seed)
     try:
         with mx.name.NameManager():
@@ -106,13 +138,21 @@ def build(name, kwargs=None, source=None, params=None, pretrained=False, seed=0,
         raise ModelError(f"{name}: the factory returned {type(net).__name__}, not a Gluon "
                          f"Block")
     ctx = ctx or [mx.cpu()]
+    if source == 'file':  # the file's own weights, on the devices
+        net.collect_params().reset_ctx(ctx)
     if params:
         load_float(net, params, ctx, label or f"the model {name}")
-    elif not pretrained:
+    elif not pretrained and source != 'file':
         net.initialize(mx.init.Xavier(), ctx=ctx)
     if input_shape is not None:
         net(mx.nd.zeros((1,) + tuple(input_shape), ctx=ctx[0]))
     return net
+
+
+def file_preprocess(name, weights=None):
+    """What the model file ``name`` says about its input ({'mean', 'norm', 'pixel', 'shape'},
+    each when the file holds it: a Caffe transform_param, an ncnn Input layer)."""
+    return dict(getattr(_file(name, {'weights': weights}), 'preprocess', {}))
 
 
 def load_float(net, params, ctx, label):

@@ -1,7 +1,9 @@
 """Post-training quantization of a float Gluon model, and the ``qat calibrate`` command.
 
 ``qat calibrate`` is ncnn2table + ncnn2int8 for a Gluon model: it builds the float model
-(a GluonCV name, a ``module:function`` factory, optionally with saved ``--params``), reads
+(a GluonCV name, a ``module:function`` factory, optionally with saved ``--params``, or a
+model file read by ``qat.importers``: ``x-symbol.json``, ``x.onnx``, ``x.prototxt``,
+``x.param``, with ``--weights`` when its weights file is not the one next to it), reads
 calibration images from a folder or a list file, preprocesses them as ncnn does
 (``(pixel - mean) * norm`` after a resize to ``--shape``, in ``--pixel`` order), converts
 the model, calibrates it with ``--method`` and writes the table and the ncnn fp32/int8 models
@@ -30,15 +32,16 @@ from ..config import BITS, QuantScheme
 from ..convert import convert_model
 from ..deploy import WINOGRAD_POLICIES, export, format_report, verify
 from ..deploy.latency import format_latency, latency_aware
-from ..fileio import atomic_write
+from ..fileio import atomic_write, write_json
 from ..errors import UserError, reason
 from ..nn import quant_blocks, walk
 from ..report import write_report
 from .data import IMAGE_EXTENSIONS, FileSet, Preprocess, iterate
 
 SEARCH_SAMPLES = easyquant.MAX_SAMPLES
-DESCRIPTION = ("ncnn2table + ncnn2int8 for a float Gluon model: build it (GluonCV name or "
-               "module:function factory, --params), read calibration images (folder or list "
+DESCRIPTION = ("ncnn2table + ncnn2int8 for a float Gluon model: build it (GluonCV name, "
+               "module:function factory, --params, or a model file: x-symbol.json, x.onnx, "
+               "x.prototxt, x.param, --weights), read calibration images (folder or list "
                "file), preprocess them as ncnn does ((pixel - mean) * norm after a resize to "
                "--shape W,H,C, in --pixel order), convert, calibrate with --method and write "
                "the table and the ncnn fp32/int8 models. Layers matching --exclude stay fp32 "
@@ -89,8 +92,16 @@ def parse_shape(text, pixel):
     return channels, height, width
 
 
-def parse_channel_values(option, text, channels, default):
-    """Per-channel ``--mean`` / ``--norm`` values (exactly ``channels`` of them)."""
+def parse_channel_values(option, text, channels, default, from_file=None):
+    """Per-channel ``--mean`` / ``--norm`` values (exactly ``channels`` of them); without the
+    option, the model file's own values ``from_file`` (one for all channels, or one each)
+    when it has them, else ``default``."""
+    if text is None and from_file:
+        values = list(from_file) * (channels if len(from_file) == 1 else 1)
+        if len(values) != channels:
+            raise UsageError(f"{option}: the model file gives {len(from_file)} value(s) for "
+                             f"{channels} channel(s); give {option}")
+        return values
     if text is None:
         return [default] * channels
     values = parse_numbers(option, text)
@@ -171,14 +182,15 @@ class ImageBatches:
 
 
 # ----- the model -------------------------------------------------------------------------------
-def build_model(name, kwargs, params=None, pretrained=False, seed=0):
+def build_model(name, kwargs, params=None, pretrained=False, seed=0, weights=None):
     """The float model (``qat.app.models.build``); a problem is a UsageError naming
-    --model, --model-kwargs or --params."""
+    --model, --model-kwargs, --params or --weights."""
     try:
         return models.build(name, kwargs, params=params, pretrained=pretrained, seed=seed,
-                            label=f"--model {name}")
+                            label=f"--model {name}", weights=weights)
     except models.ModelError as err:
-        option = '--params' if params and str(err).startswith(params) else '--model'
+        option = '--params' if params and str(err).startswith(params) else \
+            '--weights' if weights and str(err).startswith(weights) else '--model'
         raise UsageError(f"{option} {err}") from None
 
 
@@ -231,8 +243,13 @@ def add_arguments(parser):
     """The ``qat calibrate`` options."""
     model = parser.add_argument_group('model')
     model.add_argument('--model', required=True,
-                       help="GluonCV model name (cifar_resnet20_v1) or a module:function "
-                            "factory (mypkg.nets:build) returning a Gluon block")
+                       help="GluonCV model name (cifar_resnet20_v1), a module:function "
+                            "factory (mypkg.nets:build) returning a Gluon block, or a model "
+                            "file: x-symbol.json, x.onnx, x.prototxt (Caffe), x.param (ncnn "
+                            "fp32)")
+    model.add_argument('--weights', metavar='FILE',
+                       help="the model file's weights (default: next to it: x-0000.params, "
+                            "x.caffemodel, x.bin)")
     model.add_argument('--model-kwargs', default='{}', metavar='JSON',
                        help='keyword arguments of the model, as JSON (\'{"classes": 10}\')')
     model.add_argument('--params', help='float parameters saved with save_parameters')
@@ -246,12 +263,14 @@ def add_arguments(parser):
                       help="input size in ncnn's order: width,height,channels (images are "
                            "resized to exactly W x H; C is 3 for RGB/BGR, 1 for GRAY)")
     data.add_argument('--mean', metavar='M0,M1,M2',
-                      help='per-channel mean in --pixel order, pixel units (default 0)')
+                      help="per-channel mean in --pixel order, pixel units (default: the "
+                           "model file's, e.g. a Caffe transform_param, else 0)")
     data.add_argument('--norm', metavar='N0,N1,N2',
-                      help='per-channel multiplier applied after the mean: (x - mean) * norm '
-                           '(default 1)')
-    data.add_argument('--pixel', default='RGB', choices=sorted(PIXELS),
-                      help='channel order the model expects (default RGB)')
+                      help="per-channel multiplier applied after the mean: (x - mean) * norm "
+                           "(default: the model file's, else 1)")
+    data.add_argument('--pixel', choices=sorted(PIXELS),
+                      help="channel order the model expects (default: the model file's, "
+                           "e.g. BGR for Caffe, else RGB)")
     data.add_argument('--num-images', type=int, help='use at most this many images')
     data.add_argument('--batch-size', type=int, default=16)
     quant = parser.add_argument_group('quantization')
@@ -318,9 +337,18 @@ def _run(args, out):
         value = getattr(args, option)
         if value is not None and value < low:
             raise UsageError(f"--{option.replace('_', '-')} {value}: must be >= {low}")
-    shape = parse_shape(args.shape, args.pixel)
-    mean = parse_channel_values('--mean', args.mean, shape[0], 0.0)
-    norm = parse_channel_values('--norm', args.norm, shape[0], 1.0)
+    if args.weights and models.source_of(args.model) != 'file':
+        raise UsageError(f"--weights {args.weights}: only with a model file (--model "
+                         f"x-symbol.json, x.onnx, x.prototxt, x.param); saved Gluon "
+                         f"parameters are --params")
+    net, source = None, {}
+    if models.source_of(args.model) == 'file':  # built first: it may say how to preprocess
+        net = build_model(args.model, {}, args.params, weights=args.weights)
+        source = net.preprocess
+    pixel = args.pixel or source.get('pixel', 'RGB')
+    shape = parse_shape(args.shape, pixel)
+    mean = parse_channel_values('--mean', args.mean, shape[0], 0.0, source.get('mean'))
+    norm = parse_channel_values('--norm', args.norm, shape[0], 1.0, source.get('norm'))
     if any(n == 0 for n in norm):
         raise UsageError(f"--norm {args.norm}: values must be non-zero")
     scheme = quant_scheme(args)
@@ -338,9 +366,12 @@ def _run(args, out):
     if args.threads:
         set_threads(args.threads)
     weights = (f"parameters {args.params}" if args.params else
-               'pretrained' if args.pretrained else 'random weights')
+               'pretrained' if args.pretrained else 'its own weights' if net is not None
+               else 'random weights')
     out(f"[1/4] model {args.model} ({weights}), input (C, H, W) = {shape}")
-    net = build_model(args.model, kwargs, args.params, args.pretrained)
+    if source:
+        out(f"      preprocessing from the file: {source} (flags override)")
+    net = net or build_model(args.model, kwargs, args.params, args.pretrained)
     check_input_shape(net, shape, args.shape)
     check_excludes(net, args.exclude)
     total = len(layer_names(net))
@@ -354,7 +385,7 @@ def _run(args, out):
     # ncnn's substract_mean_normalize multiplies by norm; Preprocess holds std = 1 / norm.
     preprocess = Preprocess(size=shape[1:], channels=shape[0], mean=tuple(mean),
                             std=tuple(1.0 / n for n in norm),
-                            pixel='RGB' if args.pixel == 'GRAY' else args.pixel)
+                            pixel='RGB' if pixel == 'GRAY' else pixel)
     data = ImageBatches(paths, preprocess, args.batch_size, workers=args.threads or 0,
                         progress=out)
     out(f"[2/4] calibrating with {args.method} on {len(paths)} images "
@@ -369,6 +400,7 @@ def _run(args, out):
         out(latency)
     out(f"[3/4] writing {args.name}.table and the ncnn int8 model into {args.output}")
     files = export(net, args.output, shape, args.name, winograd=args.winograd)
+    write_json(os.path.join(args.output, "preprocess.json"), preprocess.ncnn())
     for kind in ('table', 'int8_param', 'int8_bin', 'param', 'bin'):
         out(f"      {files[kind]}")
     if latency is not None:

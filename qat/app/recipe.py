@@ -124,10 +124,16 @@ SCHEMA = {
         'progress': Key(True, 'bool', 'progress bar on stderr (when it is a terminal)'),
     },
     'model': {
-        'source': Key('gluoncv', 'str', '`gluoncv` (model zoo name) or `factory` (a Python '
-                      'function `module:function` returning a Gluon HybridBlock)',
+        'source': Key('gluoncv', 'str', '`gluoncv` (model zoo name), `factory` (a Python '
+                      'function `module:function` returning a Gluon HybridBlock) or `file` (a '
+                      'model file, imported: `x-symbol.json`, `x.onnx`, `x.prototxt`, '
+                      '`x.param`; chosen by such a name when `source` is not given)',
                       one_of(models.SOURCES)),
-        'name': Key('cifar_resnet20_v1', 'str', 'GluonCV model name, or `module:function`'),
+        'name': Key('cifar_resnet20_v1', 'str', 'GluonCV model name, `module:function`, or the '
+                    'model file (its preprocessing, e.g. a Caffe `transform_param`, is the '
+                    'default of `preprocess`)'),
+        'weights': Key('', 'path', '`file`: its weights file (empty: next to it, '
+                       '`x-0000.params`, `x.caffemodel`, `x.bin`)'),
         'kwargs': Key({'classes': 10}, 'dict', 'keyword arguments of the constructor (GluonCV: '
                       'e.g. `classes`; `pretrained: true` needs the weights on disk)'),
         'checkpoint': Key('', 'path', 'float parameters (`.params`) to start from, e.g. '
@@ -436,6 +442,7 @@ def load(path=None, overrides=(), check_files=True):
     recipe, given, problems = defaults(), {}, []
     _apply_file(recipe, _read(path), origin, given, problems)
     _apply_overrides(recipe, overrides, given, problems)
+    _model_file_preprocess(recipe, given, problems)
     _check_types_and_rules(recipe, origin, given, problems)
     if not problems:
         problems += [f"{given.get(k, origin)}: {k}: {msg}"
@@ -449,6 +456,35 @@ def load(path=None, overrides=(), check_files=True):
         recipe['preprocess']['std'] = [1.0 / n for n in recipe['preprocess']['norm']]
         recipe['preprocess']['norm'] = []
     return recipe
+
+
+def _model_file_preprocess(recipe, given, problems):
+    """A model file (``source: file``, or a name with a model file's suffix): its own
+    preprocessing (Caffe transform_param, the input size) as the defaults of the
+    ``preprocess`` keys the recipe does not give."""
+    model = recipe['model']
+    if 'model.source' not in given and models.source_of(str(model['name'])) == 'file':
+        model['source'] = 'file'  # the suffix says it
+    if model['source'] != 'file' or models.name_problem('file', str(model['name'])):
+        return
+    try:
+        found = models.file_preprocess(model['name'], model['weights'] or None)
+    except UserError as err:
+        problems.append(f"{given.get('model.name', '<defaults>')}: model.name: {err}")
+        return
+    pre = recipe['preprocess']
+    if not any(f'preprocess.{key}' in given for key in ('mean', 'std', 'norm')):
+        channels = found.get('shape', (pre['channels'],))[0]
+        for key in ('mean', 'norm'):
+            if key in found and len(found[key]) in (1, channels):
+                pre[key] = list(found[key]) * (channels if len(found[key]) == 1 else 1)
+    if 'pixel' in found and 'preprocess.pixel' not in given:
+        pre['pixel'] = found['pixel']
+    if len(found.get('shape', ())) == 3:
+        if 'preprocess.size' not in given:
+            pre['size'] = list(found['shape'][1:])
+        if 'preprocess.channels' not in given:
+            pre['channels'] = found['shape'][0]
 
 
 def _consistency(recipe, given, check_files):
@@ -492,6 +528,8 @@ def _consistency(recipe, given, check_files):
     if check_files:
         if model['checkpoint'] and not os.path.isfile(model['checkpoint']):
             yield 'model.checkpoint', f"file not found: {model['checkpoint']}"
+        if model['weights'] and not os.path.isfile(model['weights']):
+            yield 'model.weights', f"file not found: {model['weights']}"
         for key, problem in data_module.missing_files(recipe['data']):
             yield key, problem
 

@@ -51,7 +51,7 @@ def build_model(section, input_shape, contexts, seed):
     ``checkpoint``, with every shape known."""
     return models.build(section['name'], section['kwargs'], section['source'],
                         params=section['checkpoint'] or None, seed=seed, ctx=contexts,
-                        input_shape=input_shape)
+                        input_shape=input_shape, weights=section['weights'] or None)
 
 
 def validation_batches(recipe, preprocess, limit=None, classes=None):

@@ -62,7 +62,9 @@ class Op(HybridBlock):
         order = self.order or [f'#{k}' for k in range(len(inputs))] + list(self.constants)
         args = [inputs[int(item[1:])] if item.startswith('#') else constants[item]
                 for item in order]
-        return resolve_op(F, self.op)(*args, **self.attrs)
+        # named like a Gluon layer's op (``<prefix>fwd``), so the deployed layer keeps the
+        # block's name
+        return resolve_op(F, self.op)(*args, name='fwd', **self.attrs)
 
     def __repr__(self):
         return f"{self.__class__.__name__}({self.op}, {self.attrs})"
