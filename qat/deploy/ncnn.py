@@ -24,6 +24,7 @@ from .optable.weighted import requantized_scale  # noqa: F401  (part of this mod
 MAGIC = 7767517
 TAG_FP32 = 0x00000000
 TAG_INT8 = 0x000D4B38
+TAG_FP16 = 0x01306B47  # read only: what pnnx and ncnnoptimize write by default
 
 
 def _float(value):
@@ -169,9 +170,9 @@ def read_param(path):
 
 def read_weights(param_path, bin_path):
     """{layer name: {blob name: array}} of the weighted layers of an ncnn model, read back
-    following the blob order of the contract (§2.4): 'weight' (int8 codes or float32), 'bias',
-    'weight_scales', 'input_scale', 'top_scale' / BatchNorm 'slope', 'mean', 'var', 'bias' /
-    MemoryData 'data' (shaped (c, h, w) without the zero sizes) / PReLU 'slope'.
+    following the blob order of the contract (§2.4): 'weight' (int8 codes, float16 or
+    float32), 'bias', 'weight_scales', 'input_scale', 'top_scale' / BatchNorm 'slope',
+    'mean', 'var', 'bias' / MemoryData 'data' (shaped (c, h, w) without the zero sizes) / PReLU 'slope'.
     A grouped conv written per group (Slice -> Convolutions -> Concat) is read back as one
     layer under the Concat's name, as ConvolutionDepthWise stores it: the groups' weights
     and biases concatenated, one weight scale per group."""
@@ -191,7 +192,8 @@ def read_weights(param_path, bin_path):
             size_id, bias_id = (2, 1) if kind == 'InnerProduct' else (6, 5)
             (tag,) = struct.unpack_from('<I', data, offset)
             offset += 4
-            blobs = {'weight': take(p[size_id], np.int8 if tag == TAG_INT8 else '<f4')}
+            dtype = {TAG_INT8: np.int8, TAG_FP16: '<f2'}.get(tag, '<f4')
+            blobs = {'weight': take(p[size_id], dtype)}
             outputs = p[0]
             if p.get(bias_id, 0):
                 blobs['bias'] = take(outputs, '<f4')

@@ -45,6 +45,9 @@ def read(path, weights=None):
         blobs = read_weights(path, weights)
     except UserError as err:
         raise ModelFileError(str(err)) from None
+    except ValueError:  # numpy: fewer bytes than the layers need
+        raise ModelFileError(f"{weights}: too short for the layers of {path} (truncated, or "
+                             f"not its weights?)") from None
     builder, inputs, shapes = Builder(path), [], {}
     for kind, name, bottoms, tops, p in layers:
         if kind == 'Input':
