@@ -73,14 +73,12 @@ def gluoncv_names():
 def name_problem(source, name, check_module=True):
     """Why ``name`` is not a model of ``source`` (None when it is): an unknown GluonCV name
     with the closest names, a malformed factory, a factory module that is not found, a model
-    file (or its weights file) that is not there."""
+    file that is not there (its weights file is checked by ``build``)."""
     if source == 'file':
         if not importer_of(name):
             return f"not a model file: the name must end in one of {', '.join(IMPORTERS)}"
-        if check_module:
-            for path in (name, weights_of(name)):
-                if path and not os.path.isfile(path):
-                    return f"file not found: {path}"
+        if check_module and not os.path.isfile(name):
+            return f"file not found: {name}"
         return None
     if source == 'factory':
         if not re.fullmatch(r'[\w.]+:\w+', name):
@@ -124,8 +122,10 @@ def build(name, kwargs=None, source=None, params=None, pretrained=False, seed=0,
     problem = name_problem(source, name)
     if problem:
         raise ModelError(f"{name}: {problem}")
-    if weights and not os.path.isfile(weights):
-        raise ModelError(f"{weights}: no such file (the weights of {name})")
+    if source == 'file' and weights_of(name, weights) \
+            and not os.path.isfile(weights_of(name, weights)):
+        raise ModelError(f"{weights_of(name, weights)}: no such file (the weights of {name}"
+                         f"{'' if weights else '; give them with --weights / model.weights'})")
     mx.random.seed(seed)
     try:
         with mx.name.NameManager():

@@ -1,0 +1,409 @@
+"""Importers (``qat.importers``): a model file -> a Gluon net of standard layers, judged
+against an oracle that does not go through the importer.
+
+* MXNet symbol files written by ``HybridBlock.export``: the original Gluon net;
+* ONNX written by MXNet's exporter: onnxruntime on the same file;
+* ncnn fp32 files, ours (``qat.deploy.export``) and pnnx's: the ncnn runtime on the same
+  files; our Caffe files: the ncnn import of the same export;
+* a Caffe model composed here as protobuf messages and prototxt text (not by our writer):
+  the same small net computed in numpy (float64);
+
+then the line on an imported model (convert, calibrate, int8 export, verify; the
+``qat calibrate`` command; a recipe with QAT), and the one clear error of a layer we cannot
+read.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import mxnet as mx
+import numpy as np
+import pytest
+from mxnet.gluon import nn
+
+import qat
+from qat.app import ptq
+from qat.cli import main as qat_main
+from qat.deploy.caffe import caffe_messages
+from qat.importers import IMPORTERS, GraphNet, UnsupportedLayerError, import_model
+from qat.modes import freeze_bn
+from qat.nn import quant_blocks
+
+from .helpers import naive_conv2d_f64, randomize_bn, tiny_recipe
+
+# Tolerances, each with its reason.
+SYMBOL_ATOL = 1e-5      # the same MXNet operators on the same weights: equal up to float32
+ONNX_ATOL = 1e-4        # onnxruntime's kernels sum in another order than MXNet's
+NCNN_RTOL = 1e-5        # ncnn's fp32 kernels (packing, fma) vs MXNet's: relative to max|out|
+CAFFE_ATOL = 1e-5       # float32 net vs the float64 numpy computation of the same net
+
+# (GluonCV model, input size): classification families of the zoo sweep at small inputs
+NETS = (('resnet18_v1', 32), ('mobilenet0.25', 32), ('mobilenetv2_0.25', 32),
+        ('squeezenet1.1', 209), ('cifar_resnet20_v1', 32), ('mobilenetv3_small', 32),
+        ('shufflenet_v2', 32))
+
+
+def _gluoncv(name, size, seed=0):
+    """A GluonCV net with random weights and random BN statistics (so that BN is not an
+    identity), hybridized, shapes known."""
+    from gluoncv.model_zoo import get_model
+    mx.random.seed(seed)
+    with mx.name.NameManager():
+        net = get_model(name, pretrained=False, **({'classes': 10} if 'cifar' in name else {}))
+    net.initialize(mx.init.Xavier())
+    net(mx.nd.zeros((1, 3, size, size)))
+    randomize_bn(net, np.random.RandomState(seed))
+    net.hybridize()
+    net(mx.nd.zeros((1, 3, size, size)))  # export needs the hybridized graph
+    return net
+
+
+def _images(size, count=2, seed=1):
+    return np.random.RandomState(seed).normal(0, 1, (count, 3, size, size)).astype(np.float32)
+
+
+def _convs(net):
+    """The conv names, as ncnn / Caffe layer names (letters, digits, _)."""
+    return sorted(re.sub(r'\W', '_', b.name) for _, b in _walk(net) if isinstance(b, nn.Conv2D))
+
+
+def _walk(net):
+    for key, child in net._children.items():
+        yield key, child
+        yield from _walk(child)
+
+
+# ----- MXNet symbol files --------------------------------------------------------------------
+@pytest.mark.parametrize('name, size', NETS, ids=[n for n, _ in NETS])
+def test_symbol_files_import_to_the_same_net(name, size, tmp_path):
+    net = _gluoncv(name, size)
+    x = mx.nd.array(_images(size))
+    expected = net(x).asnumpy()
+    net.export(str(tmp_path / 'net'))
+    imported = import_model(str(tmp_path / 'net-symbol.json'))
+    assert isinstance(imported, GraphNet)
+    got = imported(x).asnumpy()
+    assert np.abs(got - expected).max() <= SYMBOL_ATOL
+    # the blocks are standard Gluon layers named after the source layers
+    assert _convs(imported) == _convs(net)
+    assert sum(isinstance(b, nn.BatchNorm) for _, b in _walk(imported)) == \
+        sum(isinstance(b, nn.BatchNorm) for _, b in _walk(net))
+
+
+# ----- ONNX -----------------------------------------------------------------------------------
+def _onnx_export(net, size, path):
+    """Gluon -> ONNX with MXNet's exporter, stamped opset 13 / IR 8: the exporter stamps the
+    onnx package's newest opset, which onnxruntime 1.17 does not load (the translations are
+    the opset-13 ones)."""
+    onnx = pytest.importorskip('onnx')
+    net.export(str(path) + '-mx')
+    mx.onnx.export_model(str(path) + '-mx-symbol.json', str(path) + '-mx-0000.params',
+                         [(1, 3, size, size)], [np.float32], str(path))
+    model = onnx.load(str(path))
+    model.ir_version = 8
+    model.opset_import[0].version = 13
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def _onnxruntime(path, x):
+    ort = pytest.importorskip('onnxruntime')
+    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+ONNX_NETS = tuple(n for n in NETS if n[0] not in ('squeezenet1.1', 'shufflenet_v2'))
+
+
+@pytest.mark.parametrize('name, size', ONNX_NETS, ids=[n for n, _ in ONNX_NETS])
+def test_onnx_import_matches_onnxruntime(name, size, tmp_path):
+    net = _gluoncv(name, size)
+    path = _onnx_export(net, size, tmp_path / 'net.onnx')
+    x = _images(size, count=1)
+    expected = _onnxruntime(path, x)
+    imported = import_model(path)
+    got = imported(mx.nd.array(x)).asnumpy()
+    assert np.abs(got - expected).max() <= ONNX_ATOL
+    assert _convs(imported) == _convs(net)  # read directly: the names kept
+
+
+def _onnx_graph(tmp_path, op, **attrs):
+    """A two-node ONNX model: a 3x3 conv, then ``op``."""
+    onnx = pytest.importorskip('onnx')
+    from onnx import TensorProto, helper, numpy_helper
+    rs = np.random.RandomState(0)
+    weight = numpy_helper.from_array(rs.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32), 'w')
+    graph = helper.make_graph(
+        [helper.make_node('Conv', ['x', 'w'], ['c'], name='conv', kernel_shape=[3, 3],
+                          pads=[1, 1, 1, 1]),
+         helper.make_node(op, ['c'], ['y'], name='second', **attrs)],
+        'g', [helper.make_tensor_value_info('x', TensorProto.FLOAT, [1, 3, 8, 8]),
+              helper.make_tensor_value_info('w', TensorProto.FLOAT, [4, 3, 3, 3])],
+        [helper.make_tensor_value_info('y', TensorProto.FLOAT, None)], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 13)])
+    model.ir_version = 8
+    path = str(tmp_path / f'{op}.onnx')
+    onnx.save(model, path)
+    return path
+
+
+def test_onnx_node_the_reader_lacks_goes_through_mxnets_import(tmp_path):
+    path = _onnx_graph(tmp_path, 'Softplus')
+    x = _images(8, count=1)
+    got = import_model(path)(mx.nd.array(x)).asnumpy()
+    assert np.abs(got - _onnxruntime(path, x)).max() <= ONNX_ATOL
+
+
+def test_onnx_node_nobody_reads_is_one_error(tmp_path):
+    path = _onnx_graph(tmp_path, 'Shrink')
+    with pytest.raises(UnsupportedLayerError, match=f"{path}: layer 'second' of type 'Shrink'"):
+        import_model(path)
+
+
+# ----- ncnn fp32 (and our Caffe files) --------------------------------------------------------
+def _ncnn_fp32(param, bin_path, x, input_name, output_name):
+    import ncnn
+    net = ncnn.Net()
+    net.opt.use_fp16_storage = net.opt.use_fp16_arithmetic = net.opt.use_fp16_packed = False
+    net.load_param(param)
+    net.load_model(bin_path)
+    outs = []
+    for sample in x:
+        extractor = net.create_extractor()
+        extractor.input(input_name, ncnn.Mat(np.ascontiguousarray(sample)))
+        _, out = extractor.extract(output_name)
+        outs.append(np.array(out).ravel())
+    return np.stack(outs)
+
+
+NCNN_NETS = (('resnet18_v1', 32), ('mobilenet0.25', 32), ('mobilenetv2_0.25', 32),
+             ('cifar_resnet20_v1', 32), ('mobilenetv3_small', 32), ('se_resnet18_v1', 32))
+
+
+@pytest.mark.parametrize('name, size', NCNN_NETS, ids=[n for n, _ in NCNN_NETS])
+def test_our_ncnn_and_caffe_files_import_to_what_ncnn_computes(name, size, tmp_path):
+    net = qat.app.models.calibrated_random(name, size)
+    paths = qat.export(net, str(tmp_path), (3, size, size))
+    output = json.load(open(paths['manifest']))['outputs'][0]
+    x = _images(size)
+    expected = _ncnn_fp32(paths['param'], paths['bin'], x, 'data', output)
+    from_ncnn = import_model(paths['param'])
+    got = from_ncnn(mx.nd.array(x)).asnumpy().reshape(len(x), -1)
+    assert np.abs(got - expected).max() <= NCNN_RTOL * np.abs(expected).max()
+    assert from_ncnn.preprocess['shape'] == (3, size, size)
+    if 'prototxt' in paths:  # Caffe: the same model through the other reader
+        from_caffe = import_model(paths['prototxt'])(mx.nd.array(x)).asnumpy()
+        assert np.abs(from_caffe.reshape(got.shape) - got).max() <= SYMBOL_ATOL
+
+
+PNNX = shutil.which('pnnx')
+
+
+@pytest.mark.skipif(PNNX is None, reason='pnnx not installed (pip install --no-deps pnnx)')
+def test_ncnn_files_written_by_pnnx_import_to_what_ncnn_computes(tmp_path):
+    path = _onnx_export(_gluoncv('cifar_resnet20_v1', 32), 32, tmp_path / 'net.onnx')
+    subprocess.run([PNNX, path, 'inputshape=[1,3,32,32]'], cwd=tmp_path, check=True,
+                   capture_output=True, timeout=120)
+    param, bin_path = str(tmp_path / 'net.ncnn.param'), str(tmp_path / 'net.ncnn.bin')
+    x = _images(32)
+    expected = _ncnn_fp32(param, bin_path, x, 'in0', 'out0')
+    got = import_model(param)(mx.nd.array(x)).asnumpy().reshape(len(x), -1)
+    assert np.abs(got - expected).max() <= NCNN_RTOL * np.abs(expected).max()
+
+
+# ----- Caffe composed here --------------------------------------------------------------------
+CAFFE_NET = """name: "composed"
+%(input)s
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  param { lr_mult: 1 } param { lr_mult: 2 }
+  convolution_param { num_output: 4 kernel_size: 3 stride: 2 pad: 1
+                      weight_filler { type: "xavier" } } }
+layer { name: "bn1" type: "BatchNorm" bottom: "conv1" top: "conv1"
+  batch_norm_param { use_global_stats: true } }
+layer { name: "scale1" type: "Scale" bottom: "conv1" top: "conv1" scale_param { bias_term: true } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
+  pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "conv2" type: "Convolution" bottom: "pool1" top: "conv2"
+  convolution_param { num_output: 4 kernel_size: 1 bias_term: false } }
+layer { name: "prelu2" type: "PReLU" bottom: "conv2" top: "conv2" }
+layer { name: "sum" type: "Eltwise" bottom: "pool1" bottom: "conv2" top: "sum"
+  eltwise_param { operation: SUM coeff: 1 coeff: -0.5 } }
+layer { name: "cat" type: "Concat" bottom: "sum" bottom: "pool1" top: "cat" }
+layer { name: "ave" type: "Pooling" bottom: "cat" top: "ave"
+  pooling_param { pool: AVE global_pooling: true } }
+layer { name: "drop" type: "Dropout" bottom: "ave" top: "ave" dropout_param { dropout_ratio: 0.5 } }
+layer { name: "fc" type: "InnerProduct" bottom: "ave" top: "fc" inner_product_param { num_output: 5 } }
+layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
+%(extra)s"""
+INPUT_LAYER = ('layer { name: "data" type: "Input" top: "data" '
+               'input_param { shape { dim: 1 dim: 3 dim: 9 dim: 9 } } }')
+DATA_LAYER = ('layer { name: "data" type: "Data" top: "data" top: "label" '
+              'transform_param { scale: 0.017 mean_value: 104 mean_value: 117 mean_value: 123 } '
+              'data_param { source: "train_lmdb" batch_size: 8 } }')
+
+
+def _caffe_weights(seed=0):
+    rs = np.random.RandomState(seed)
+    return {'conv1': [rs.normal(0, 0.5, (4, 3, 3, 3)), rs.normal(0, 0.1, 4)],
+            'bn1': [rs.normal(0, 0.2, 4) * 2, rs.uniform(0.5, 1.5, 4) * 2, [2.0]],
+            'scale1': [rs.uniform(0.5, 1.5, 4), rs.normal(0, 0.2, 4)],
+            'conv2': [rs.normal(0, 0.5, (4, 4, 1, 1))],
+            'prelu2': [rs.uniform(0.05, 0.3, 4)],
+            'fc': [rs.normal(0, 0.5, (5, 8)), rs.normal(0, 0.1, 5)]}
+
+
+def _write_caffe(tmp_path, weights, input_layer=INPUT_LAYER, extra=''):
+    """The prototxt as text and the caffemodel as protobuf messages, the fc weight as a
+    legacy (num, channels, height, width) blob."""
+    messages = caffe_messages()
+    layers = []
+    for name, arrays in weights.items():
+        blobs = []
+        for array in arrays:
+            array = np.asarray(array, np.float32)
+            if name == 'fc' and array.ndim == 2:
+                blobs.append(messages['BlobProto'](num=1, channels=1, height=array.shape[0],
+                                                   width=array.shape[1], data=array.ravel()))
+            else:
+                blobs.append(messages['BlobProto'](shape={'dim': array.shape},
+                                                   data=array.ravel()))
+        layers.append(messages['LayerParameter'](name=name, blobs=blobs))
+    model = messages['NetParameter'](name='composed', layer=layers)
+    prototxt, caffemodel = tmp_path / 'net.prototxt', tmp_path / 'net.caffemodel'
+    prototxt.write_text(CAFFE_NET % {'input': input_layer, 'extra': extra})
+    caffemodel.write_bytes(model.SerializeToString())
+    return str(prototxt)
+
+
+def _caffe_numpy(x, w):
+    """The composed net in float64, from Caffe's definitions."""
+    conv = naive_conv2d_f64(x, w['conv1'][0], w['conv1'][1], stride=(2, 2), pad=(1, 1))
+    mean, var = (np.asarray(w['bn1'][k]) / w['bn1'][2][0] for k in (0, 1))
+    c = lambda v: np.asarray(v).reshape(1, -1, 1, 1)  # noqa: E731  per channel
+    y = (conv - c(mean)) / np.sqrt(c(var) + 1e-5) * c(w['scale1'][0]) + c(w['scale1'][1])
+    y = np.maximum(y, 0)
+    n, ch, h, wd = y.shape  # 5x5 -> CEIL rounding: 3x3, the last window clipped
+    out = int(np.ceil((h - 2) / 2)) + 1
+    pool = np.array([[[[y[i, k, 2 * r:2 * r + 2, 2 * s:2 * s + 2].max() for s in range(out)]
+                       for r in range(out)] for k in range(ch)] for i in range(n)])
+    conv2 = naive_conv2d_f64(pool, w['conv2'][0])
+    prelu = np.maximum(conv2, 0) + c(w['prelu2'][0]) * np.minimum(conv2, 0)
+    cat = np.concatenate([pool - 0.5 * prelu, pool], axis=1)
+    fc = cat.mean(axis=(2, 3)) @ np.asarray(w['fc'][0]).T + w['fc'][1]
+    e = np.exp(fc - fc.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_caffe_model_composed_with_protobuf_matches_numpy(tmp_path):
+    weights = _caffe_weights()
+    net = import_model(_write_caffe(tmp_path, weights))
+    x = np.random.RandomState(3).normal(0, 1, (2, 3, 9, 9)).astype(np.float32)
+    got = net(mx.nd.array(x)).asnumpy()
+    assert np.abs(got - _caffe_numpy(x, weights)).max() <= CAFFE_ATOL
+    # BatchNorm + Scale are one nn.BatchNorm; the in-place ReLU and Dropout need no names
+    kinds = {key: type(block).__name__ for key, block in net._children.items()}
+    assert kinds['bn1'] == 'BatchNorm' and 'scale1' not in kinds and 'drop' not in kinds
+    assert net.preprocess == {'shape': (3, 9, 9)}
+
+
+def test_caffe_transform_param_is_the_preprocessing(tmp_path, images):
+    prototxt = _write_caffe(tmp_path, _caffe_weights(), DATA_LAYER)
+    assert import_model(prototxt).preprocess == {
+        'mean': [104.0, 117.0, 123.0], 'norm': [pytest.approx(0.017)], 'pixel': 'BGR'}
+    out = tmp_path / 'out'
+    assert qat_main(['calibrate', '--model', prototxt, '--images', str(images),
+                     '--shape', '9,9,3', '--output', str(out), '--method', 'max']) == 0
+    pre = json.load(open(out / 'preprocess.json'))
+    assert pre['pixel'] == 'BGR' and pre['mean'] == [104.0, 117.0, 123.0]
+    assert pre['norm'] == [pytest.approx(0.017)] * 3
+
+
+# ----- an unsupported layer: one error naming the file, the layer and its type -----------------
+def test_unsupported_layers_are_one_clear_error(tmp_path):
+    prototxt = _write_caffe(tmp_path, _caffe_weights(), extra=(
+        'layer { name: "norm1" type: "LRN" bottom: "prob" top: "norm1" }'))
+    with pytest.raises(UnsupportedLayerError, match=f"{prototxt}: layer 'norm1' of type 'LRN'"):
+        import_model(prototxt)
+
+    param = tmp_path / 'net.param'
+    param.write_text('7767517\n2 2\nInput data 0 1 data 0=8 1=8 2=3\n'
+                     'Interp up 1 1 data up 0=2 1=2.0 2=2.0\n')
+    (tmp_path / 'net.bin').write_bytes(b'')
+    with pytest.raises(UnsupportedLayerError, match=f"{param}: layer 'up' of type 'Interp'"):
+        import_model(str(param))
+
+    data = mx.sym.var('data')
+    symbol = mx.sym.Deconvolution(data, mx.sym.var('up_weight'), kernel=(2, 2), num_filter=3,
+                                  no_bias=True, name='up')
+    symbol.save(str(tmp_path / 'up-symbol.json'))
+    mx.nd.save(str(tmp_path / 'up-0000.params'), {'arg:up_weight': mx.nd.ones((3, 3, 2, 2))})
+    with pytest.raises(UnsupportedLayerError, match="layer 'up' of type 'Deconvolution'"):
+        import_model(str(tmp_path / 'up-symbol.json'))
+
+    with pytest.raises(qat.importers.ModelFileError, match='valid suffixes'):
+        import_model(str(tmp_path / 'net.pb'))
+    assert set(IMPORTERS) == {'-symbol.json', '.onnx', '.prototxt', '.param'}
+
+
+# ----- the whole line on an imported model ----------------------------------------------------
+@pytest.mark.parametrize('form', ['symbol', 'ncnn'])
+def test_imported_model_converts_calibrates_exports_and_verifies(form, tmp_path):
+    size = 32
+    if form == 'symbol':
+        _gluoncv('cifar_resnet20_v1', 32).export(str(tmp_path / 'src'))
+        path = str(tmp_path / 'src-symbol.json')
+    else:  # the fp32 ncnn file of an export: folded BN, fused ReLUs
+        source = qat.export(qat.app.models.calibrated_random('mobilenet0.25', size),
+                            str(tmp_path / 'src'), (3, size, size))
+        path = source['param']
+    net = import_model(path)
+    qat.convert_model(net)
+    assert len(quant_blocks(net)) >= 10
+    data = [mx.nd.array(_images(size, count=4, seed=k)) for k in range(2)]
+    qat.calibrate(net, data, method='max')
+    freeze_bn(net)
+    qat.export(net, str(tmp_path / 'out'), (3, size, size))
+    report = qat.verify(net, str(tmp_path / 'out'), data)
+    assert report['passed'], report['failures']
+    assert report['int8']['top1_agreement'] == 1
+
+
+def test_qat_calibrate_takes_a_symbol_file(tmp_path, images, capsys):
+    _gluoncv('cifar_resnet20_v1', 32).export(str(tmp_path / 'net'))
+    os.rename(tmp_path / 'net-0000.params', tmp_path / 'weights.params')
+    model = str(tmp_path / 'net-symbol.json')
+    out = tmp_path / 'out'
+    argv = ['calibrate', '--model', model, '--images', str(images), '--shape', '32,32,3',
+            '--method', 'max', '--output', str(out), '--verify', '4']
+    with pytest.raises(SystemExit) as exit_:  # the weights are not next to it
+        qat_main(argv)
+    assert exit_.value.code == 2 and 'net-0000.params' in capsys.readouterr().err
+    assert qat_main(argv + ['--weights', str(tmp_path / 'weights.params')]) == 0
+    assert 'PASSED' in capsys.readouterr().out
+    assert (out / 'model-int8.param').exists()
+    assert 'cifarresnetv10_conv0' in (out / 'model.table').read_text()
+
+
+def test_recipe_fine_tunes_an_imported_model(tmp_path):
+    from qat.app.stages import run_recipe
+    from .helpers import tiny_net
+    net = tiny_net()
+    net.initialize(mx.init.Xavier())
+    net.hybridize()
+    net(mx.nd.zeros((1, 3, 8, 8)))
+    net.export(str(tmp_path / 'tiny'))
+    recipe = tiny_recipe(tmp_path, model={'source': 'gluoncv', 'name': 'x', 'kwargs': {}},
+                         float={'epochs': 0}, qat={'epochs': 1, 'input_quant_epoch': 0,
+                                                   'freeze_bn_epoch': None,
+                                                   'freeze_ranges_epoch': None},
+                         calibrate={'batches': 2, 'report_bits': []},
+                         export={'enabled': True}, verify={'samples': 32})
+    text = open(recipe).read().replace("source: gluoncv", "source: file").replace(
+        "name: x", f"name: {tmp_path / 'tiny-symbol.json'}")
+    open(recipe, 'w').write(text)
+    results = run_recipe(recipe)
+    assert results['verify_passed']
+    assert ptq.models.source_of(str(tmp_path / 'tiny-symbol.json')) == 'file'
