@@ -3,14 +3,23 @@
 The decoders follow ncnn's sources operation by operation in float32
 (``src/layer/detectionoutput.cpp``, ``src/layer/x86/yolov3detectionoutput_x86.cpp``,
 ``src/layer/softmax.cpp``): the same candidate order, the same quicksort (not stable, so
-ties come out in ncnn's order), the same NMS tests; ``expf`` is the float64 exponential
-rounded to float32 (glibc's expf is correctly rounded almost everywhere). Fed with the
-simulated raw predictions (bit-exact with ncnn's when packing is off), they give what the
-device outputs: rows ``[label, score, x1, y1, x2, y2]``.
+ties come out in ncnn's order), the same NMS tests. Fed with the simulated raw predictions
+(bit-exact with ncnn's when packing is off), they give what the device outputs: rows
+``[label, score, x1, y1, x2, y2]``. Measured against the runtime on random blobs
+(tests/test_detection.py): Yolov3DetectionOutput bit for bit (its x86 build calls the C
+library's scalar ``expf`` and contracts ``1 + a * b`` into one fma, both reproduced here);
+DetectionOutput exact in labels and scores, its box corners within a few float32 ulps: the
+wheel is built with fast-math, and its generic loop calls glibc's vectorized expf
+(libmvec), which is not correctly rounded; here the exponential is correctly rounded.
+Softmax is ncnn's formula with a correctly rounded exp (ncnn's x86 Softmax uses its own
+polynomial): scores within a few ulps.
 
 ``params`` are an ncnn layer's parameters by id, as ``qat.deploy.ncnn.read_param`` reads
 them from the exported .param (the reference decodes what the file says).
 """
+import ctypes
+import ctypes.util
+
 import numpy as np
 
 F32 = np.float32
@@ -18,7 +27,30 @@ SCORE_LSB = 1 / 127  # one step of an int8 grid spanning the scores' range [0, 1
 
 
 def expf(x):
+    """float32 exp, correctly rounded (glibc's scalar expf agrees but in rare cases)."""
     return np.exp(np.asarray(x, np.float64)).astype(F32)
+
+
+def _libm_expf():
+    """The C library's scalar ``expf`` as a numpy function (None where it cannot be loaded):
+    what ncnn's x86 Yolov3DetectionOutput calls."""
+    try:
+        libm = ctypes.CDLL(ctypes.util.find_library('m') or 'libm.so.6')
+    except OSError:
+        return None
+    libm.expf.restype, libm.expf.argtypes = ctypes.c_float, [ctypes.c_float]
+    scalar = np.vectorize(lambda v: libm.expf(float(v)), otypes=[F32])
+    return lambda x: scalar(np.asarray(x, F32)) if np.size(x) else np.asarray(x, F32)
+
+
+libm_expf = _libm_expf() or expf
+
+
+def fma(a, b, c):
+    """float32 ``a * b + c`` rounded once, as the compiled layers contract it (the float64
+    product is exact; the sum's double rounding is off with probability ~2^-29)."""
+    return (np.asarray(a, np.float64) * np.asarray(b, np.float64)
+            + np.asarray(c, np.float64)).astype(F32)
 
 
 def softmax(x):
@@ -136,7 +168,7 @@ def yolov3_detection_output(blobs, params):
     biases = np.asarray(params[4], F32)
     mask = [int(m) for m in params[5]]
     scales = np.asarray(params[6], F32)
-    sigmoid = lambda v: F32(1) / (F32(1) + expf(-v))  # noqa: E731
+    sigmoid = lambda v: F32(1) / (F32(1) + libm_expf(-v))  # noqa: E731
     scores, boxes, areas, labels = [], [], [], []
     for b, blob in enumerate(blobs):
         blob = np.asarray(blob, F32)
@@ -152,13 +184,16 @@ def yolov3_detection_output(blobs, params):
             cls = p[5:]
             class_index = cls.argmax(axis=0)  # the first maximum, as ncnn's scan
             class_score = cls[class_index, np.arange(h * w)]
-            confidence = F32(1) / (F32(1) + expf(-p[4]) * (F32(1) + expf(-class_score)))
+            # (ncnn's parentheses: 1 / (1 + e^-obj * (1 + e^-cls)), not the product of two
+            # sigmoids)
+            confidence = F32(1) / fma(libm_expf(-p[4]), F32(1) + libm_expf(-class_score),
+                                      F32(1))
             keep = np.nonzero(confidence >= threshold)[0]
             j, i = (keep % w).astype(F32), (keep // w).astype(F32)
             cx = (j + sigmoid(p[0, keep])) / F32(w)
             cy = (i + sigmoid(p[1, keep])) / F32(h)
-            bw = expf(p[2, keep]) * bias_w / F32(net_w)
-            bh = expf(p[3, keep]) * bias_h / F32(net_h)
+            bw = libm_expf(p[2, keep]) * bias_w / F32(net_w)
+            bh = libm_expf(p[3, keep]) * bias_h / F32(net_h)
             boxes.append(np.stack([cx - bw * F32(0.5), cy - bh * F32(0.5),
                                    cx + bw * F32(0.5), cy + bh * F32(0.5)], axis=1))
             scores.append(confidence[keep])

@@ -22,6 +22,8 @@ InstanceNorm    channels, eps; weights: gamma, beta (C,)
 LayerNorm       size (of the last axis), eps; weights: gamma, beta (size,)
 GroupNorm       groups, channels, eps; weights: gamma, beta (C,)
 Reduction       op ('sum' | 'mean'), axes (ncnn axes), keepdims
+Normalize       across_spatial, across_channel (0 / 1), eps; weights: scale (C,) or (1,):
+                L2Normalization (times SSD's learned per-channel scale)
 ReLU            slope (0.0 = plain ReLU, else leaky)
 Clip            low, high
 Sigmoid, TanH, Swish, GELU   -
@@ -35,6 +37,7 @@ Pooling         pool ('max' | 'avg'), kernel, stride, pad, global_pool (bool),
 Eltwise         op ('sum' | 'prod' | 'max'); two or more inputs of the same shape
 BinaryOp        op ('add' | 'sub' | 'mul' | 'div' | 'max' | 'min' | 'rsub' | 'rdiv'),
                 scalar (optional: the second operand); else two inputs that broadcast
+Scale           weights: scale (C,): a product with a per-channel constant; exact
 UnaryOp         op (the MXNet op: 'abs' | 'negative' | 'floor' | 'ceil' | 'square')
 Concat          axis (MXNet axis of the NCHW tensor: 1 = channels)
 Flatten         -
@@ -48,6 +51,12 @@ Interp          mode ('nearest' | 'bilinear'), height, width (of the output),
                 align_corners (bool)
 ShuffleChannel  group: ShuffleNet's channel shuffle (reshape to (group, C/group), swap,
                 flatten back); a permutation: exact
+MemoryData      shape (h, w); weights: data (h, w) float32 (SSD's priors)
+DetectionOutput num_class (with the background), nms_threshold, nms_top_k, keep_top_k,
+                confidence_threshold, variances; inputs: location (A, 4), softmaxed
+                confidence (A, num_class), priors (2, A * 4) (``optable.detection``)
+Yolov3DetectionOutput  num_class, num_box, confidence_threshold, nms_threshold, biases,
+                mask, anchors_scale; inputs: the raw prediction convs of every output
 ==============  ====================================================================
 
 ``activation`` (fused into Convolution / InnerProduct) is None or one of

@@ -211,6 +211,8 @@ def read_weights(param_path, bin_path):
             weights[name] = {key: take(p[0], '<f4') for key in ('slope', 'mean', 'var', 'bias')}
         elif kind == 'PReLU':
             weights[name] = {'slope': take(p.get(0, 1), '<f4')}
+        elif kind in ('Normalize', 'Scale'):  # raw float32 scales (Scale: without bias)
+            weights[name] = {'scale': take(p.get(3 if kind == 'Normalize' else 0, 0), '<f4')}
         elif kind == 'MemoryData':  # raw float32, (h, w)
             shape = tuple(p.get(key, 0) for key in (2, 1, 0))
             shape = tuple(size for size in shape if size) or (1,)

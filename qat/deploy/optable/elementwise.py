@@ -2,11 +2,14 @@
 
 Inputs of one shape: ncnn Eltwise (sum, prod, max), Caffe Eltwise. Inputs of different
 shapes (MXNet's ``broadcast_*``, e.g. an SE block's ``x * w`` with w of shape (N, C, 1, 1)),
-or another op (sub, div, min): ncnn BinaryOp, which broadcasts the same way. A scalar
+or another op (sub, div, min): ncnn BinaryOp; a product with a (1, C, 1, 1) parameter: ncnn
+Scale, which broadcasts the same way. A scalar
 operand: BinaryOp with ``with_scalar``. abs, negative, floor, ceil, square: ncnn UnaryOp. Add, subtract, multiply, max and min round the same
 in MXNet and ncnn (exact); ncnn's division is a reciprocal estimate refined once (GCC's
 fast-math), so a division can differ from MXNet's in the last bit.
 """
+import numpy as np
+
 from .base import caffe_layer, refuse
 
 ELTWISE_OPS = {'elemwise_add': 'sum', '_Plus': 'sum', '_plus': 'sum', 'broadcast_add': 'sum',
@@ -39,8 +42,26 @@ def trace_constant_like(t, index, node):
     its value as a scalar operand (residual attention's ``1 + mask``)."""
 
 
+def _channel_constant(t, node, sources):
+    """The (C,) values of a multiply's parameter operand shaped (1, C, 1, 1) or (1,) (VGG-SSD's
+    ``x * init_scale``), or None."""
+    params = [source for source, *_ in node['inputs'] if source not in sources]
+    if node['op'] not in ('broadcast_mul', 'elemwise_mul', '_mul') or len(sources) != 1 \
+            or len(params) != 1 or t.nodes[params[0]]['name'] not in t.values:
+        return None
+    value = t.values[t.nodes[params[0]]['name']].asnumpy().astype(np.float32)
+    channels = t.shape(sources[0])[1]
+    if value.size == 1:
+        return np.full(channels, value.reshape(-1)[0], np.float32)
+    return value.reshape(-1) if value.shape == (1, channels, 1, 1) else None
+
+
 def trace_elementwise(t, index, node):
     sources = t.data_inputs(node)
+    scale = _channel_constant(t, node, sources)
+    if scale is not None:  # a per-channel product: exact
+        t.add('Scale', index, sources, {}, {'scale': scale})
+        return
     constants = [s for s in sources if t.nodes[s]['op'] in CONSTANT_LIKE]
     if len(sources) == 2 and len(constants) == 1:
         (tensor,) = [s for s in sources if s not in constants]
@@ -82,6 +103,12 @@ def trace_unary(t, index, node):
 
 def ncnn_unary(layer, graph, int8, guarded, out):
     return 'UnaryOp', [(0, UNARY_OPS[layer.params['op']])]
+
+
+def ncnn_scale(layer, graph, int8, guarded, out):
+    scale = layer.weights['scale']
+    out.raw(scale)  # Scale reads raw float32 (no tag)
+    return 'Scale', [(0, int(scale.size)), (1, 0)]
 
 
 def ncnn_binary(layer, graph, int8, guarded, out):

@@ -1,6 +1,7 @@
-"""Normalizations computed at run time (InstanceNorm, LayerNorm, GroupNorm) and reductions
-(sum, mean over axes): fp32 layers in ncnn, whose means and variances are summed in ncnn's
-order, not MXNet's, so the simulation is within a few float32 ulps, not bit-exact.
+"""Normalizations computed at run time (InstanceNorm, LayerNorm, GroupNorm, L2Normalization)
+and reductions (sum, mean over axes): fp32 layers in ncnn, whose means and variances are
+summed in ncnn's order, not MXNet's, so the simulation is within a few float32 ulps, not
+bit-exact.
 """
 import numpy as np
 
@@ -35,6 +36,47 @@ def trace_layer_norm(t, index, node):
     t.add('LayerNorm', index, t.data_inputs(node)[:1],
           {'size': shape[-1], 'eps': float(attrs.get('eps', 1e-5))},
           _affine(t, node, shape[-1]))
+
+
+# MXNet L2Normalization mode -> ncnn Normalize (across_spatial, across_channel)
+L2_MODES = {'channel': (0, 1), 'instance': (1, 1), 'spatial': (1, 0)}
+
+
+def trace_l2_normalization(t, index, node):
+    """L2Normalization (x / sqrt(sum x^2 + eps)) -> ncnn Normalize (eps_mode 0, the same
+    formula as x * (1 / sqrtf(ssum + eps)) * scale); a following broadcast_mul by a
+    (1, C, 1, 1) parameter (SSD's ``Normalize`` block) becomes its per-channel scale."""
+    attrs = node.get('attrs', {})
+    mode = attrs.get('mode', 'instance')
+    shape = t.shape(index)
+    if mode not in L2_MODES or len(shape) != 4:
+        raise refuse(t, node, f"L2Normalization of a 4-D tensor in modes {sorted(L2_MODES)}, "
+                              f"got mode {mode!r} on {shape}")
+    scale, end = np.ones(1, np.float32), index
+    user = t.only_consumer(index)
+    if user is not None and t.nodes[user]['op'] in ('broadcast_mul', 'elemwise_mul'):
+        operands = [source for source, *_ in t.nodes[user]['inputs'] if source != index]
+        if len(operands) == 1 and t.nodes[operands[0]]['op'] == 'null' \
+                and t.nodes[operands[0]]['name'] in t.values:
+            value = t.values[t.nodes[operands[0]]['name']].asnumpy().astype(np.float32)
+            if value.size == 1 or value.shape == (1, shape[1], 1, 1):
+                scale, end = value.reshape(-1), user
+    spatial, channel = L2_MODES[mode]
+    layer = t.add('Normalize', index, t.data_inputs(node)[:1],
+                  {'across_spatial': spatial, 'across_channel': channel,
+                   'eps': float(attrs.get('eps', 1e-10))}, {'scale': scale},
+                  source=t.key(end))
+    if end != index:
+        t.absorb([end], index)
+    return layer
+
+
+def ncnn_normalize(layer, graph, int8, guarded, out):
+    p, scale = layer.params, layer.weights['scale']
+    out.raw(scale)  # Normalize reads its scales raw (no tag)
+    return 'Normalize', [(0, p['across_spatial']), (1, int(scale.size == 1)),
+                         (2, float(p['eps'])), (3, int(scale.size)), (4, p['across_channel']),
+                         (9, 0)]
 
 
 def trace_group_norm(t, index, node):
