@@ -12,6 +12,7 @@ then the line on an imported model (convert, calibrate, int8 export, verify; the
 ``qat calibrate`` command; a recipe with QAT), and the one clear error of a layer we cannot
 read.
 """
+import importlib.util
 import json
 import os
 import re
@@ -21,7 +22,7 @@ import subprocess
 import mxnet as mx
 import numpy as np
 import pytest
-from mxnet.gluon import nn
+from mxnet.gluon import HybridBlock, nn
 
 import qat
 from qat.app import ptq
@@ -171,20 +172,57 @@ def _ncnn_fp32(param, bin_path, x, input_name, output_name):
     net.load_model(bin_path)
     outs = []
     for sample in x:
+        sample = np.ascontiguousarray(sample)  # kept alive: the Mat reads its memory
         extractor = net.create_extractor()
-        extractor.input(input_name, ncnn.Mat(np.ascontiguousarray(sample)))
+        extractor.input(input_name, ncnn.Mat(sample))
         _, out = extractor.extract(output_name)
         outs.append(np.array(out).ravel())
     return np.stack(outs)
 
 
+class OpsNet(HybridBlock):
+    """The layers ncnn writes for what GluonCV nets rarely have: GELU, reflect padding,
+    bilinear and nearest resizing, a crop, ELU, PReLU, max pooling, swish, a permute."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.conv = nn.Conv2D(8, 3, padding=1, in_channels=3)
+            self.conv2 = nn.Conv2D(8, 1, in_channels=8)
+            self.gelu, self.elu, self.prelu = nn.GELU(), nn.ELU(0.7), nn.PReLU(in_channels=8)
+            self.dense = nn.Dense(5, in_units=144)
+
+    def hybrid_forward(self, F, x):
+        y = F.pad(self.gelu(self.conv(x)), mode='reflect', pad_width=(0, 0, 0, 0, 1, 1, 1, 1))
+        y = F.slice_axis(F.contrib.BilinearResize2D(y, height=12, width=12), axis=2, begin=1,
+                         end=7)
+        y = F.UpSampling(self.conv2(self.prelu(self.elu(y))), scale=2, sample_type='nearest')
+        y = F.Pooling(y, kernel=(4, 4), stride=(4, 4), pool_type='max')
+        return F.softmax(self.dense(F.transpose(y * F.sigmoid(y), axes=(0, 1, 3, 2))))
+
+
+def _converted(name, size):
+    """A converted, calibrated net with BN frozen (random weights and BN statistics)."""
+    if name != 'ops':
+        return qat.app.models.calibrated_random(name, size)
+    mx.random.seed(0)
+    net = OpsNet(prefix='ops_')
+    net.initialize(mx.init.Xavier())
+    x = mx.nd.array(_images(size, seed=0))
+    qat.convert_model(net)
+    qat.calibrate(net, [x], method='max')
+    freeze_bn(net)
+    return net
+
+
 NCNN_NETS = (('resnet18_v1', 32), ('mobilenet0.25', 32), ('mobilenetv2_0.25', 32),
-             ('cifar_resnet20_v1', 32), ('mobilenetv3_small', 32), ('se_resnet18_v1', 32))
+             ('cifar_resnet20_v1', 32), ('mobilenetv3_small', 32), ('se_resnet18_v1', 32),
+             ('shufflenet_v2', 32), ('ops', 10))
 
 
 @pytest.mark.parametrize('name, size', NCNN_NETS, ids=[n for n, _ in NCNN_NETS])
 def test_our_ncnn_and_caffe_files_import_to_what_ncnn_computes(name, size, tmp_path):
-    net = qat.app.models.calibrated_random(name, size)
+    net = _converted(name, size)
     paths = qat.export(net, str(tmp_path), (3, size, size))
     output = json.load(open(paths['manifest']))['outputs'][0]
     x = _images(size)
@@ -198,7 +236,15 @@ def test_our_ncnn_and_caffe_files_import_to_what_ncnn_computes(name, size, tmp_p
         assert np.abs(from_caffe.reshape(got.shape) - got).max() <= SYMBOL_ATOL
 
 
-PNNX = shutil.which('pnnx')
+def _pnnx():
+    """The pnnx executable of the PyPI package (found without importing the package, which
+    wants torch), or one on PATH; None without it."""
+    spec = importlib.util.find_spec('pnnx')
+    path = os.path.join(os.path.dirname(spec.origin), 'pnnx') if spec else shutil.which('pnnx')
+    return path if path and os.access(path, os.X_OK) else None
+
+
+PNNX = _pnnx()
 
 
 @pytest.mark.skipif(PNNX is None, reason='pnnx not installed (pip install --no-deps pnnx)')

@@ -98,6 +98,21 @@ class Gated(HybridBlock):
         return x * resolve_op(F, self.op)(x, **self.attrs)
 
 
+class ChannelShuffle(HybridBlock):
+    """ShuffleNet's channel shuffle of ``groups`` groups: (N, g, C/g, H, W), the two group
+    axes swapped, back to (N, C, H, W) (``reverse``: (N, C/g, g, H, W), as ncnn's
+    ``reverse``)."""
+
+    def __init__(self, groups, reverse=False, **kwargs):
+        super().__init__(**kwargs)
+        self.groups, self.reverse = int(groups), bool(reverse)
+
+    def hybrid_forward(self, F, x):
+        split = (0, -4, -1, self.groups, -2) if self.reverse else (0, -4, self.groups, -1, -2)
+        x = F.reshape(x, shape=split)
+        return F.reshape(F.swapaxes(x, 1, 2), shape=(0, -3, -2))
+
+
 class GraphNet(HybridBlock):
     """A net read from a file: ``steps`` [(child name, input blobs, output blobs)] run in
     order on the blobs, the inputs named ``inputs``, returning the blobs ``outputs``.
@@ -166,6 +181,16 @@ class Builder:
         self.steps.append((key, bottoms, list(tops)))
         self.weights += [(name, block, attr, value) for attr, value in (weights or {}).items()]
         return block
+
+    def shape(self, blob, input_shapes):
+        """The shape of ``blob`` (as the layers so far make it) for ``input_shapes`` ({input
+        blob: full shape}), inferred symbolically: for a layer whose parameters are sizes
+        where Gluon wants a ratio."""
+        partial = GraphNet(list(input_shapes), self.steps, [self.blob(blob)], prefix='')
+        for key, block in self.blocks.items():
+            partial.register_child(block, key)
+        out = partial(*[mx.sym.var(name) for name in input_shapes])
+        return tuple(out.infer_shape(**input_shapes)[1][0])
 
     def net(self, inputs, outputs=None, preprocess=None):
         outputs = list(self.unread) if outputs is None else [self.blob(b) for b in outputs]

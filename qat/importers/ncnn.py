@@ -16,7 +16,7 @@ from mxnet.gluon import nn
 from ..deploy.ncnn import read_param, read_weights
 from ..deploy.optable.shape import PERMUTE_ORDERS
 from ..errors import UserError
-from .graph import Builder, Chain, Gated, ModelFileError, Op, unsupported
+from .graph import Builder, Chain, ChannelShuffle, Gated, ModelFileError, Op, unsupported
 
 SUFFIX = '.param'
 NOT_SET = -233  # ncnn's "parameter not given"
@@ -49,10 +49,12 @@ def read(path, weights=None):
         raise ModelFileError(f"{weights}: too short for the layers of {path} (truncated, or "
                              f"not its weights?)") from None
     builder, inputs, shapes = Builder(path), [], {}
+    builder.input_shapes = {}  # for the layers that need their input's size
     for kind, name, bottoms, tops, p in layers:
         if kind == 'Input':
             inputs += tops
             shapes = {'shape': (p.get(2, 1), p.get(1, 1), p.get(0, 1))}
+            builder.input_shapes[tops[0]] = (1,) + shapes['shape']
         elif kind in ('Split', 'Dropout', 'Noop'):
             for top in tops:
                 builder.alias(top, bottoms[0])
@@ -223,6 +225,53 @@ def _permute(builder, name, bottoms, tops, p, w, path):
     _op('transpose', lambda p: {'axes': axes})(builder, name, bottoms, tops, p, w, path)
 
 
+def _padding(builder, name, bottoms, tops, p, w, path):
+    if p.get(7, 0) or p.get(8, 0) or p.get(4, 0) not in (0, 1, 2):
+        raise unsupported(path, name, 'Padding', 'channel padding or an unknown type')
+    mode = ('constant', 'edge', 'reflect')[p.get(4, 0)]
+    attrs = {'mode': mode, 'pad_width': (0, 0, 0, 0) + tuple(p.get(k, 0) for k in range(4))}
+    if mode == 'constant':
+        attrs['constant_value'] = p.get(5, 0.0)
+    _op('Pad', lambda p: attrs)(builder, name, bottoms, tops, p, w, path)
+
+
+def _interp(builder, name, bottoms, tops, p, w, path):
+    kind, (height, width) = p.get(0, 1), (p.get(3, 0), p.get(4, 0))
+    scales = (p.get(1, 1.0), p.get(2, 1.0))
+    if kind == 2 and height and width:
+        return _op('_contrib_BilinearResize2D', lambda p: {
+            'height': height, 'width': width, 'align_corners': bool(p.get(6, 0))})(
+                builder, name, bottoms, tops, p, w, path)
+    if kind == 1 and height and width and builder.input_shapes:
+        # ncnn's nearest reads row floor(y * h / height): an integer ratio is MXNet's
+        # UpSampling
+        h, wd = builder.shape(bottoms[0], builder.input_shapes)[2:]
+        scales = (height / h, width / wd)
+    if kind == 1 and scales[0] == scales[1] == int(scales[0]):
+        return _op('UpSampling', lambda p: {'scale': int(scales[0]), 'sample_type': 'nearest',
+                                            'num_args': 1})(builder, name, bottoms, tops, p,
+                                                            w, path)
+    raise unsupported(path, name, 'Interp', 'only bilinear to a size, or nearest by an '
+                      'integer factor')
+
+
+def _crop(builder, name, bottoms, tops, p, w, path):
+    if not p.get(11):
+        raise unsupported(path, name, 'Crop', 'only the starts / ends / axes form')
+    begin, end = [None] * 4, [None] * 4
+    for start, stop, axis in zip(p[9], p[10], p[11]):
+        axis = int(axis) + 1 if axis >= 0 else int(axis) + 4
+        begin[axis], end[axis] = int(start), None if stop >= 2 ** 31 - 1 else int(stop)
+    _op('slice', lambda p: {'begin': tuple(begin), 'end': tuple(end)})(
+        builder, name, bottoms, tops, p, w, path)
+
+
+def _gelu(builder, name, bottoms, tops, p, w, path):
+    if p.get(0, 0):
+        raise unsupported(path, name, 'GELU', "fast_gelu (MXNet's GELU is the erf form)")
+    builder.add(name, lambda prefix: nn.GELU(prefix=prefix), bottoms, tops)
+
+
 def _prelu(builder, name, bottoms, tops, p, w, path):
     builder.add(name, lambda prefix: nn.PReLU(in_channels=p.get(0, 1), prefix=prefix),
                 bottoms, tops, {'alpha': w['slope']})
@@ -256,4 +305,10 @@ LAYERS = {
     'Reshape': _reshape,
     'Permute': _permute,
     'Softmax': _op('softmax', lambda p: {'axis': _axis(p)}),
+    'ShuffleChannel': _block(lambda p, prefix: ChannelShuffle(p.get(0, 1), p.get(1, 0),
+                                                              prefix=prefix)),
+    'Padding': _padding,
+    'Interp': _interp,
+    'Crop': _crop,
+    'GELU': _gelu,
 }

@@ -4,7 +4,8 @@ writes) into a GraphNet of standard Gluon layers.
 The graph is read with ``qat.symbol.SymbolGraph`` (the package's one symbol walker). Each
 op node becomes one block named after the node (a Gluon export's ``<block>_fwd`` loses its
 ``_fwd``, so the blocks and parameters keep their original names): Convolution ->
-``nn.Conv2D``, FullyConnected -> ``nn.Dense``, BatchNorm -> ``nn.BatchNorm``, Activation ->
+``nn.Conv2D``, Deconvolution -> ``nn.Conv2DTranspose``, FullyConnected -> ``nn.Dense``,
+BatchNorm -> ``nn.BatchNorm``, Activation ->
 ``nn.Activation``, LeakyReLU -> ``nn.LeakyReLU`` / ``nn.PReLU`` / ``nn.ELU`` / ``nn.SELU`` /
 ``nn.GELU``, 2-D max / average / global pooling -> the ``nn`` pooling blocks; any other
 operator MXNet has becomes an ``Op`` block calling it with the node's attributes (tensors it
@@ -83,6 +84,20 @@ def _convolution(attrs, w, path, name):
         use_bias='bias' in w, in_channels=per_group * groups, prefix=prefix)
 
 
+def _deconvolution(attrs, w, path, name):
+    if len(w['weight'].shape) != 4 or attrs.get('layout', 'NCHW') != 'NCHW' \
+            or attrs.get('target_shape', '()') not in ('()', '(0, 0)', '[]'):
+        raise unsupported(path, name, 'Deconvolution', 'only 2-D NCHW, without target_shape')
+    groups = int(attrs.get('num_group', 1))
+    inputs, per_group, *kernel = w['weight'].shape
+    return lambda prefix: nn.Conv2DTranspose(
+        per_group * groups, tuple(kernel), strides=_pair(attrs, 'stride', 1),
+        padding=_pair(attrs, 'pad', 0), output_padding=_pair(attrs, 'adj', 0),
+        dilation=_pair(attrs, 'dilate', 1), groups=groups,
+        use_bias='bias' in w and not _flag(attrs, 'no_bias', False), in_channels=inputs,
+        prefix=prefix)
+
+
 def _fully_connected(attrs, w, path, name):
     units, inputs = w['weight'].shape
     return lambda prefix: nn.Dense(units, use_bias='bias' in w,
@@ -136,12 +151,15 @@ def _pooling(attrs, w, path, name):
 # name) -> block maker(prefix), or None: the op itself, as an Op block)
 LAYERS = {
     'Convolution': (('weight', 'bias'), _convolution),
+    'Deconvolution': (('weight', 'bias'), _deconvolution),
     'FullyConnected': (('weight', 'bias'), _fully_connected),
     'BatchNorm': (('gamma', 'beta', 'running_mean', 'running_var'), _batchnorm),
     'Activation': ((), _activation),
     'LeakyReLU': (('gamma',), _leaky),
     'Pooling': ((), _pooling),
 }
+# ops with state or subgraphs, which one fixed operator call does not express
+NOT_AT_INFERENCE = ('RNN', 'Custom', '_foreach', '_while_loop', '_cond')
 # ops whose non-data inputs are labels, dropped at inference
 LOSS_OUTPUTS = {'SoftmaxOutput': 'softmax', 'LinearRegressionOutput': '_copy',
                 'LogisticRegressionOutput': 'sigmoid'}
@@ -198,7 +216,7 @@ def _add_node(builder, graph, index, node, params, path):
             return
     if op in LOSS_OUTPUTS:
         op, attrs, bottoms = LOSS_OUTPUTS[op], {}, bottoms[:1]
-    if resolve_op(mx.sym, op) is None or op in ('Deconvolution', 'Embedding', 'RNN'):
+    if resolve_op(mx.sym, op) is None or op in NOT_AT_INFERENCE:
         raise unsupported(path, name, op)
     constants = {f"c{k}": params[n] for k, n in enumerate(weight_inputs)}
     order = []
