@@ -381,13 +381,13 @@ def test_unsupported_layers_are_one_clear_error(tmp_path):
     with pytest.raises(UnsupportedLayerError, match=f"{param}: layer 'up' of type 'Interp'"):
         import_model(str(param))
 
-    data = mx.sym.var('data')
-    symbol = mx.sym.Deconvolution(data, mx.sym.var('up_weight'), kernel=(2, 2), num_filter=3,
-                                  no_bias=True, name='up')
-    symbol.save(str(tmp_path / 'up-symbol.json'))
-    mx.nd.save(str(tmp_path / 'up-0000.params'), {'arg:up_weight': mx.nd.ones((3, 3, 2, 2))})
-    with pytest.raises(UnsupportedLayerError, match="layer 'up' of type 'Deconvolution'"):
-        import_model(str(tmp_path / 'up-symbol.json'))
+    data = mx.sym.var('data')  # a 1-D convolution (N, C, W)
+    symbol = mx.sym.Convolution(data, mx.sym.var('c_weight'), kernel=(3,), num_filter=3,
+                                no_bias=True, name='c')
+    symbol.save(str(tmp_path / 'c-symbol.json'))
+    mx.nd.save(str(tmp_path / 'c-0000.params'), {'arg:c_weight': mx.nd.ones((3, 3, 3))})
+    with pytest.raises(UnsupportedLayerError, match="layer 'c' of type 'Convolution'"):
+        import_model(str(tmp_path / 'c-symbol.json'))
 
     with pytest.raises(qat.importers.ModelFileError, match='valid suffixes'):
         import_model(str(tmp_path / 'net.pb'))
