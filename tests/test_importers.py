@@ -367,6 +367,30 @@ def test_caffe_transform_param_is_the_preprocessing(tmp_path, images):
     assert pre['norm'] == [pytest.approx(0.017)] * 3
 
 
+def test_caffe_pooling_drops_a_last_window_in_the_padding_as_caffe_does(tmp_path):
+    """3x3, kernel 2, stride 2, pad 1: Caffe's CEIL gives 3 windows and drops the one that
+    starts in the padding (rows 3..4): 2x2, which is MXNet's floor rounding here."""
+    (tmp_path / 'p.prototxt').write_text(
+        'input: "data" input_shape { dim: 1 dim: 2 dim: 3 dim: 3 }\n'
+        'layer { name: "max" type: "Pooling" bottom: "data" top: "max" '
+        'pooling_param { pool: MAX kernel_size: 2 stride: 2 pad: 1 } }\n'
+        'layer { name: "ave" type: "Pooling" bottom: "data" top: "ave" '
+        'pooling_param { pool: AVE kernel_size: 2 stride: 2 pad: 1 } }\n')
+    (tmp_path / 'p.caffemodel').write_bytes(b'')
+    x = np.random.RandomState(0).normal(0, 1, (1, 2, 3, 3)).astype(np.float32)
+    got_max, got_ave = (o.asnumpy() for o in import_model(str(tmp_path / 'p.prototxt'))(
+        mx.nd.array(x)))
+    rows = [slice(0, 1), slice(1, 3)]  # windows [-1, 0] and [1, 2], clipped to the input
+    want_max = np.array([[[[x[0, c, r, q].max() for q in rows] for r in rows]
+                          for c in range(2)]])
+    # Caffe's average divides by the window clipped to the padded input: 2 x 2 everywhere
+    want_ave = np.array([[[[x[0, c, r, q].sum() / 4 for q in rows] for r in rows]
+                          for c in range(2)]])
+    assert got_max.shape == (1, 2, 2, 2)
+    assert np.abs(got_max - want_max).max() <= CAFFE_ATOL
+    assert np.abs(got_ave - want_ave).max() <= CAFFE_ATOL
+
+
 # ----- an unsupported layer: one error naming the file, the layer and its type -----------------
 def test_unsupported_layers_are_one_clear_error(tmp_path):
     prototxt = _write_caffe(tmp_path, _caffe_weights(), extra=(

@@ -51,6 +51,9 @@ def read(path, weights=None):
     inputs, preprocess = list(fields.get('input', [])), {}
     shape = [s['dim'] for s in fields.get('input_shape', [])] or \
         ([fields['input_dim']] if fields.get('input_dim') else [])
+    builder.input_shapes = {}  # for Pooling's rounding
+    if inputs and shape:
+        builder.input_shapes[inputs[0]] = (1,) + tuple(int(d) for d in shape[0][1:])
     skip = set()
     for index, layer in enumerate(layers):
         if index in skip:
@@ -58,6 +61,8 @@ def read(path, weights=None):
         if layer.type in DATA_LAYERS:
             inputs += layer.tops[:1]
             shape += [s['dim'] for s in layer.params.get('input_param', {}).get('shape', [])]
+            if shape and len(inputs) == 1:
+                builder.input_shapes[inputs[0]] = (1,) + tuple(int(d) for d in shape[0][1:])
             preprocess.update(_transform(layer.params.get('transform_param', {})))
             continue
         scale = _scale_after(layers, index)
@@ -213,16 +218,40 @@ def _pooling(builder, layer, arrays, path):
         block = nn.GlobalMaxPool2D if kind == 'MAX' else nn.GlobalAvgPool2D
         return builder.add(layer.name, lambda prefix: block(prefix=prefix), layer.bottoms,
                            layer.tops)
-    # Caffe rounds up (CEIL) by default; a last window starting in the padding, which Caffe
-    # drops and MXNet's 'full' convention keeps, only occurs with padding
-    common = dict(pool_size=_hw(p, 'kernel_size', 'kernel', 1),
-                  strides=_hw(p, 'stride', 'stride', 1), padding=_hw(p, 'pad', 'pad', 0),
-                  ceil_mode=p.get('round_mode', 'CEIL') == 'CEIL')
+    kernel, stride = _hw(p, 'kernel_size', 'kernel', 1), _hw(p, 'stride', 'stride', 1)
+    pad = _hw(p, 'pad', 'pad', 0)
+    common = dict(pool_size=kernel, strides=stride, padding=pad,
+                  ceil_mode=_ceil_mode(builder, layer, p.get('round_mode', 'CEIL'), kernel,
+                                       stride, pad, path))
     if kind == 'MAX':
         return builder.add(layer.name, lambda prefix: nn.MaxPool2D(**common, prefix=prefix),
                            layer.bottoms, layer.tops)
     return builder.add(layer.name, lambda prefix: nn.AvgPool2D(**common, prefix=prefix),
                        layer.bottoms, layer.tops)
+
+
+def _ceil_mode(builder, layer, rounding, kernel, stride, pad, path):
+    """MXNet's rounding (True: 'full') that gives Caffe's pooled size: Caffe rounds up (CEIL,
+    or down with FLOOR), then drops a last window that starts in the padding, which MXNet's
+    'full' keeps. With the input's size known the sizes are compared; without it, Caffe's
+    rounding is taken as it is (the two differ only with padding)."""
+    if not builder.input_shapes:
+        return rounding == 'CEIL'
+    sizes = builder.shape(layer.bottoms[0], builder.input_shapes)[2:]
+    modes = set()  # the roundings that give Caffe's size, where floor and ceil differ
+    for n, k, s, p in zip(sizes, kernel, stride, pad):
+        floor, ceil = (n + 2 * p - k) // s + 1, -(-(n + 2 * p - k) // s) + 1
+        caffe = ceil if rounding == 'CEIL' else floor
+        if p and (caffe - 1) * s >= n + p:
+            caffe -= 1
+        if caffe not in (floor, ceil):
+            raise unsupported(path, layer.name, 'Pooling', f"an output size {caffe} that "
+                              f"MXNet's pooling does not make from {n}")
+        if floor != ceil:
+            modes.add(caffe == ceil)
+    if len(modes) > 1:
+        raise unsupported(path, layer.name, 'Pooling', 'rows and columns rounded differently')
+    return modes.pop() if modes else False
 
 
 def _simple(make):
