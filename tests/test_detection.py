@@ -26,6 +26,7 @@ from gluoncv.model_zoo.yolo import YOLOV3
 from mxnet.gluon import HybridBlock, nn
 
 import qat
+from qat.app.detectors import gluon_backbone
 from qat.deploy import ExportError
 from qat.deploy import detection as D
 from qat.deploy.ncnn import read_param
@@ -235,9 +236,10 @@ def _tune_heads(net, data, rs, raised=2):
         conv.bias.set_data(mx.nd.array(bias.reshape(-1)))
 
 
-def calibrated_detector(make, size, seed=0):
-    """(net, verification batch): ``make()`` with random weights and BN statistics, boosted
-    heads, converted, max-calibrated on one random batch, BN frozen."""
+def calibrated_detector(make, size, seed=0, gluon=True):
+    """(net, verification batch): ``make()`` with random weights and BN statistics, tuned
+    heads, converted (after ``gluon_backbone`` unless ``gluon`` is False: a zoo SSD's
+    SymbolBlock backbone then stays fp32), max-calibrated on one random batch, BN frozen."""
     mx.random.seed(seed)
     rs = np.random.RandomState(seed)
     with mx.name.NameManager():
@@ -245,6 +247,8 @@ def calibrated_detector(make, size, seed=0):
     net.initialize()
     data = mx.nd.array(rs.normal(0, 1, (2, 3, size, size)))
     net(data)
+    if gluon:
+        gluon_backbone(net)
     _settle_bn(net, data)
     _randomize_bn(net, rs)
     _tune_heads(net, data, rs)
@@ -258,22 +262,28 @@ def _zoo(name):
     return lambda: model_zoo.get_model(name, pretrained=False, pretrained_base=False)
 
 
-# (family, builder, input size, exact heads with packing off, mark)
+# (family, builder, input size, exact heads with packing off, also passes with ncnn's
+# default options, mark)
 FAMILIES = (
-    ('ssd_custom', tiny_ssd, 64, True, None),
-    ('yolo3_custom', tiny_yolo, 64, True, None),
-    ('ssd_mobilenet', _zoo('ssd_512_mobilenet1.0_voc'), 128, False, None),
-    ('yolo3_mobilenet', _zoo('yolo3_mobilenet1.0_voc'), 96, True, None),
-    ('yolo3_darknet53', _zoo('yolo3_darknet53_voc'), 96, True, pytest.mark.slow),
-    ('ssd_resnet50', _zoo('ssd_512_resnet50_v1_voc'), 128, False, pytest.mark.slow),
-    ('ssd_vgg16_atrous', _zoo('ssd_300_vgg16_atrous_voc'), 268, False, pytest.mark.slow),
+    ('ssd_custom', tiny_ssd, 64, True, True, None),
+    ('yolo3_custom', tiny_yolo, 64, True, True, None),
+    # MobileNet, packing on: ncnn's pack-8 int8 depthwise requantization is a code off here
+    # and there (test_zoo's nasnet note): SSD's heads 99.1 % within 1 LSB, 10 boxes
+    # unmatched; YOLOv3's 80.6 %, 244 of 274 matched
+    ('ssd_mobilenet', _zoo('ssd_512_mobilenet1.0_voc'), 128, True, False, None),
+    ('yolo3_mobilenet', _zoo('yolo3_mobilenet1.0_voc'), 96, True, False, None),
+    ('yolo3_darknet53', _zoo('yolo3_darknet53_voc'), 96, True, True, pytest.mark.slow),
+    ('ssd_resnet50', _zoo('ssd_512_resnet50_v1_voc'), 128, True, True, pytest.mark.slow),
+    # L2Normalization: ncnn's Normalize rounds in its own order (fp32, not emulated)
+    ('ssd_vgg16_atrous', _zoo('ssd_300_vgg16_atrous_voc'), 268, False, True,
+     pytest.mark.slow),
 )
 
 
-@pytest.mark.parametrize('make, size, exact', [
-    pytest.param(make, size, exact, id=family, marks=[mark] if mark else [])
-    for family, make, size, exact, mark in FAMILIES])
-def test_detector_exports_and_verifies(make, size, exact, tmp_path):
+@pytest.mark.parametrize('make, size, exact, packed', [
+    pytest.param(make, size, exact, packed, id=family, marks=[mark] if mark else [])
+    for family, make, size, exact, packed, mark in FAMILIES])
+def test_detector_exports_and_verifies(make, size, exact, packed, tmp_path):
     net, data = calibrated_detector(make, size)
     folder = str(tmp_path)
     paths = qat.export(net, folder, (3, size, size),
@@ -289,13 +299,26 @@ def test_detector_exports_and_verifies(make, size, exact, tmp_path):
     assert found['min_iou'] >= 0.99 and found['max_score_lsb'] <= 1, found
     int8 = [layer for layer in report['layers'] if layer['int8']]
     assert int8
-    if exact:  # (a zoo SSD's backbone is a SymbolBlock: fp32, ncnn sums it in its own order)
+    if exact:
         assert report['int8']['heads_max_lsb'] == 0
         assert all(layer['max_lsb'] == 0 for layer in int8), \
             [(layer['layer'], layer['max_lsb']) for layer in int8 if layer['max_lsb']]
     rows = NcnnModel(paths['int8_param'], paths['int8_bin']).run(
         data[0].asnumpy()[0], ['detection_out'])['detection_out'].reshape(-1, 6)
     assert np.all(rows[:, 1] > THRESHOLD) and np.all(rows[:, 0] >= 1)
+    if packed:
+        default = qat.verify(net, folder, data, per_layer=False)
+        assert default['passed'], qat.deploy.format_report(default)
+
+
+def test_fp32_symbolblock_backbone_verifies(tmp_path):
+    """Without gluon_backbone a zoo SSD's backbone stays fp32 (ncnn sums its convolutions in
+    its own order, so the int8 heads may be a code off): it still exports and verifies."""
+    net, data = calibrated_detector(_zoo('ssd_512_mobilenet1.0_voc'), 128, gluon=False)
+    qat.export(net, str(tmp_path), (3, 128, 128), detection={'confidence_threshold': THRESHOLD})
+    report = qat.verify(net, str(tmp_path), data, packing=False)
+    assert report['passed'], qat.deploy.format_report(report)
+    assert len([layer for layer in report['layers'] if layer['int8']]) == 12  # the heads
 
 
 def test_detection_options_are_checked(tmp_path):
