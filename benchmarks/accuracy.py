@@ -33,6 +33,44 @@ def _quiet(*args):
     pass
 
 
+def common_overrides(out_dir, qat=None, overrides=()):
+    """The recipe overrides of every benchmark run: no export, no logs, per-channel weights,
+    first layer at 8 bits, the QAT schedule ``qat`` ({key: value}), then ``overrides``
+    (later ones win)."""
+    return ['export.enabled=false', 'run.tensorboard=false', 'run.progress=false',
+            f'run.out={out_dir}', 'quantize.weight_granularity=channel',
+            'quantize.first_layer_bits=8'] + [f'{k}={v}' for k, v in (qat or {}).items()] \
+        + list(overrides)
+
+
+def float_run(recipe, common, seed, bits=(), name='float'):
+    """The float run of ``seed`` (QAT off), which also measures PTQ at ``bits``; resumed."""
+    return run_recipe(recipe, common + [
+        f'run.name={name}-s{seed}', f'run.seed={seed}', 'qat.epochs=0',
+        'qat.freeze_bn_epoch=null', 'qat.freeze_ranges_epoch=null',
+        f'calibrate.report_bits={list(bits)}'], resume=True, out=_quiet)
+
+
+def qat_run(recipe, common, base, seed, bits, name, extra=()):
+    """A QAT run at W``bits``A``bits`` from the float run ``base``'s weights; resumed.
+    Returns its top-1."""
+    return run_recipe(recipe, common + [
+        f'run.name={name}-w{bits}-s{seed}', f'run.seed={seed}', 'float.epochs=0',
+        f"model.checkpoint={os.path.join(base['folder'], 'float.params')}",
+        f'quantize.weight_bits={bits}', f'quantize.input_bits={bits}',
+        'calibrate.report_bits=[]'] + list(extra), resume=True, out=_quiet)['qat']
+
+
+def mean_table(rows, title, reference='float'):
+    """Markdown table of {name: [per-seed top-1]}: mean, difference to ``reference``'s mean,
+    the per-seed values."""
+    base = statistics.mean(rows[reference])
+    table = [(name, f"{statistics.mean(values):.2f}",
+              f"{statistics.mean(values) - base:+.2f}", ' / '.join(f"{v:.2f}" for v in values))
+             for name, values in rows.items()]
+    return format_table(table, [title, 'mean top-1 (%)', f'vs {reference}', 'per seed'])
+
+
 def accuracy_table(seeds=(0, 1, 2), bits=(8, 4, 3, 2), out_dir='checkpoints/bench-accuracy',
                    recipe=BENCH_RECIPE, qat=None, overrides=(), out=print):
     """Mean val top-1 over ``seeds`` of float, PTQ and QAT at W``b``A``b`` for each of ``bits``
@@ -41,37 +79,18 @@ def accuracy_table(seeds=(0, 1, 2), bits=(8, 4, 3, 2), out_dir='checkpoints/benc
     float parameters. ``qat``: {recipe key: value} of the QAT schedule (default BENCH_QAT).
     Runs are resumed, so a second call reuses finished runs and continues killed ones.
     Returns (rows {name: [per-seed accuracy]}, Markdown table)."""
-    qat = dict(BENCH_QAT, **(qat or {}))
-    # Later overrides win: the bench's settings, then the caller's, then each run's own.
-    common = ['export.enabled=false', 'run.tensorboard=false', 'run.progress=false',
-              f'run.out={out_dir}', 'quantize.weight_granularity=channel',
-              'quantize.first_layer_bits=8'] + [f'{k}={v}' for k, v in qat.items()] \
-        + list(overrides)
+    common = common_overrides(out_dir, dict(BENCH_QAT, **(qat or {})), overrides)
     rows = {}
     for seed in seeds:
-        base = run_recipe(recipe, common + [
-            f'run.name=float-s{seed}', f'run.seed={seed}', 'qat.epochs=0',
-            'qat.freeze_bn_epoch=null', 'qat.freeze_ranges_epoch=null',
-            f'calibrate.report_bits={list(bits)}'], resume=True, out=_quiet)
+        base = float_run(recipe, common, seed, bits)
         rows.setdefault('float', []).append(base['float'])
         for b in bits:
             rows.setdefault(f'W{b}A{b} PTQ', []).append(base['ptq'][f'W{b}A{b}'])
         for b in bits:
-            result = run_recipe(recipe, common + [
-                f'run.name=qat-w{b}-s{seed}', f'run.seed={seed}', 'float.epochs=0',
-                f"model.checkpoint={os.path.join(base['folder'], 'float.params')}",
-                f'quantize.weight_bits={b}', f'quantize.input_bits={b}',
-                'calibrate.report_bits=[]'], resume=True, out=_quiet)
-            rows.setdefault(f'W{b}A{b} QAT', []).append(result['qat'])
+            rows.setdefault(f'W{b}A{b} QAT', []).append(qat_run(recipe, common, base, seed, b,
+                                                                'qat'))
         out(f"seed {seed}: " + ', '.join(f"{k} {v[-1]:.2f}" for k, v in rows.items()))
-    float_mean = statistics.mean(rows['float'])
-    table = []
-    for name, values in rows.items():
-        mean = statistics.mean(values)
-        table.append((name, f"{mean:.2f}", f"{mean - float_mean:+.2f}",
-                      ' / '.join(f"{v:.2f}" for v in values)))
-    headers = [f"digits, {len(seeds)} seeds", 'mean top-1 (%)', 'vs float', 'per seed']
-    return rows, format_table(table, headers)
+    return rows, mean_table(rows, f"digits, {len(seeds)} seeds")
 
 
 def main(argv=None):

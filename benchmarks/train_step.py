@@ -2,7 +2,7 @@
 
 A random-initialized GluonCV net (hybridized, static memory) is trained on one random batch
 with SGD: as float, and converted with the default 8-bit per-channel config with and without
-fake BN. The three nets are timed in turn, round after round; the table gives each one's
+fake BN, and with learned (LSQ) ranges. The nets are timed in turn, round after round; the table gives each one's
 median step time and its ratio to float.
 
     python -m benchmarks.train_step [--model cifar_resnet20_v1] [--batch-size 64] [--size 32]
@@ -11,7 +11,7 @@ median step time and its ratio to float.
 import mxnet as mx
 from mxnet import autograd, gluon
 
-from qat import QuantConfig, convert_model
+from qat import QuantConfig, calibrate, convert_model
 from qat.app.models import build
 from qat.report import format_table
 
@@ -38,7 +38,8 @@ def train_step_times(model='cifar_resnet20_v1', batch_size=64, size=32, rounds=1
     with and without fake BN (per-channel, 8-bit), interleaved round by round."""
     config = config or QuantConfig()
     variants = {'float': None, 'qat (no fake BN)': config.updated(fake_bn=False),
-                'qat (fake BN)': config.updated(fake_bn=True)}
+                'qat (fake BN)': config.updated(fake_bn=True),
+                'qat (fake BN, LSQ ranges)': config.updated(fake_bn=True, range_tracker='lsq')}
     batch = mx.nd.random.uniform(-1, 1, shape=(batch_size, 3, size, size))
     labels = mx.nd.array([i % 10 for i in range(batch_size)])
     steps = {}
@@ -47,6 +48,7 @@ def train_step_times(model='cifar_resnet20_v1', batch_size=64, size=32, rounds=1
         net(batch)
         if variant is not None:
             convert_model(net, config=variant)
+            calibrate(net, [batch], method='max')  # starts the learned ranges too
         net.hybridize(static_alloc=True, static_shape=True)
         steps[name] = stopwatch(_train_step_fn(net, batch, labels))
     return interleaved_medians(steps, rounds, warmup)

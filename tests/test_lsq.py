@@ -207,3 +207,29 @@ def test_checkpoint_without_learned_ranges_loads_with_them_unset(tmp_path):
     qat.load_parameters(net, path)
     for _, block in quant_blocks(net):
         assert not block.learned_threshold.data().asnumpy().any()
+
+
+def _qat_history(tmp_path, name, quantize):
+    """(QAT top-1, the QAT epochs' mean losses) of the tiny recipe at W2A2 with ``quantize``
+    on top of the recipe defaults."""
+    from qat.app.stages import run_recipe
+    from tests.helpers import tiny_recipe
+    recipe = tiny_recipe(tmp_path, name, quantize=dict(
+        {'weight_bits': 2, 'input_bits': 2, 'first_layer_bits': 8}, **quantize),
+        qat={'epochs': 4, 'lr': 0.02, 'input_quant_epoch': 0, 'freeze_bn_epoch': None,
+             'freeze_ranges_epoch': None},
+        calibrate={'batches': 2, 'report_bits': []}, float={'epochs': 4})
+    result = run_recipe(recipe, [], out=lambda *a: None)
+    import json
+    import os
+    with open(os.path.join(result['folder'], 'metrics.json')) as handle:
+        history = json.load(handle)['history']
+    return result, [r['loss'] for r in history if r['stage'] == 'qat']
+
+
+def test_recipe_defaults_train_at_w2a2_without_diverging(tmp_path):
+    """The default recipe path (LSQ ranges started from MSE calibration) at W2A2: finite,
+    falling losses and an accuracy far above chance (10 classes)."""
+    result, losses = _qat_history(tmp_path, 'w2', {})
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert result['qat'] > 60

@@ -178,7 +178,7 @@ SCHEMA = {
         'fake_bn': Key(True, 'bool', 'fold each BatchNorm into its conv while training'),
         'range_momentum': Key(0.9, 'float', 'EMA momentum of the activation ranges',
                               fraction()),
-        'range_tracker': Key('ema', 'str', '`ema` (tracked in training), `max` (running '
+        'range_tracker': Key('lsq', 'str', '`ema` (tracked in training), `max` (running '
                              'max kept by calibration) or `lsq` (input and weight ranges '
                              'learned, LSQ, started from calibration)', one_of(RANGE_TRACKERS)),
         'first_layer_bits': Key(8, 'int?', 'weight and input bits of the first conv / dense '
@@ -193,7 +193,8 @@ SCHEMA = {
     },
     'float': _training(0, 0.1, 'float pre-training epochs (0: use the model as it is)'),
     'calibrate': {
-        'method': Key('ema', 'str', 'how per-batch ranges become one range',
+        'method': Key('mse', 'str', 'how the float activations become one range (the start '
+                      'of learned ranges)',
                       one_of(CALIBRATION_METHODS)),
         'batches': Key(8, 'int', 'calibration batches (training data, fixed order)',
                        at_least(1)),

@@ -1,0 +1,110 @@
+"""QAT at the narrow widths: float, post-training (best calibration method) and QAT with EMA
+ranges and with learned ranges (LSQ) at W8A8 ... W2A2, mean of three seeds, through the
+recipe trainer on the bundled digits; and 6-bit vs 8-bit weights on the 3x3 stride-1 convs
+(ncnn2table's Winograd rule).
+
+    python -m benchmarks.narrow [--nets resnet20 compact] [--seeds 0 1 2] [--bits 8 4 3 2]
+                                [--out checkpoints/bench-narrow]
+
+Nets (``NETS``): ``resnet20`` is ``recipes/digits.yaml`` as it is (cifar_resnet20_v1 at
+16x16, 3 QAT epochs, its schedule): the default recipe path, measured the way the earlier
+MXNet design was (its figures are the ``EARLIER`` row); ``compact`` is mobilenet0.25 at 32x32,
+where post-training W4A4 already loses points, with a longer QAT. The QAT variants
+(``VARIANTS``) differ only in the range settings. PTQ is the best of ``PTQ_METHODS`` per
+width (``qat simulate`` on the float run). Runs are resumed: a second call reuses finished
+runs (in ``--out``) and continues killed ones.
+"""
+import os
+
+from qat.app.simulate import simulate
+from qat.report import format_table
+
+from .accuracy import BENCH_RECIPE, common_overrides, float_run, mean_table, qat_run
+from .common import parser
+
+# name -> recipe overrides of its float and QAT runs
+NETS = {
+    'resnet20': [],
+    'compact': ['model.name=mobilenet0.25', 'preprocess.size=[32,32]', 'float.epochs=15',
+                'qat.epochs=15', 'qat.lr=0.01', 'qat.freeze_bn_epoch=0',
+                'qat.freeze_ranges_epoch=null'],
+}
+# QAT variant -> its range settings
+VARIANTS = {
+    'QAT, EMA ranges': ['quantize.range_tracker=ema', 'calibrate.method=ema'],
+    'QAT, LSQ (default)': ['quantize.range_tracker=lsq', 'calibrate.method=mse'],
+}
+PTQ_METHODS = ('ema', 'kl', 'mse', 'percentile', 'aciq')
+# The earlier MXNet design on digits / resnet20 at 16x16, 3 QAT epochs, mean of 3 seeds
+# (issue 15's table: its PTQ / QAT).
+EARLIER = {4: (99.07, 98.89), 3: (97.12, 98.51), 2: (20.4, 24.2)}
+
+
+def best_ptq(folder, bits):
+    """{bits: (top-1, method)} of the best calibration method per width."""
+    rows = simulate(folder, {'bits': [str(b) for b in bits], 'method': list(PTQ_METHODS)},
+                    out=lambda *a: None, show_progress=False)[1:]
+    best = {}
+    for row in rows:
+        b = row['weight_bits']
+        if b not in best or row['top1'] > best[b][0]:
+            best[b] = (row['top1'], row['method'])
+    return best
+
+
+def narrow_table(net, seeds, bits, out_dir, out=print):
+    """(rows {name: [per-seed top-1]}, Markdown table) of one net of ``NETS``."""
+    common = common_overrides(os.path.join(out_dir, net), overrides=NETS[net])
+    rows, methods = {}, {}
+    for seed in seeds:
+        base = float_run(BENCH_RECIPE, common, seed)
+        rows.setdefault('float', []).append(base['float'])
+        for b, (top1, method) in best_ptq(base['folder'], bits).items():
+            rows.setdefault(f'W{b}A{b} PTQ (best method)', []).append(top1)
+            methods.setdefault(b, []).append(method)
+        for name, extra in VARIANTS.items():
+            tag = 'lsq' if 'lsq' in extra[0] else 'ema'
+            for b in bits:
+                rows.setdefault(f'W{b}A{b} {name}', []).append(
+                    qat_run(BENCH_RECIPE, common, base, seed, b, f'qat-{tag}', extra))
+        if net == 'resnet20':  # ncnn2table's 6-bit 3x3 weights, with the default QAT
+            rows.setdefault('W8A8 QAT LSQ, 6-bit 3x3 weights', []).append(
+                qat_run(BENCH_RECIPE, common, base, seed, 8, 'qat-wino6',
+                        VARIANTS['QAT, LSQ (default)'] + ['quantize.winograd_weight_bits=6']))
+        out(f"{net} seed {seed}: " + ', '.join(f"{k} {v[-1]:.2f}" for k, v in rows.items()))
+    order = ['float'] + [f'W{b}A{b} {kind}' for b in bits
+                         for kind in ['PTQ (best method)'] + list(VARIANTS)]
+    ordered = {name: rows[name] for name in order + sorted(set(rows) - set(order))}
+    notes = '; '.join(f"W{b}: {', '.join(ms)}" for b, ms in methods.items())
+    table = mean_table(ordered, f"{net}, {len(seeds)} seeds")
+    if net == 'resnet20':
+        table += '\n' + _against_earlier(ordered, [b for b in bits if b in EARLIER])
+    return ordered, f"{table}\nbest PTQ methods per seed: {notes}\n"
+
+
+def _against_earlier(rows, bits):
+    """The earlier design's PTQ / QAT next to ours (means), one column per width."""
+    def ours(name, b):
+        values = rows[f'W{b}A{b} {name}']
+        return sum(values) / len(values)
+    table = [['earlier MXNet design'] + [f"{EARLIER[b][0]:.2f} / {EARLIER[b][1]:.2f}"
+                                         for b in bits]]
+    for name in VARIANTS:
+        table.append([f'ours, {name}'] + [f"{ours('PTQ (best method)', b):.2f} / "
+                                          f"{ours(name, b):.2f}" for b in bits])
+    return format_table(table, ['PTQ / QAT top-1 (%)'] + [f'W{b}A{b}' for b in bits])
+
+
+def main(argv=None):
+    arguments = parser('benchmarks.narrow', __doc__)
+    arguments.add_argument('--nets', nargs='+', default=list(NETS), choices=list(NETS))
+    arguments.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    arguments.add_argument('--bits', type=int, nargs='+', default=[8, 4, 3, 2])
+    arguments.add_argument('--out', default='checkpoints/bench-narrow', help='run folders')
+    args = arguments.parse_args(argv)
+    for net in args.nets:
+        print(narrow_table(net, args.seeds, args.bits, args.out)[1])
+
+
+if __name__ == '__main__':
+    main()
