@@ -281,7 +281,8 @@ layer { name: "cat" type: "Concat" bottom: "sum" bottom: "pool1" top: "cat" }
 layer { name: "ave" type: "Pooling" bottom: "cat" top: "ave"
   pooling_param { pool: AVE global_pooling: true } }
 layer { name: "drop" type: "Dropout" bottom: "ave" top: "ave" dropout_param { dropout_ratio: 0.5 } }
-layer { name: "fc" type: "InnerProduct" bottom: "ave" top: "fc" inner_product_param { num_output: 5 } }
+layer { name: "fc" type: "InnerProduct" bottom: "ave" top: "fc"
+  inner_product_param { num_output: 5 } }
 layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
 %(extra)s"""
 INPUT_LAYER = ('layer { name: "data" type: "Input" top: "data" '

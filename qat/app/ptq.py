@@ -194,6 +194,20 @@ def build_model(name, kwargs, params=None, pretrained=False, seed=0, weights=Non
         raise UsageError(f"{option} {err}") from None
 
 
+def model_file(args):
+    """(the net, what its file says about preprocessing) for a model file ``--model``, built
+    before the preprocessing flags are read since it gives their defaults; (None, {}) for
+    the other models."""
+    if models.source_of(args.model) != 'file':
+        if args.weights:
+            raise UsageError(f"--weights {args.weights}: only with a model file (--model "
+                             f"x-symbol.json, x.onnx, x.prototxt, x.param); saved Gluon "
+                             f"parameters are --params")
+        return None, {}
+    net = build_model(args.model, {}, args.params, weights=args.weights)
+    return net, net.preprocess
+
+
 def check_input_shape(net, shape, text):
     """Run the model once on zeros of ``shape`` (C, H, W); a shape the model rejects is a
     UsageError naming --shape."""
@@ -337,14 +351,7 @@ def _run(args, out):
         value = getattr(args, option)
         if value is not None and value < low:
             raise UsageError(f"--{option.replace('_', '-')} {value}: must be >= {low}")
-    if args.weights and models.source_of(args.model) != 'file':
-        raise UsageError(f"--weights {args.weights}: only with a model file (--model "
-                         f"x-symbol.json, x.onnx, x.prototxt, x.param); saved Gluon "
-                         f"parameters are --params")
-    net, source = None, {}
-    if models.source_of(args.model) == 'file':  # built first: it may say how to preprocess
-        net = build_model(args.model, {}, args.params, weights=args.weights)
-        source = net.preprocess
+    net, source = model_file(args)
     pixel = args.pixel or source.get('pixel', 'RGB')
     shape = parse_shape(args.shape, pixel)
     mean = parse_channel_values('--mean', args.mean, shape[0], 0.0, source.get('mean'))
