@@ -101,7 +101,7 @@ def render(graph, int8=False, guarded=()):
         if rule == 'makes' or (rule == 'keeps' and layer.inputs
                                and all(b in flat for b in layer.inputs)):
             flat.add(layer.name)
-        else:
+        elif rule != 'reads':
             # A 1-D blob read by a layer that needs ncnn's (C, 1, 1) back: a conv after
             # global pooling (a classifier, an SE block; ncnn's Convolution on a 1-D blob is a
             # deprecated, wrong int8 path), a broadcast multiply with it.

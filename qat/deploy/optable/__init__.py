@@ -19,7 +19,8 @@ LAYERS: IR kind -> Kind(ncnn, caffe, simulation, ncnn_flat):
         compute it (``QBatchNorm``, ``QAvgPool2D``, the quantized layers);
     ncnn_flat: 'makes' when ncnn's output is 1-D where MXNet keeps (C, 1, 1) (InnerProduct,
         Flatten, global pooling: a function of the layer), 'keeps' when the layer computes
-        on 1-D inputs as they are (all of them 1-D: so is its output); otherwise (None) the
+        on 1-D inputs as they are (all of them 1-D: so is its output), 'reads' when it takes
+        a 1-D input as it is but its output is not 1-D (Reshape); otherwise (None) the
         writer reshapes a 1-D input back to ncnn's (C, 1, 1) first.
 """
 from collections import namedtuple
@@ -117,7 +118,7 @@ LAYERS = {
     'Concat': Kind(ncnn_simple('Concat', lambda p: [(0, p['axis'] - 1)]), shape.caffe_concat,
                    None, 'keeps'),
     'Flatten': Kind(ncnn_simple('Flatten'), shape.caffe_flatten, None, 'makes'),
-    'Reshape': Kind(shape.ncnn_reshape, shape.caffe_reshape),
+    'Reshape': Kind(shape.ncnn_reshape, shape.caffe_reshape, None, 'reads'),
     'Permute': Kind(ncnn_simple('Permute', lambda p: [(0, p['order'])]), None),
     'Crop': Kind(shape.ncnn_crop, None),
     'Softmax': Kind(ncnn_simple('Softmax', lambda p: [(0, p['axis'] - 1), (1, 1)]),
