@@ -151,10 +151,54 @@ def _onnx_graph(tmp_path, op, **attrs):
 
 
 def test_onnx_node_the_reader_lacks_goes_through_mxnets_import(tmp_path):
-    path = _onnx_graph(tmp_path, 'Softplus')
+    path = _onnx_graph(tmp_path, 'Softsign')
     x = _images(8, count=1)
     got = import_model(path)(mx.nd.array(x)).asnumpy()
     assert np.abs(got - _onnxruntime(path, x)).max() <= ONNX_ATOL
+
+
+def test_onnx_shape_and_resize_nodes_match_onnxruntime(tmp_path):
+    """What PyTorch exports beside convolutions: Pad, Resize (bilinear to a size, nearest by
+    2), Slice, Split, Concat, ReduceMean, Unsqueeze / Squeeze, a constant per-channel Mul,
+    Softplus, Exp, MatMul."""
+    onnx = pytest.importorskip('onnx')
+    from onnx import TensorProto, helper, numpy_helper
+    rs = np.random.RandomState(0)
+    consts = {'w': rs.normal(0, 0.5, (4, 3, 3, 3)), 'pads': np.array([0, 0, 1, 2, 0, 0, 1, 2]),
+              'sizes': np.array([1, 4, 7, 9]), 'scales': np.array([1, 1, 2, 2], np.float32),
+              'starts': np.array([1, 0]), 'ends': np.array([6, 8]), 'axes': np.array([2, 3]),
+              'gain': rs.uniform(0.5, 1.5, (8, 1, 1)), 'mm': rs.normal(0, 0.5, (8, 3)),
+              'ax0': np.array([0])}
+    node = helper.make_node
+    nodes = [
+        node('Conv', ['x', 'w'], ['c'], name='conv', kernel_shape=[3, 3]),
+        node('Pad', ['c', 'pads'], ['p'], name='pad', mode='reflect'),
+        node('Resize', ['p', '', '', 'sizes'], ['r'], name='resize', mode='linear'),
+        node('Resize', ['r', '', 'scales'], ['u'], name='up', mode='nearest'),
+        node('Slice', ['u', 'starts', 'ends', 'axes'], ['s'], name='crop'),
+        node('Split', ['s'], ['s0', 's1'], name='halves', axis=1),
+        node('Concat', ['s1', 's0', 's'], ['cat'], name='cat', axis=1),
+        node('Mul', ['cat', 'gain'], ['g'], name='gain'),
+        node('Softplus', ['g'], ['sp'], name='softplus'),
+        node('ReduceMean', ['sp'], ['m'], name='gap', axes=[2, 3], keepdims=0),
+        node('Exp', ['m'], ['e'], name='exp'),
+        node('Unsqueeze', ['e', 'ax0'], ['ue'], name='unsq'),
+        node('Squeeze', ['ue', 'ax0'], ['se'], name='sq'),
+        node('MatMul', ['se', 'mm'], ['y'], name='fc')]
+    graph = helper.make_graph(
+        nodes, 'g', [helper.make_tensor_value_info('x', TensorProto.FLOAT, [1, 3, 8, 10])],
+        [helper.make_tensor_value_info('y', TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(v.astype(np.float32 if v.dtype.kind == 'f' else np.int64), k)
+         for k, v in consts.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 13)])
+    model.ir_version = 8
+    path = str(tmp_path / 'shapes.onnx')
+    onnx.save(model, path)
+    x = _images(10, count=1)[:, :, :8, :]
+    got = import_model(path)(mx.nd.array(x)).asnumpy()
+    expected = _onnxruntime(path, x)
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= ONNX_ATOL * max(1, np.abs(expected).max())
 
 
 def test_onnx_node_nobody_reads_is_one_error(tmp_path):

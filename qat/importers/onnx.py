@@ -239,6 +239,99 @@ def _simple(make):
     return lambda n: n.add(lambda prefix: make(n.attrs, prefix))
 
 
+def _axes(n, k=1):
+    """The ``axes`` of a node: its attribute (older opsets) or its constant input ``k``."""
+    axes = n.attrs.get('axes', n.const(k))
+    return None if axes is None else tuple(int(a) for a in np.ravel(axes))
+
+
+def _reduce(n):
+    op = {'ReduceMean': 'mean', 'ReduceMax': 'max', 'ReduceSum': 'sum',
+          'ReduceMin': 'min'}[n.node.op_type]
+    axes = _axes(n)
+    attrs = {'keepdims': bool(n.attrs.get('keepdims', 1))}
+    if axes:
+        attrs['axis'] = axes
+    n.op(op, attrs)
+
+
+def _squeeze(n):
+    axes = _axes(n)
+    if n.node.op_type == 'Squeeze':
+        return n.op('squeeze', {'axis': axes} if axes else {})
+    if axes is None or len(axes) != 1:
+        raise n.refuse('one constant axis')
+    n.op('expand_dims', {'axis': axes[0]})
+
+
+def _pad(n):
+    pads = n.attrs.get('pads', n.const(1))
+    value = n.const(2, np.array(n.attrs.get('value', 0.0)))
+    mode = {'constant': 'constant', 'edge': 'edge', 'reflect': 'reflect'}.get(
+        n.attrs.get('mode', 'constant'))
+    if pads is None or len(pads) != 8 or mode is None or any(p < 0 for p in pads) \
+            or any(pads[k] or pads[k + 4] for k in (0, 1)):
+        raise n.refuse('4-D constant, edge or reflect padding of H and W only')
+    pads = [int(p) for p in pads]
+    attrs = {'mode': mode, 'pad_width': tuple(v for k in range(4) for v in (pads[k],
+                                                                           pads[k + 4]))}
+    if mode == 'constant':
+        attrs['constant_value'] = float(np.ravel(value)[0]) if np.size(value) else 0.0
+    n.op('Pad', attrs)
+
+
+def _resize(n):
+    """Resize / Upsample of H and W: nearest by an integer factor (UpSampling), linear to a
+    size or by factors (BilinearResize2D, corners by the coordinate mode)."""
+    mode = n.attrs.get('mode', 'nearest')
+    scales = n.const(2 if n.node.op_type == 'Resize' and n.opset > 10 else 1)
+    sizes = n.const(3)
+    if scales is not None and np.size(scales) == 0:
+        scales = None
+    if (scales is not None and (len(scales) != 4 or list(scales[:2]) != [1, 1])) \
+            or (sizes is not None and len(sizes) != 4):
+        raise n.refuse('constant scales or sizes of H and W only')
+    corners = n.attrs.get('coordinate_transformation_mode', 'half_pixel')
+    if mode == 'nearest' and scales is not None and scales[2] == scales[3] == int(scales[2]):
+        return n.op('UpSampling', {'scale': int(scales[2]), 'sample_type': 'nearest',
+                                   'num_args': 1})
+    if mode in ('linear', 'bilinear') and corners in ('align_corners', 'half_pixel',
+                                                       'pytorch_half_pixel'):
+        attrs = {'align_corners': corners == 'align_corners'}
+        if sizes is not None:
+            attrs.update(height=int(sizes[2]), width=int(sizes[3]))
+        else:
+            attrs.update(mode='odd_scale', scale_height=float(scales[2]),
+                         scale_width=float(scales[3]))
+        return n.op('_contrib_BilinearResize2D', attrs)
+    raise n.refuse(f"mode {mode!r} with {corners!r} coordinates")
+
+
+def _slice(n):
+    starts, ends, axes, steps = (n.const(k) for k in range(1, 5))
+    if starts is None or ends is None or (steps is not None and any(np.ravel(steps) != 1)):
+        raise n.refuse('constant starts and ends, step 1')
+    axes = range(len(starts)) if axes is None else [int(a) for a in axes]
+    begin, end = {}, {}
+    for axis, start, stop in zip(axes, starts, ends):
+        begin[axis], end[axis] = int(start), None if stop >= 2 ** 31 - 1 else int(stop)
+    rank = max(max(axes) + 1, 4)
+    n.op('slice', {'begin': tuple(begin.get(a) for a in range(rank)),
+                   'end': tuple(end.get(a) for a in range(rank))})
+
+
+def _split(n):
+    parts = n.attrs.get('split', n.const(1))
+    count = len(n.node.output)
+    if parts is not None and len(set(np.ravel(parts))) > 1:
+        raise n.refuse('parts of unequal sizes')
+    n.op('split', {'num_outputs': count, 'axis': n.attrs.get('axis', 0)})
+
+
+def _unary(op):
+    return lambda n: n.op(op)
+
+
 # ONNX op -> reader(_Node)
 NODES = {
     'Conv': _conv,
@@ -270,4 +363,16 @@ NODES = {
     'Softmax': _softmax,
     'Identity': _identity,
     'Dropout': _identity,
+    **{op: _reduce for op in ('ReduceMean', 'ReduceMax', 'ReduceSum', 'ReduceMin')},
+    'Squeeze': _squeeze,
+    'Unsqueeze': _squeeze,
+    'Pad': _pad,
+    'Resize': _resize,
+    'Upsample': _resize,
+    'Slice': _slice,
+    'Split': _split,
+    'Softplus': _simple(lambda a, prefix: nn.Activation('softrelu', prefix=prefix)),
+    **{op: _unary(mx_op) for op, mx_op in (
+        ('Abs', 'abs'), ('Neg', 'negative'), ('Exp', 'exp'), ('Log', 'log'), ('Sqrt', 'sqrt'),
+        ('Reciprocal', 'reciprocal'), ('Floor', 'floor'), ('Ceil', 'ceil'))},
 }
