@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from gluoncv import model_zoo
 from gluoncv.model_zoo.ssd import SSD
+from gluoncv.model_zoo.ssd.anchor import LiteAnchorGenerator
 from gluoncv.model_zoo.yolo import YOLOV3
 from mxnet.gluon import HybridBlock, nn
 
@@ -141,9 +142,9 @@ class TinyFeatures(HybridBlock):
         return outputs
 
 
-def tiny_ssd():
+def tiny_ssd(**kwargs):
     return SSD(None, 64, TinyFeatures, None, sizes=[12, 28, 50], ratios=[[1, 2, 0.5]] * 2,
-               steps=[8, 16], classes=CLASSES, pretrained=False)
+               steps=[8, 16], classes=CLASSES, pretrained=False, **kwargs)
 
 
 def _cell(channels, stride):
@@ -319,6 +320,23 @@ def test_fp32_symbolblock_backbone_verifies(tmp_path):
     report = qat.verify(net, str(tmp_path), data, packing=False)
     assert report['passed'], qat.deploy.format_report(report)
     assert len([layer for layer in report['layers'] if layer['int8']]) == 12  # the heads
+
+
+@pytest.mark.parametrize('variant', [{'nms_thresh': 0}, {'anchor_generator': LiteAnchorGenerator}])
+def test_ssd_variants(variant, tmp_path):
+    """Without NMS (nothing suppressed: threshold 1), and with another anchor generator (the
+    anchors are evaluated from the graph, whatever computes them)."""
+    net, data = calibrated_detector(lambda: tiny_ssd(**variant), 64)
+    qat.export(net, str(tmp_path), (3, 64, 64), detection={'confidence_threshold': THRESHOLD})
+    report = qat.verify(net, str(tmp_path), data, packing=False)
+    assert report['passed'] and report['int8']['detections']['matched'] >= 3, \
+        qat.deploy.format_report(report)
+
+
+def test_minimal_opset_ssd_is_refused_clearly(tmp_path):
+    net, _ = calibrated_detector(lambda: tiny_ssd(minimal_opset=True), 64)
+    with pytest.raises(ExportError, match='minimal_opset=False'):
+        qat.export(net, str(tmp_path), (3, 64, 64))
 
 
 def test_detection_options_are_checked(tmp_path):

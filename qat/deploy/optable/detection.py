@@ -206,6 +206,19 @@ def _emit_yolo(t, found, index):
                  name='detection_out', source='')
 
 
+def _refuse_minimal_opset(t):
+    """GluonCV's box decoder spelt in elementary ops (``minimal_opset=True``) is not
+    recognized: one clear error instead of one about its first op."""
+    from gluoncv.nn.coder import NormalizedBoxCenterDecoder
+    for *_, block in walk(t.net):
+        if isinstance(block, NormalizedBoxCenterDecoder) and any(
+                node['name'].startswith(block.prefix) for node in t.nodes):
+            raise ExportError(f"cannot export {block.name}: a box decoder built with "
+                              f"minimal_opset=True; build the detector with "
+                              f"minimal_opset=False (the same parameters), whose box_decode "
+                              f"becomes ncnn's DetectionOutput")
+
+
 # ---- the pattern ----------------------------------------------------------------------------
 def _analyse(t):
     """The tracer's detector (memoized): None for a net without GluonCV decoding."""
@@ -214,6 +227,8 @@ def _analyse(t):
         outputs = _yolo_outputs(t)
         if len(decode) > 1:
             raise refuse(t, t.nodes[decode[1]], "more than one box_decode")
+        if not decode:
+            _refuse_minimal_opset(t)
         found = _analyse_ssd(t, decode[0]) if decode else \
             _analyse_yolo(t, outputs) if outputs else None
         if found is not None:
