@@ -346,9 +346,9 @@ def _caffe_weights(seed=0):
             'fc': [rs.normal(0, 0.5, (5, 8)), rs.normal(0, 0.1, 5)]}
 
 
-def _write_caffe(tmp_path, weights, input_layer=INPUT_LAYER, extra=''):
-    """The prototxt as text and the caffemodel as protobuf messages, the fc weight as a
-    legacy (num, channels, height, width) blob."""
+def _write_blobs(path, weights):
+    """A caffemodel (protobuf messages) of {layer: [arrays]}, the 'fc' weight as a legacy
+    (num, channels, height, width) blob."""
     messages = caffe_messages()
     layers = []
     for name, arrays in weights.items():
@@ -362,10 +362,14 @@ def _write_caffe(tmp_path, weights, input_layer=INPUT_LAYER, extra=''):
                 blobs.append(messages['BlobProto'](shape={'dim': array.shape},
                                                    data=array.ravel()))
         layers.append(messages['LayerParameter'](name=name, blobs=blobs))
-    model = messages['NetParameter'](name='composed', layer=layers)
-    prototxt, caffemodel = tmp_path / 'net.prototxt', tmp_path / 'net.caffemodel'
+    path.write_bytes(messages['NetParameter'](name='composed', layer=layers).SerializeToString())
+
+
+def _write_caffe(tmp_path, weights, input_layer=INPUT_LAYER, extra=''):
+    """The composed net: the prototxt as text, the caffemodel as protobuf messages."""
+    prototxt = tmp_path / 'net.prototxt'
     prototxt.write_text(CAFFE_NET % {'input': input_layer, 'extra': extra})
-    caffemodel.write_bytes(model.SerializeToString())
+    _write_blobs(tmp_path / 'net.caffemodel', weights)
     return str(prototxt)
 
 
@@ -436,11 +440,42 @@ def test_caffe_pooling_drops_a_last_window_in_the_padding_as_caffe_does(tmp_path
     assert np.abs(got_ave - want_ave).max() <= CAFFE_ATOL
 
 
+def test_caffe_lrn_deconvolution_and_slice_match_numpy(tmp_path):
+    (tmp_path / 'd.prototxt').write_text(
+        'input: "data" input_dim: 1 input_dim: 6 input_dim: 4 input_dim: 5\n'
+        'layer { name: "norm" type: "LRN" bottom: "data" top: "norm" '
+        'lrn_param { local_size: 3 alpha: 0.3 beta: 0.75 k: 2 } }\n'
+        'layer { name: "up" type: "Deconvolution" bottom: "norm" top: "up" '
+        'convolution_param { num_output: 2 kernel_size: 3 stride: 2 pad: 1 } }\n'
+        'layer { name: "cut" type: "Slice" bottom: "data" top: "a" top: "b" top: "c" '
+        'slice_param { axis: 1 slice_point: 1 slice_point: 4 } }\n'
+        'layer { name: "halves" type: "Slice" bottom: "data" top: "h0" top: "h1" }\n'
+        'layer { name: "cat" type: "Concat" bottom: "c" bottom: "a" bottom: "h1" bottom: "b" '
+        'bottom: "h0" top: "cat" }\n')
+    rs = np.random.RandomState(0)
+    weight, bias = rs.normal(0, 0.5, (6, 2, 3, 3)), rs.normal(0, 0.1, 2)
+    _write_blobs(tmp_path / 'd.caffemodel', {'up': [weight, bias]})
+    x = rs.normal(0, 1, (1, 6, 4, 5)).astype(np.float32)
+    up, cat = (o.asnumpy() for o in import_model(str(tmp_path / 'd.prototxt'))(mx.nd.array(x)))
+    squares = np.stack([(x[:, max(0, c - 1):c + 2] ** 2).sum(axis=1) for c in range(6)], 1)
+    norm = x * (2 + 0.3 / 3 * squares) ** -0.75
+    full = np.zeros((1, 2, 2 * 3 + 3, 2 * 4 + 3))  # (H - 1) * stride + kernel, before the pad
+    for i in range(4):
+        for j in range(5):
+            full[0, :, 2 * i:2 * i + 3, 2 * j:2 * j + 3] += np.einsum(
+                'c,cokl->okl', norm[0, :, i, j], weight)
+    want_up = full[:, :, 1:-1, 1:-1] + bias.reshape(1, 2, 1, 1)
+    assert up.shape == want_up.shape
+    assert np.abs(up - want_up).max() <= CAFFE_ATOL
+    assert np.array_equal(cat, np.concatenate([x[:, 4:], x[:, :1], x[:, 3:], x[:, 1:4],
+                                               x[:, :3]], axis=1))
+
+
 # ----- an unsupported layer: one error naming the file, the layer and its type -----------------
 def test_unsupported_layers_are_one_clear_error(tmp_path):
     prototxt = _write_caffe(tmp_path, _caffe_weights(), extra=(
-        'layer { name: "norm1" type: "LRN" bottom: "prob" top: "norm1" }'))
-    with pytest.raises(UnsupportedLayerError, match=f"{prototxt}: layer 'norm1' of type 'LRN'"):
+        'layer { name: "py" type: "Python" bottom: "prob" top: "py" }'))
+    with pytest.raises(UnsupportedLayerError, match=f"{prototxt}: layer 'py' of type 'Python'"):
         import_model(prototxt)
 
     param = tmp_path / 'net.param'

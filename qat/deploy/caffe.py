@@ -187,14 +187,21 @@ _MESSAGES = {
                       'optional ClipParameter clip_param = 148; '
                       'optional TransformationParameter transform_param = 100; '
                       'optional PowerParameter power_param = 122; '
-                      'optional PReLUParameter prelu_param = 131',
-    # read only (the importer): preprocessing, Power, PReLU's sharing
+                      'optional PReLUParameter prelu_param = 131; '
+                      'optional LRNParameter lrn_param = 118; '
+                      'optional SliceParameter slice_param = 126',
+    # read only (the importer): preprocessing, Power, PReLU's sharing, LRN, Slice
     'TransformationParameter': 'optional float scale = 1; optional bool mirror = 2; '
                                'optional uint32 crop_size = 3; optional string mean_file = 4; '
                                'repeated float mean_value = 5',
     'PowerParameter': 'optional float power = 1; optional float scale = 2; '
                       'optional float shift = 3',
     'PReLUParameter': 'optional bool channel_shared = 2',
+    'LRNParameter': 'optional uint32 local_size = 1; optional float alpha = 2; '
+                    'optional float beta = 3; optional NormRegion norm_region = 4; '
+                    'optional float k = 5',
+    'SliceParameter': 'optional uint32 slice_dim = 1; repeated uint32 slice_point = 2; '
+                      'optional int32 axis = 3',
     'InputParameter': 'repeated BlobShape shape = 1',
     'ConvolutionParameter': 'optional uint32 num_output = 1; optional bool bias_term = 2; '
                             'repeated uint32 pad = 3; repeated uint32 kernel_size = 4; '
@@ -227,7 +234,8 @@ _MESSAGES = {
 }
 _ENUMS = {'PoolingParameter': {'PoolMethod': ('MAX', 'AVE', 'STOCHASTIC'),
                                'RoundMode': ('CEIL', 'FLOOR')},
-          'EltwiseParameter': {'EltwiseOp': ('PROD', 'SUM', 'MAX')}}
+          'EltwiseParameter': {'EltwiseOp': ('PROD', 'SUM', 'MAX')},
+          'LRNParameter': {'NormRegion': ('ACROSS_CHANNELS', 'WITHIN_CHANNEL')}}
 
 
 @functools.lru_cache(maxsize=None)

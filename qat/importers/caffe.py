@@ -133,6 +133,7 @@ def _blob(arrays, k, shape, path, layer):
 
 
 def _convolution(builder, layer, arrays, path):
+    """Convolution, and Deconvolution (its weight is (inputs, outputs / group, kh, kw))."""
     p = layer.params.get('convolution_param', {})
     kernel, stride = _hw(p, 'kernel_size', 'kernel', 1), _hw(p, 'stride', 'stride', 1)
     pad, dilation = _hw(p, 'pad', 'pad', 0), _hw(p, 'dilation', 'dilation', 1)
@@ -140,13 +141,16 @@ def _convolution(builder, layer, arrays, path):
     if not arrays:
         raise ModelFileError(f"{path}: layer {layer.name!r} has no weights in the caffemodel")
     per_group = arrays[0].size // (channels * kernel[0] * kernel[1])
-    weights = {'weight': _blob(arrays, 0, (channels, per_group, *kernel), path, layer)}
+    transposed = layer.type == 'Deconvolution'
+    shape = (per_group * groups, channels // groups) if transposed else (channels, per_group)
+    weights = {'weight': _blob(arrays, 0, shape + kernel, path, layer)}
     if bias:
         weights['bias'] = _blob(arrays, 1, (channels,), path, layer)
-    builder.add(layer.name, lambda prefix: nn.Conv2D(
+    block = nn.Conv2DTranspose if transposed else nn.Conv2D
+    builder.add(layer.name, lambda prefix: block(
         channels, kernel, strides=stride, padding=pad, dilation=dilation, groups=groups,
-        use_bias=bias, in_channels=per_group * groups, prefix=prefix),
-        layer.bottoms, layer.tops, weights)
+        use_bias=bias, in_channels=shape[0] if transposed else per_group * groups,
+        prefix=prefix), layer.bottoms, layer.tops, weights)
 
 
 def _inner_product(builder, layer, arrays, path):
@@ -298,6 +302,35 @@ def _power(builder, layer, arrays, path):
         bottoms = tops
 
 
+def _lrn(builder, layer, arrays, path):
+    """LRN across channels: ``x / (k + alpha / n * sum of x^2 over n channels) ^ beta``,
+    MXNet's LRN."""
+    p = layer.params.get('lrn_param', {})
+    if p.get('norm_region', 'ACROSS_CHANNELS') != 'ACROSS_CHANNELS':
+        raise unsupported(path, layer.name, 'LRN', 'WITHIN_CHANNEL')
+    attrs = {'nsize': p.get('local_size', 5), 'alpha': p.get('alpha', 1.0),
+             'beta': p.get('beta', 0.75), 'knorm': p.get('k', 1.0)}
+    builder.add(layer.name, lambda prefix: Op('LRN', attrs, prefix=prefix), layer.bottoms,
+                layer.tops)
+
+
+def _slice(builder, layer, arrays, path):
+    """Slice: equal parts (no slice_point), else one slice_axis per top."""
+    p = layer.params.get('slice_param', {})
+    axis, points = p.get('axis', p.get('slice_dim', 1)), list(p.get('slice_point', []))
+    if not points:
+        return builder.add(layer.name, lambda prefix: Op(
+            'split', {'num_outputs': len(layer.tops), 'axis': axis}, prefix=prefix),
+            layer.bottoms, layer.tops)
+    if len(points) != len(layer.tops) - 1:
+        raise ModelFileError(f"{path}: layer {layer.name!r}: {len(points)} slice points for "
+                             f"{len(layer.tops)} tops")
+    for top, begin, end in zip(layer.tops, [0] + points, points + [None]):
+        builder.add(f"{layer.name}_{top}", lambda prefix, begin=begin, end=end: Op(
+            'slice_axis', {'axis': axis, 'begin': begin, 'end': end}, prefix=prefix),
+            layer.bottoms, [top])
+
+
 def _identity(builder, layer, arrays, path):
     """Split / Dropout: every top is the bottom."""
     for top in layer.tops:
@@ -317,6 +350,7 @@ def _relu(params, prefix):
 # Caffe layer type -> reader(builder, layer, its caffemodel blobs, path)
 LAYERS = {
     'Convolution': _convolution,
+    'Deconvolution': _convolution,
     'InnerProduct': _inner_product,
     'BatchNorm': _standalone_batchnorm,
     'Scale': _scale,
@@ -340,6 +374,8 @@ LAYERS = {
     'Reshape': _simple(_reshape),
     'Softmax': _simple(lambda p, prefix: Op('softmax', {'axis': p.get('softmax_param', {})
                                                         .get('axis', 1)}, prefix=prefix)),
+    'LRN': _lrn,
+    'Slice': _slice,
     'Split': _identity,
     'Dropout': _identity,
 }
