@@ -226,7 +226,8 @@ def _ncnn_fp32(param, bin_path, x, input_name, output_name):
 
 class OpsNet(HybridBlock):
     """The layers ncnn writes for what GluonCV nets rarely have: GELU, reflect padding,
-    bilinear and nearest resizing, a crop, ELU, PReLU, max pooling, swish, a permute."""
+    bilinear and nearest resizing, a crop, ELU, PReLU, a deconvolution, max pooling, swish,
+    a permute."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -234,6 +235,8 @@ class OpsNet(HybridBlock):
             self.conv = nn.Conv2D(8, 3, padding=1, in_channels=3)
             self.conv2 = nn.Conv2D(8, 1, in_channels=8)
             self.gelu, self.elu, self.prelu = nn.GELU(), nn.ELU(0.7), nn.PReLU(in_channels=8)
+            self.up = nn.Conv2DTranspose(8, 3, strides=2, padding=1, output_padding=1,
+                                         in_channels=8)
             self.dense = nn.Dense(5, in_units=144)
 
     def hybrid_forward(self, F, x):
@@ -241,7 +244,7 @@ class OpsNet(HybridBlock):
         y = F.slice_axis(F.contrib.BilinearResize2D(y, height=12, width=12), axis=2, begin=1,
                          end=7)
         y = F.UpSampling(self.conv2(self.prelu(self.elu(y))), scale=2, sample_type='nearest')
-        y = F.Pooling(y, kernel=(4, 4), stride=(4, 4), pool_type='max')
+        y = F.Pooling(self.up(y), kernel=(8, 8), stride=(8, 8), pool_type='max')
         return F.softmax(self.dense(F.transpose(y * F.sigmoid(y), axes=(0, 1, 3, 2))))
 
 

@@ -188,7 +188,7 @@ def read_weights(param_path, bin_path):
         return values
 
     for kind, name, _, _, p in layers:
-        if kind in ('Convolution', 'ConvolutionDepthWise', 'InnerProduct'):
+        if kind in ('Convolution', 'ConvolutionDepthWise', 'InnerProduct', 'Deconvolution'):
             size_id, bias_id = (2, 1) if kind == 'InnerProduct' else (6, 5)
             (tag,) = struct.unpack_from('<I', data, offset)
             offset += 4

@@ -114,6 +114,28 @@ def _convolution(builder, name, bottoms, tops, p, w, path, kind='Convolution'):
         weights)
 
 
+def _deconvolution(builder, name, bottoms, tops, p, w, path):
+    """ncnn's weight is (outputs, inputs, kh, kw); Gluon's (inputs, outputs, kh, kw)."""
+    channels = p[0]
+    kernel, dilation, stride = _two(p, 1, 11, 0), _two(p, 2, 12, 1), _two(p, 3, 13, 1)
+    left = p.get(4, 0)
+    top, right = p.get(14, left), p.get(15, left)
+    bottom, extra = p.get(16, top), (p.get(19, 0), p.get(18, 0))
+    if min(left, top) < 0 or (left, top) != (right, bottom) or p.get(20, 0) or p.get(21, 0):
+        raise unsupported(path, name, 'Deconvolution', 'only symmetric padding, no output '
+                          'size')
+    inputs = p[6] // (channels * kernel[0] * kernel[1])
+    weights = {'weight': np.ascontiguousarray(np.asarray(w['weight'], np.float32).reshape(
+        channels, inputs, *kernel).transpose(1, 0, 2, 3))}
+    if p.get(5, 0):
+        weights['bias'] = w['bias']
+    _weighted(builder, name, bottoms, tops, p, path, 'Deconvolution', lambda prefix:
+              nn.Conv2DTranspose(channels, kernel, strides=stride, padding=(top, left),
+                                 output_padding=extra, dilation=dilation,
+                                 use_bias=bool(p.get(5, 0)), in_channels=inputs,
+                                 prefix=prefix), weights)
+
+
 def _depthwise(builder, name, bottoms, tops, p, w, path):
     _convolution(builder, name, bottoms, tops, p, w, path, 'ConvolutionDepthWise')
 
@@ -282,6 +304,7 @@ LAYERS = {
     'Input': None, 'Split': None, 'Dropout': None, 'Noop': None,  # handled in ``read``
     'Convolution': _convolution,
     'ConvolutionDepthWise': _depthwise,
+    'Deconvolution': _deconvolution,
     'InnerProduct': _inner_product,
     'BatchNorm': _batchnorm,
     'Pooling': _pooling,
