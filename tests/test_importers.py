@@ -93,6 +93,18 @@ def test_symbol_files_import_to_the_same_net(name, size, tmp_path):
         sum(isinstance(b, nn.BatchNorm) for _, b in _walk(net))
 
 
+def test_a_symbol_block_becomes_a_graph_net_convert_model_converts(tmp_path):
+    net = _gluoncv('mobilenet0.25', 32)
+    net.export(str(tmp_path / 'net'))
+    block = mx.gluon.SymbolBlock.imports(str(tmp_path / 'net-symbol.json'), ['data'],
+                                         str(tmp_path / 'net-0000.params'))
+    imported = qat.importers.symbol.from_block(block)
+    x = mx.nd.array(_images(32))
+    assert np.abs(imported(x).asnumpy() - block(x).asnumpy()).max() <= SYMBOL_ATOL
+    qat.convert_model(imported)
+    assert len(quant_blocks(imported)) == len(_convs(net)) + 1  # the convs and the Dense
+
+
 # ----- ONNX -----------------------------------------------------------------------------------
 def _onnx_export(net, size, path):
     """Gluon -> ONNX with MXNet's exporter, stamped opset 13 / IR 8: the exporter stamps the
@@ -441,6 +453,20 @@ def test_caffe_pooling_drops_a_last_window_in_the_padding_as_caffe_does(tmp_path
     assert got_max.shape == (1, 2, 2, 2)
     assert np.abs(got_max - want_max).max() <= CAFFE_ATOL
     assert np.abs(got_ave - want_ave).max() <= CAFFE_ATOL
+
+
+def test_a_recipe_takes_the_caffe_preprocessing_it_does_not_set(tmp_path):
+    from qat.app.recipe import load
+    prototxt = _write_caffe(tmp_path, _caffe_weights(), DATA_LAYER)
+    recipe = load(None, [f'model.name={prototxt}'])
+    assert recipe['model']['source'] == 'file'
+    pre = recipe['preprocess']
+    assert pre['mean'] == [104.0, 117.0, 123.0] and pre['pixel'] == 'BGR'
+    assert pre['std'] == [pytest.approx(1 / 0.017)] * 3
+    given = load(None, [f'model.name={prototxt}', 'preprocess.mean=[1,2,3]',
+                        'preprocess.pixel=RGB'])['preprocess']
+    assert given['mean'] == [1, 2, 3] and given['pixel'] == 'RGB'
+    assert given['std'] == [127.5] * 3  # a given mean: the file's scale is not taken either
 
 
 def test_caffe_lrn_deconvolution_and_slice_match_numpy(tmp_path):

@@ -21,7 +21,7 @@ import mxnet as mx
 from mxnet.gluon import nn
 
 from ..errors import reason
-from ..symbol import SymbolGraph
+from ..symbol import SymbolGraph, trace_symbol
 from .graph import Builder, ModelFileError, Op, resolve_op, unsupported
 
 SUFFIX = '-symbol.json'
@@ -52,6 +52,13 @@ def read(path, weights=None):
     params = {key.split(':', 1)[1] if key.startswith(('arg:', 'aux:')) else key:
               value.asnumpy() for key, value in loaded.items()}
     return from_symbol(symbol, params, path)
+
+
+def from_block(block, input_names=('data',)):
+    """The GraphNet of a Gluon block that has no convertible children, such as a
+    ``SymbolBlock`` (``SymbolBlock.imports``): its traced graph with its parameters."""
+    params = {p.name: p.data().asnumpy() for p in block.collect_params().values()}
+    return from_symbol(trace_symbol(block, input_names), params, f"<{block.name}>")
 
 
 def _value(text):
