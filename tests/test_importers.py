@@ -564,6 +564,10 @@ def test_qat_calibrate_takes_a_symbol_file(tmp_path, images, capsys):
     assert 'PASSED' in capsys.readouterr().out
     assert (out / 'model-int8.param').exists()
     assert 'cifarresnetv10_conv0' in (out / 'model.table').read_text()
+    with pytest.raises(SystemExit):  # a weights file belongs to a model file
+        qat_main(['calibrate', '--model', 'cifar_resnet20_v1', '--weights', model,
+                  '--images', str(images), '--shape', '32,32,3', '--output', str(out)])
+    assert '--weights' in capsys.readouterr().err
 
 
 def test_recipe_fine_tunes_an_imported_model(tmp_path):
