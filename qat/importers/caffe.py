@@ -17,7 +17,7 @@ from google.protobuf import text_format
 from mxnet.gluon import nn
 
 from ..deploy.caffe import read_caffemodel, read_net
-from .graph import Builder, Chain, ModelFileError, Op, unsupported
+from .graph import Builder, Chain, ModelFileError, Op, files_there, unsupported
 
 SUFFIX = '.prototxt'
 DATA_LAYERS = ('Input', 'Data', 'ImageData', 'MemoryData', 'DummyData', 'HDF5Data',
@@ -31,10 +31,7 @@ def weights_next_to(path):
 def read(path, weights=None):
     """The GraphNet of the Caffe model ``path`` with weights ``weights`` (default
     ``x.caffemodel``)."""
-    weights = weights or weights_next_to(path)
-    for file in (path, weights):
-        if not os.path.isfile(file):
-            raise ModelFileError(f"{file}: no such file")
+    weights = files_there(path, weights or weights_next_to(path))
     try:
         fields, layers = read_net(path, skip_unknown=True)
     except (text_format.ParseError, UnicodeDecodeError) as err:

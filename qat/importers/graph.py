@@ -7,6 +7,7 @@ fixed attributes, for add / concat / reshape / softmax and the rest), the blobs 
 writes, and its weights. ``GraphNet`` keeps the blocks as its children (so ``convert_model``
 can swap them) and looks each one up by name at every call (so it runs the swapped block).
 """
+import os
 import re
 
 import mxnet as mx
@@ -28,6 +29,14 @@ def unsupported(path, name, kind, why=''):
     detail = f": {why}" if why else ''
     return UnsupportedLayerError(f"{path}: layer {name!r} of type {kind!r} is not supported"
                                  f"{detail}")
+
+
+def files_there(path, weights):
+    """``weights``, once the model file ``path`` and it are found to exist."""
+    for file in (path, weights):
+        if not os.path.isfile(file):
+            raise ModelFileError(f"{file}: no such file")
+    return weights
 
 
 def resolve_op(F, op):

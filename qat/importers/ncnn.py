@@ -16,7 +16,8 @@ from mxnet.gluon import nn
 from ..deploy.ncnn import read_param, read_weights
 from ..deploy.optable.shape import PERMUTE_ORDERS
 from ..errors import UserError
-from .graph import Builder, Chain, ChannelShuffle, Gated, ModelFileError, Op, unsupported
+from .graph import (Builder, Chain, ChannelShuffle, Gated, ModelFileError, Op, files_there,
+                    unsupported)
 
 SUFFIX = '.param'
 NOT_SET = -233  # ncnn's "parameter not given"
@@ -28,10 +29,7 @@ def weights_next_to(path):
 
 def read(path, weights=None):
     """The GraphNet of the ncnn model ``path`` with weights ``weights`` (default ``x.bin``)."""
-    weights = weights or weights_next_to(path)
-    for file in (path, weights):
-        if not os.path.isfile(file):
-            raise ModelFileError(f"{file}: no such file")
+    weights = files_there(path, weights or weights_next_to(path))
     try:
         layers = read_param(path)
     except (ValueError, IndexError) as err:

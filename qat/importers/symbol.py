@@ -22,7 +22,7 @@ from mxnet.gluon import nn
 
 from ..errors import reason
 from ..symbol import SymbolGraph, trace_symbol
-from .graph import Builder, ModelFileError, Op, resolve_op, unsupported
+from .graph import Builder, ModelFileError, Op, files_there, resolve_op, unsupported
 
 SUFFIX = '-symbol.json'
 
@@ -37,10 +37,7 @@ def weights_next_to(path):
 def read(path, weights=None):
     """The GraphNet of the symbol file ``path`` with the parameters ``weights`` (default:
     next to it)."""
-    weights = weights or weights_next_to(path)
-    for file in (path, weights):
-        if not os.path.isfile(file):
-            raise ModelFileError(f"{file}: no such file")
+    weights = files_there(path, weights or weights_next_to(path))
     try:
         symbol = mx.sym.load(path)
     except (mx.base.MXNetError, ValueError, json.JSONDecodeError) as err:
