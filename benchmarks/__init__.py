@@ -4,6 +4,8 @@ each printing Markdown tables. Run them from the repository root:
     python -m benchmarks.train_step   training-step time of converted vs float nets
     python -m benchmarks.accuracy     float vs PTQ vs QAT top-1 on digits at W8A8 ... W2A2,
                                       through the recipe trainer
+    python -m benchmarks.narrow       QAT with EMA vs learned (LSQ) ranges per width, the
+                                      best PTQ method, 6-bit 3x3 weights; a compact net
     python -m benchmarks.ptq          PTQ accuracy per calibration method and bit width,
                                       W4A4 mixed precision, KL calibration throughput
     python -m benchmarks.deploy       ncnn int8 vs fp32 latency and size of exported GluonCV

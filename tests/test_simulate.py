@@ -30,7 +30,7 @@ def test_the_recipes_own_schemes_repeat_the_ptq_stage(run_folder, tmp_path):
     float_top1 = json.load(open(os.path.join(folder, 'state.json')))['results']['float']
     assert rows[0]['scheme'] == 'float' and rows[0]['top1'] == float_top1
     text = open(table).read()
-    assert f"| bits=8 | 8 | 8 | channel | yes | fold | 8 | ema | {ptq['W8A8']:.2f} |" in text
+    assert f"| bits=8 | 8 | 8 | channel | yes | fold | 8 | mse | {ptq['W8A8']:.2f} |" in text
     assert open(plot, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
 
 

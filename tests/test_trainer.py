@@ -155,11 +155,16 @@ def test_two_devices_train_like_one(tmp_path):
     Few steps, since a rounding flip in fake quantization would amplify a last-bit
     difference."""
     common = {'batch_size': 32, 'checkpoint_steps': 0}
+    # EMA ranges and calibration: the trackers are what devices must agree on, and a range
+    # that moves continuously with the weights; learned (LSQ) ranges are parameters like the
+    # weights but amplify a last-bit difference within a few steps, and an MSE range can
+    # step by one histogram bin
     sections = dict(model={'kwargs': {'bn': False}}, data={'val_fraction': 0.9},
                     float={'epochs': 1}, qat={'epochs': 2, 'input_quant_epoch': 0,
                                               'freeze_bn_epoch': None,
                                               'freeze_ranges_epoch': None},
-                    calibrate={'report_bits': []})
+                    calibrate={'report_bits': [], 'method': 'ema'},
+                    quantize={'range_tracker': 'ema'})
     one = stages.run_recipe(tiny_recipe(tmp_path, 'one', run=dict(common), **sections),
                            out=quiet)
     two = stages.run_recipe(tiny_recipe(tmp_path, 'two', run=dict(

@@ -4,13 +4,21 @@ from mxnet import nd
 
 from ..modes import temporary_mode
 from ..nn import quant_blocks
+from ..ops import qrange
 from ..probes import inputs_of
 
 
-def clipped_fraction(x, threshold, signed=True):
-    """Fraction of the elements of ``x`` outside the quantization range: ``|x| > T`` (signed)
-    or ``x > T or x < 0`` (unsigned)."""
-    outside = (nd.abs(x) > threshold) if signed else ((x > threshold) + (x < 0))
+def clipped_fraction(x, threshold, bits=8, signed=True):
+    """Fraction of the elements of ``x`` whose code the clip changes: beyond the last code's
+    rounding interval, ``|x| > T (qmax + 1/2) / qmax`` (signed), or ``x`` above it or below
+    -1/2 step (unsigned). A value past ``T`` by less than half a step keeps the code it would
+    round to anyway (an MSE range just under the max clips many such values, harmlessly)."""
+    _, high = qrange(bits, signed)
+    limit = threshold * (high + 0.5) / high
+    if signed:
+        outside = nd.abs(x) > limit
+    else:
+        outside = (x > limit) + (x < -0.5 * threshold / high)
     return float(outside.mean().asscalar())
 
 
@@ -30,5 +38,6 @@ def layer_stats(net, x):
             stats[f'input_range/{block.name}'] = tracked
             if block in seen:
                 stats[f'clipped/{block.name}'] = clipped_fraction(seen[block], tracked,
+                                                                  block.config.input_bits,
                                                                   block.config.input_signed)
     return stats

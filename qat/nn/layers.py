@@ -251,16 +251,24 @@ class QuantBlock(HybridBlock):
             return F.BlockGrad(learned)
         return ops.scaled_gradient(F, learned, ops.lsq_gradient_factor(F, count, bits, signed))
 
+    def _unused(self, F, learned):
+        """A (1,) zero token that keeps a learned threshold the graph does not use in it
+        (weights-only or online phases), so that it gets a zero gradient rather than a stale
+        one (which Gluon's Trainer refuses); None without learned ranges."""
+        if not self.learns_ranges:
+            return None
+        return F.reshape(F.sum(learned), (1,)) * 0
+
     def _quantized_input(self, F, x, state, anchor):
-        """(codes of x, s_in, token) when input quantization is on, else (x, None, None).
+        """(codes of x, s_in, token) when input quantization is on, else (x, None, token).
         ``state``: the block's quantizer parameters as graph inputs (``range_ema``,
         ``range_ema_var``, ``learned_threshold``: LSQ's, used once it is set (> 0)).
         ``token`` is a (1,) zero to add on ``anchor``'s gradient path (see qat.nn.ranges)."""
+        learned = state['learned_threshold']
         if not self._mode['quantize_input']:
-            return x, None, None
+            return x, None, self._unused(F, learned)
         cfg = self.config
         range_ema, range_ema_var = state['range_ema'], state['range_ema_var']
-        learned = state['learned_threshold']
         online = self._mode['online']
         lsq = self.learns_ranges and not online
         tracking = not self._mode['ranges_frozen'] and not lsq
@@ -276,10 +284,11 @@ class QuantBlock(HybridBlock):
                 F.slice_axis(F.shape_array(x), axis=0, begin=0, end=1), 'float32')
             threshold = F.where(learned > 0, self._learning(
                 F, learned, count, cfg.input_bits, cfg.input_signed), threshold)
-        token = None
+        token = None if lsq else self._unused(F, learned)
         if tracking and cfg.range_tracker == 'ema':
-            token = ranges.ema_update(F, batch, range_ema, range_ema_var, cfg.range_momentum,
-                                      anchor)
+            update = ranges.ema_update(F, batch, range_ema, range_ema_var, cfg.range_momentum,
+                                       anchor)
+            token = update if token is None else token + update
         s_in = ops.scale_from_threshold(F, threshold, cfg.input_bits, cfg.input_signed,
                                         learned=lsq)
         codes = ops.quantize_activation(F, x, s_in, cfg.input_bits, cfg.input_signed,
