@@ -14,6 +14,7 @@ Random heads score every box alike, so the heads' biases are set to make a few b
 0.5 threshold (background favoured, a few anchor / class channels raised): the test asserts
 a minimum number of detections, so that it is not vacuous.
 """
+import json
 import os
 
 import mxnet as mx
@@ -337,6 +338,20 @@ def test_minimal_opset_ssd_is_refused_clearly(tmp_path):
     net, _ = calibrated_detector(lambda: tiny_ssd(minimal_opset=True), 64)
     with pytest.raises(ExportError, match='minimal_opset=False'):
         qat.export(net, str(tmp_path), (3, 64, 64))
+
+
+def test_detector_thresholds_and_report_file(tmp_path):
+    net, data = calibrated_detector(tiny_yolo, 64)
+    folder = str(tmp_path / 'export')
+    qat.export(net, folder, (3, 64, 64), detection={'confidence_threshold': THRESHOLD})
+    path = str(tmp_path / 'verify.json')
+    report = qat.verify(net, folder, data, packing=False, report_path=path,
+                        min_detection_iou=1.5)
+    assert not report['passed'] and report['failures'][0].startswith('min_detection_iou')
+    with open(path) as handle:
+        assert json.load(handle)['int8']['detections'] == report['int8']['detections']
+    with pytest.raises(qat.errors.UserError, match='max_score'):
+        qat.verify(net, folder, data, max_score=1)
 
 
 def test_detection_options_are_checked(tmp_path):

@@ -235,13 +235,18 @@ def _run_ncnn(folder, name, samples, blobs, outputs, threads, packing):
     return ncnn8, ncnn32
 
 
+def _missed(checks, limits):
+    """One line per ({threshold: value}) check that misses its limit (NaN misses all)."""
+    return [f"{key}: {value:.6g} (limit {limits[key]:.6g})" for key, value in checks.items()
+            if not (value <= limits[key] if key.startswith('max') else value >= limits[key])]
+
+
 def _failures(report, limits):
     """One line per threshold the report misses (a NaN misses every threshold)."""
     checks = {'min_top1_agreement': report['int8']['top1_agreement'],
               'min_within_1lsb': report['int8']['within_1lsb'],
               'max_fp32_relative_error': report['fp32']['max_relative_error']}
-    return [f"{key}: {value:.6g} (limit {limits[key]:.6g})" for key, value in checks.items()
-            if not (value <= limits[key] if key.startswith('max') else value >= limits[key])]
+    return _missed(checks, limits)
 
 
 def verify(net, folder, data, name='model', report_path=None, max_samples=None, threads=1,
@@ -254,14 +259,15 @@ def verify(net, folder, data, name='model', report_path=None, max_samples=None, 
     if unknown:
         raise UserError(f"unknown verify threshold(s) {sorted(unknown)}; valid: "
                          f"{sorted(THRESHOLDS) + sorted(DETECTION_THRESHOLDS)}")
-    limits = dict(THRESHOLDS, **DETECTION_THRESHOLDS, **thresholds)
     manifest = read_manifest(folder, name)
+    decoder = detection.detector_layer(manifest)
+    limits = {**THRESHOLDS, **(DETECTION_THRESHOLDS if decoder is not None else {}),
+              **thresholds}
     if not quant_blocks(net):
         raise UserError(f"{net.name} has no quantized blocks: verify needs the converted net")
     batches, labels = labeled_batches(data, max_samples)
     layers = [layer for layer in manifest['layers'] if layer['kind'] != 'Input'
               and layer['source']]
-    decoder = detection.detector_layer(manifest)
     # the outputs compared: a detector's raw heads, else the net's outputs
     finals = [head['name'] for head in _head_layers(manifest, decoder)] \
         if decoder is not None else manifest['outputs']
@@ -418,8 +424,7 @@ def _detector_failures(report, limits):
               'min_detection_iou': found['min_iou'],
               'max_score_lsb': found['max_score_lsb'],
               'max_unmatched_detections': found['missing'] + found['extra']}
-    return [f"{key}: {value:.6g} (limit {limits[key]:.6g})" for key, value in checks.items()
-            if not (value <= limits[key] if key.startswith('max') else value >= limits[key])]
+    return _missed(checks, limits)
 
 
 def _format_detections(label, found):
