@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import mxnet as mx
 import numpy as np
@@ -361,16 +362,16 @@ def _caffe_weights(seed=0):
             'fc': [rs.normal(0, 0.5, (5, 8)), rs.normal(0, 0.1, 5)]}
 
 
-def _write_blobs(path, weights):
-    """A caffemodel (protobuf messages) of {layer: [arrays]}, the 'fc' weight as a legacy
-    (num, channels, height, width) blob."""
+def _write_blobs(path, weights, legacy=('fc',)):
+    """A caffemodel (protobuf messages) of {layer: [arrays]}, the 2-D weights of the
+    ``legacy`` layers as (num, channels, height, width) blobs."""
     messages = caffe_messages()
     layers = []
     for name, arrays in weights.items():
         blobs = []
         for array in arrays:
             array = np.asarray(array, np.float32)
-            if name == 'fc' and array.ndim == 2:
+            if name in legacy and array.ndim == 2:
                 blobs.append(messages['BlobProto'](num=1, channels=1, height=array.shape[0],
                                                    width=array.shape[1], data=array.ravel()))
             else:
@@ -417,6 +418,45 @@ def test_caffe_model_composed_with_protobuf_matches_numpy(tmp_path):
     kinds = {key: type(block).__name__ for key, block in net._children.items()}
     assert kinds['bn1'] == 'BatchNorm' and 'scale1' not in kinds and 'drop' not in kinds
     assert net.preprocess == {'shape': (3, 9, 9)}
+
+
+def _caffe_onnx():
+    """caffe-onnx's converter module (``pip install --no-deps caffe-onnx``: it installs the
+    top-level packages ``src`` and ``proto``), or None."""
+    try:
+        spec = importlib.util.find_spec('src.caffe2onnx')
+    except ModuleNotFoundError:
+        return None
+    return spec
+
+
+@pytest.mark.skipif(_caffe_onnx() is None, reason='caffe-onnx not installed')
+def test_caffe_model_matches_a_second_reader_caffe_onnx(tmp_path):
+    """Where caffe-onnx handles the layers (it drops Eltwise coefficients, the BatchNorm scale
+    factor and writes a Dropout onnxruntime rejects: those are left out here), its ONNX file
+    run by onnxruntime agrees with our import of the Caffe files."""
+    onnx = pytest.importorskip('onnx')
+    weights = _caffe_weights()
+    weights['bn1'] = [np.asarray(weights['bn1'][0]) / 2, np.asarray(weights['bn1'][1]) / 2,
+                      [1.0]]
+    text = '\n'.join(line for line in (CAFFE_NET % {'input': INPUT_LAYER, 'extra': ''})
+                     .splitlines() if '"Dropout"' not in line).replace('coeff: 1 coeff: -0.5',
+                                                                      '')
+    (tmp_path / 'net.prototxt').write_text(text)
+    _write_blobs(tmp_path / 'net.caffemodel', weights, legacy=())  # it reads shaped blobs
+    # its caffe_pb2 predates protobuf 4: the pure-Python protobuf reads it
+    env = dict(os.environ, PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION='python')
+    subprocess.run([sys.executable, '-c', 'import sys; from src.cli import main; '
+                    'sys.argv = ["caffe2onnx", "net.prototxt", "net.caffemodel", "net", "."]; '
+                    'main()'], cwd=tmp_path, env=env, check=True, capture_output=True,
+                   timeout=120)
+    model = onnx.load(str(tmp_path / 'net.onnx'))
+    model.ir_version, model.opset_import[0].version = 8, 11  # what onnxruntime 1.17 loads
+    onnx.save(model, str(tmp_path / 'net.onnx'))
+    x = np.random.RandomState(3).normal(0, 1, (1, 3, 9, 9)).astype(np.float32)
+    expected = _onnxruntime(str(tmp_path / 'net.onnx'), x)
+    got = import_model(str(tmp_path / 'net.prototxt'))(mx.nd.array(x)).asnumpy()
+    assert np.abs(got - expected).max() <= ONNX_ATOL
 
 
 def test_caffe_transform_param_is_the_preprocessing(tmp_path, images):
