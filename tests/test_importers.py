@@ -278,9 +278,12 @@ def _converted(name, size):
 NCNN_NETS = (('resnet18_v1', 32), ('mobilenet0.25', 32), ('mobilenetv2_0.25', 32),
              ('cifar_resnet20_v1', 32), ('mobilenetv3_small', 32), ('se_resnet18_v1', 32),
              ('shufflenet_v2', 32), ('ops', 10))
+SLOW_NCNN = ('resnet18_v1', 'se_resnet18_v1')  # 4-10 s each (the export of a large net)
 
 
-@pytest.mark.parametrize('name, size', NCNN_NETS, ids=[n for n, _ in NCNN_NETS])
+@pytest.mark.parametrize('name, size', [
+    pytest.param(n, size, id=n, marks=[pytest.mark.slow] if n in SLOW_NCNN else [])
+    for n, size in NCNN_NETS])
 def test_our_ncnn_and_caffe_files_import_to_what_ncnn_computes(name, size, tmp_path):
     net = _converted(name, size)
     paths = qat.export(net, str(tmp_path), (3, size, size))
