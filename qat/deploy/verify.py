@@ -18,7 +18,6 @@ import mxnet as mx
 import numpy as np
 
 from .. import native, reference
-from . import detection
 from ..batches import labeled_batches
 from ..errors import MissingFileError, UserError
 from ..fileio import write_json
@@ -27,6 +26,7 @@ from ..modes import temporary_mode
 from ..nn import quant_blocks
 from ..report import progress
 from ..symbol import SymbolGraph, trace_symbol
+from . import detection
 from .export import file_names, read_manifest
 from .graph import block_index
 from .ncnn import read_param, read_weights
@@ -254,7 +254,8 @@ def verify(net, folder, data, name='model', report_path=None, max_samples=None, 
     """Run ``folder``'s ncnn models on ``data`` and compare with ``net``.
 
     data: iterable of batches (NDArray / numpy, or (data, label)); labels add accuracies.
-    thresholds: override THRESHOLDS. Returns the report (``report['passed']``)."""
+    thresholds: override THRESHOLDS (and a detector's DETECTION_THRESHOLDS). Returns the
+    report (``report['passed']``)."""
     unknown = set(thresholds) - set(THRESHOLDS) - set(DETECTION_THRESHOLDS)
     if unknown:
         raise UserError(f"unknown verify threshold(s) {sorted(unknown)}; valid: "
