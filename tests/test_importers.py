@@ -570,6 +570,32 @@ def test_unsupported_layers_are_one_clear_error(tmp_path):
     assert set(IMPORTERS) == {'-symbol.json', '.onnx', '.prototxt', '.param'}
 
 
+DAMAGED = {  # model file, its contents, weights file, its contents, the file the error names
+    'symbol': ('a-symbol.json', '{not json', 'a-0000.params', b'', 'a-symbol.json'),
+    'onnx': ('b.onnx', b'\x00garbage\xff', None, None, 'b.onnx'),
+    'prototxt': ('c.prototxt', 'layer { name: "x" type: }', 'c.caffemodel', b'', 'c.prototxt'),
+    'caffemodel': ('e.prototxt', 'input: "d"\n', 'e.caffemodel', b'\xff\xfe\x01garbage',
+                   'e.caffemodel'),
+    'bin': ('f.param', '7767517\n2 2\nInput data 0 1 data 0=8 1=8 2=3\n'
+            'Convolution c 1 1 data c 0=4 1=3 5=1 6=108\n', 'f.bin', b'\0' * 20, 'f.bin'),
+    'missing weights': ('g.param', '7767517\n0 0\n', None, None, 'g.bin'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(DAMAGED))
+def test_a_damaged_or_missing_file_is_one_error_naming_it(case, tmp_path):
+    model, text, weights, data, named = DAMAGED[case]
+    for name, content in ((model, text), (weights, data)):
+        if name is not None:
+            (tmp_path / name).write_bytes(content if isinstance(content, bytes)
+                                          else content.encode())
+    if case == 'onnx':
+        pytest.importorskip('onnx')
+    with pytest.raises(qat.importers.ModelFileError) as error:
+        import_model(str(tmp_path / model))
+    assert str(error.value).startswith(str(tmp_path / named)) and '\n' not in str(error.value)
+
+
 # ----- the whole line on an imported model ----------------------------------------------------
 @pytest.mark.parametrize('form', ['symbol', 'ncnn'])
 def test_imported_model_converts_calibrates_exports_and_verifies(form, tmp_path):
