@@ -33,6 +33,7 @@ from qat.deploy import ExportError
 from qat.deploy import detection as D
 from qat.deploy.ncnn import read_param
 from qat.deploy.verify import NcnnModel
+from tests.helpers import converted_and_calibrated, small_net
 
 THRESHOLD = 0.5
 CLASSES = ['a', 'b', 'c']
@@ -356,6 +357,15 @@ def test_detector_thresholds_and_report_file(tmp_path):
 
 def test_detection_options_are_checked(tmp_path):
     net, _ = calibrated_detector(tiny_yolo, 64)
-    with pytest.raises(ExportError, match='keep_top_k'):
-        qat.export(net, str(tmp_path), (3, 64, 64), detection={'keep_top_k': 5})
+    for options, message in (({'keep_top_k': 5}, 'keep_top_k'),
+                             ({'confidence_threshold': 1.5}, r'in \[0, 1\]'),
+                             ({'nms_threshold': 'high'}, 'nms_threshold')):
+        with pytest.raises(ExportError, match=message):
+            qat.export(net, str(tmp_path), (3, 64, 64), detection=options)
+    net, _ = calibrated_detector(tiny_ssd, 64)
+    with pytest.raises(ExportError, match='whole number'):
+        qat.export(net, str(tmp_path), (3, 64, 64), detection={'nms_top_k': 0})
     assert not os.listdir(tmp_path)
+    classifier, _ = converted_and_calibrated(small_net, (3, 8, 8))
+    with pytest.raises(ExportError, match='no GluonCV SSD / YOLOv3 decoding'):
+        qat.export(classifier, str(tmp_path), (3, 8, 8), detection={'nms_threshold': 0.5})

@@ -35,7 +35,6 @@ DETECTION_OPTIONS = {
     'DetectionOutput': ('confidence_threshold', 'nms_threshold', 'nms_top_k', 'keep_top_k'),
     'Yolov3DetectionOutput': ('confidence_threshold', 'nms_threshold'),
 }
-KINDS = tuple(DETECTION_OPTIONS)
 
 
 def _ancestors(t, roots):
@@ -97,7 +96,15 @@ def _options(t, kind, defaults):
     if unknown:
         raise ExportError(f"unknown detection option(s) {sorted(unknown)} for {kind}; valid: "
                           f"{list(DETECTION_OPTIONS[kind])}")
-    return dict(defaults, **given)
+    for key, value in given.items():
+        whole = key.endswith('top_k')
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                (whole and (value != int(value) or value < 1)) or \
+                (not whole and not 0 <= value <= 1):
+            raise ExportError(f"detection option {key}={value!r}: must be "
+                              f"{'a whole number >= 1' if whole else 'a number in [0, 1]'}")
+    return dict(defaults, **{key: int(value) if key.endswith('top_k') else float(value)
+                             for key, value in given.items()})
 
 
 # ---- SSD ------------------------------------------------------------------------------------
@@ -233,6 +240,9 @@ def _analyse(t):
             _analyse_yolo(t, outputs) if outputs else None
         if found is not None:
             found['last'] = max(found['region'])
+        elif t.detection_options:
+            raise ExportError(f"detection options {sorted(t.detection_options)} given, but "
+                              f"{t.net.name} has no GluonCV SSD / YOLOv3 decoding")
         t.memo['detection'] = found
     return t.memo['detection']
 
