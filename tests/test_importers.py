@@ -214,6 +214,39 @@ def test_onnx_shape_and_resize_nodes_match_onnxruntime(tmp_path):
     assert np.abs(got - expected).max() <= ONNX_ATOL * max(1, np.abs(expected).max())
 
 
+def test_onnx_view_by_the_batch_size_keeps_the_batch(tmp_path):
+    """PyTorch's ``x.view(x.size(0), -1)``: Shape -> Gather -> Unsqueeze -> Concat ->
+    Reshape, on an input whose batch size is symbolic; run at batch 3."""
+    onnx = pytest.importorskip('onnx')
+    from onnx import TensorProto, helper, numpy_helper
+    rs = np.random.RandomState(0)
+    consts = {'w': rs.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32),
+              'fc': rs.normal(0, 0.5, (5, 4 * 6 * 6)).astype(np.float32),
+              'zero': np.array(0, np.int64), 'ax0': np.array([0], np.int64),
+              'rest': np.array([-1], np.int64)}
+    node = helper.make_node
+    nodes = [node('Conv', ['x', 'w'], ['c'], name='conv', kernel_shape=[3, 3]),
+             node('Shape', ['c'], ['shape'], name='shape'),
+             node('Gather', ['shape', 'zero'], ['n'], name='n', axis=0),
+             node('Unsqueeze', ['n', 'ax0'], ['n1'], name='n1'),
+             node('Concat', ['n1', 'rest'], ['target'], name='target', axis=0),
+             node('Reshape', ['c', 'target'], ['flat'], name='view'),
+             node('Gemm', ['flat', 'fc'], ['y'], name='fc', transB=1)]
+    graph = helper.make_graph(
+        nodes, 'g', [helper.make_tensor_value_info('x', TensorProto.FLOAT, ['N', 3, 8, 8])],
+        [helper.make_tensor_value_info('y', TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 13)])
+    model.ir_version = 8
+    path = str(tmp_path / 'view.onnx')
+    onnx.save(model, path)
+    x = _images(8, count=3)
+    got = import_model(path)(mx.nd.array(x)).asnumpy()
+    expected = _onnxruntime(path, x)
+    assert got.shape == expected.shape == (3, 5)
+    assert np.abs(got - expected).max() <= ONNX_ATOL * max(1, np.abs(expected).max())
+
+
 def test_onnx_node_nobody_reads_is_one_error(tmp_path):
     path = _onnx_graph(tmp_path, 'Shrink')
     with pytest.raises(UnsupportedLayerError, match=f"{path}: layer 'second' of type 'Shrink'"):

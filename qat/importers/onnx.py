@@ -17,6 +17,7 @@ from .graph import Builder, Chain, Gated, ModelFileError, Op, UnsupportedLayerEr
 from .symbol import from_symbol, layer_name
 
 SUFFIX = '.onnx'
+BATCH = -(2 ** 40)  # the batch size as a Shape node reports it (kept apart from real sizes)
 
 
 def _onnx():
@@ -53,6 +54,9 @@ def _read_graph(onnx, model, path):
     opset = next((o.version for o in model.opset_import if o.domain in ('', 'ai.onnx')), 13)
     inputs = [i for i in graph.input if i.name not in constants]
     builder = Builder(path)
+    # a symbolic size (the batch) is traced as 1: a Shape node sees BATCH in its place
+    builder.input_shapes = {i.name: tuple(d.dim_value or 1 for d in
+                                          i.type.tensor_type.shape.dim) for i in inputs}
     for node in graph.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
@@ -60,9 +64,17 @@ def _read_graph(onnx, model, path):
         if node.op_type == 'Constant':
             constants[node.output[0]] = numpy_helper.to_array(attrs['value'])
             continue
+        data = [i for i in node.input if i and i not in constants]
+        if node.op_type == 'Shape' and len(data) == 1:
+            constants[node.output[0]] = np.array(
+                (BATCH,) + builder.shape(data[0], builder.input_shapes)[1:], np.int64)
+            continue
+        if not data and node.op_type in FOLD:  # shape arithmetic: computed here, once
+            constants[node.output[0]] = FOLD[node.op_type](
+                [constants[i] if i else None for i in node.input], attrs)
+            continue
         if node.op_type not in NODES:
             raise unsupported(path, name, node.op_type)
-        data = [i for i in node.input if i and i not in constants]
         NODES[node.op_type](_Node(builder, name, node, attrs, data, constants, path, opset))
     shape = []
     if inputs:
@@ -209,7 +221,8 @@ def _reshape(n):
     shape = n.const(1)
     if shape is None or n.attrs.get('allowzero', 0):
         raise n.refuse('a shape that is not a constant')
-    n.op('Reshape', {'shape': tuple(int(d) for d in shape)})
+    # the batch size read by a Shape node: MXNet's 0 copies it
+    n.op('Reshape', {'shape': tuple(0 if d == BATCH else int(d) for d in shape)})
 
 
 def _softmax(n):
@@ -330,6 +343,33 @@ def _split(n):
 
 def _unary(op):
     return lambda n: n.op(op)
+
+
+def _fold_axes(inputs, attrs):
+    return attrs.get('axes', inputs[1] if len(inputs) > 1 else None)
+
+
+def _fold_slice(inputs, attrs):
+    data, starts, ends = inputs[:3]
+    axes = inputs[3] if len(inputs) > 3 and inputs[3] is not None else range(len(starts))
+    index = [slice(None)] * data.ndim
+    for axis, start, stop in zip(axes, starts, ends):
+        index[int(axis)] = slice(int(start), int(min(stop, 2 ** 62)))
+    return data[tuple(index)]
+
+
+# Nodes on constants only (the shape arithmetic of PyTorch exports: x.view(x.size(0), -1)),
+# computed in numpy: op -> fold(inputs, attributes)
+FOLD = {
+    'Gather': lambda i, a: np.take(i[0], i[1], axis=a.get('axis', 0)),
+    'Unsqueeze': lambda i, a: np.expand_dims(i[0], tuple(int(x) for x in _fold_axes(i, a))),
+    'Squeeze': lambda i, a: np.squeeze(i[0], tuple(int(x) for x in _fold_axes(i, a))
+                                       if _fold_axes(i, a) is not None else None),
+    'Concat': lambda i, a: np.concatenate([np.atleast_1d(x) for x in i], axis=a['axis']),
+    'Cast': lambda i, a: i[0],  # shapes stay int64; BATCH survives
+    'Identity': lambda i, a: i[0],
+    'Slice': _fold_slice,
+}
 
 
 # ONNX op -> reader(_Node)
