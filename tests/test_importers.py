@@ -630,16 +630,18 @@ def test_a_damaged_or_missing_file_is_one_error_naming_it(case, tmp_path):
 
 
 # ----- the whole line on an imported model ----------------------------------------------------
-@pytest.mark.parametrize('form', ['symbol', 'ncnn'])
+@pytest.mark.parametrize('form', ['symbol', 'onnx', 'ncnn', 'caffe'])
 def test_imported_model_converts_calibrates_exports_and_verifies(form, tmp_path):
     size = 32
     if form == 'symbol':
         _gluoncv('cifar_resnet20_v1', 32).export(str(tmp_path / 'src'))
         path = str(tmp_path / 'src-symbol.json')
-    else:  # the fp32 ncnn file of an export: folded BN, fused ReLUs
+    elif form == 'onnx':
+        path = _onnx_export(_gluoncv('mobilenetv2_0.25', 32), 32, tmp_path / 'src.onnx')
+    else:  # the fp32 ncnn / Caffe files of an export: folded BN, fused ReLUs
         source = qat.export(qat.app.models.calibrated_random('mobilenet0.25', size),
                             str(tmp_path / 'src'), (3, size, size))
-        path = source['param']
+        path = source['param' if form == 'ncnn' else 'prototxt']
     net = import_model(path)
     qat.convert_model(net)
     assert len(quant_blocks(net)) >= 10
