@@ -51,8 +51,9 @@ def read(path, weights=None):
     for kind, name, bottoms, tops, p in layers:
         if kind == 'Input':
             inputs += tops
-            shapes = {'shape': (p.get(2, 1), p.get(1, 1), p.get(0, 1))}
-            builder.input_shapes[tops[0]] = (1,) + shapes['shape']
+            if all(p.get(k, 0) > 0 for k in (0, 1, 2)):  # pnnx writes no size
+                shapes = {'shape': (p[2], p[1], p[0])}
+                builder.input_shapes[tops[0]] = (1,) + shapes['shape']
         elif kind in ('Split', 'Dropout', 'Noop'):
             for top in tops:
                 builder.alias(top, bottoms[0])
