@@ -576,6 +576,47 @@ def test_caffe_lrn_deconvolution_and_slice_match_numpy(tmp_path):
                                                x[:, :3]], axis=1))
 
 
+def test_caffe_elementwise_layers_match_numpy(tmp_path):
+    """A Scale no BatchNorm absorbs, Power, AbsVal, ReLU6, Clip, ELU, leaky ReLU, Sigmoid,
+    TanH, Eltwise PROD / MAX, Reshape, Flatten and a Softmax over the channels."""
+    layers = [('scale', 'Scale', 'data', 'scale_param { bias_term: true }'),
+              ('power', 'Power', 'scale', 'power_param { power: 2 scale: 0.5 shift: 1 }'),
+              ('abs', 'AbsVal', 'scale', ''), ('six', 'ReLU6', 'scale', ''),
+              ('clip', 'Clip', 'scale', 'clip_param { min: -0.5 max: 0.25 }'),
+              ('elu', 'ELU', 'scale', 'elu_param { alpha: 0.3 }'),
+              ('leaky', 'ReLU', 'scale', 'relu_param { negative_slope: 0.1 }'),
+              ('sig', 'Sigmoid', 'scale', ''), ('tanh', 'TanH', 'scale', '')]
+    text = 'input: "data" input_shape { dim: 1 dim: 3 dim: 2 dim: 4 }\n' + ''.join(
+        f'layer {{ name: "{n}" type: "{t}" bottom: "{b}" top: "{n}" {extra} }}\n'
+        for n, t, b, extra in layers) + (
+        'layer { name: "prod" type: "Eltwise" bottom: "power" bottom: "abs" bottom: "six" '
+        'top: "prod" eltwise_param { operation: PROD } }\n'
+        'layer { name: "max" type: "Eltwise" bottom: "clip" bottom: "elu" bottom: "leaky" '
+        'top: "max" eltwise_param { operation: MAX } }\n'
+        'layer { name: "cat" type: "Concat" bottom: "prod" bottom: "max" bottom: "sig" '
+        'bottom: "tanh" top: "cat" }\n'
+        'layer { name: "shape" type: "Reshape" bottom: "cat" top: "shape" '
+        'reshape_param { shape { dim: 0 dim: 6 dim: -1 dim: 2 } } }\n'
+        'layer { name: "prob" type: "Softmax" bottom: "shape" top: "prob" }\n'
+        'layer { name: "flat" type: "Flatten" bottom: "prob" top: "flat" }\n')
+    (tmp_path / 'e.prototxt').write_text(text)
+    rs = np.random.RandomState(0)
+    gamma, beta = rs.uniform(0.5, 2, 3), rs.normal(0, 1, 3)
+    _write_blobs(tmp_path / 'e.caffemodel', {'scale': [gamma, beta]})
+    x = rs.normal(0, 2, (1, 3, 2, 4)).astype(np.float32)
+    got = import_model(str(tmp_path / 'e.prototxt'))(mx.nd.array(x)).asnumpy()
+    y = x * gamma.reshape(1, 3, 1, 1) + beta.reshape(1, 3, 1, 1)
+    prod = (1 + 0.5 * y) ** 2 * np.abs(y) * np.clip(y, 0, 6)
+    biggest = np.maximum(np.maximum(np.clip(y, -0.5, 0.25),
+                                    np.where(y > 0, y, 0.3 * (np.exp(y) - 1))),
+                         np.where(y > 0, y, 0.1 * y))
+    cat = np.concatenate([prod, biggest, 1 / (1 + np.exp(-y)), np.tanh(y)], axis=1)
+    shaped = cat.reshape(1, 6, -1, 2)
+    e = np.exp(shaped - shaped.max(axis=1, keepdims=True))
+    want = (e / e.sum(axis=1, keepdims=True)).reshape(1, -1)
+    assert np.abs(got - want).max() <= CAFFE_ATOL
+
+
 # ----- an unsupported layer: one error naming the file, the layer and its type -----------------
 def test_unsupported_layers_are_one_clear_error(tmp_path):
     prototxt = _write_caffe(tmp_path, _caffe_weights(), extra=(
