@@ -4,26 +4,26 @@ GluonCV builds the backbones of its zoo SSDs on MobileNet and ResNet (``FeatureE
 ``FeatureExtractor``) as SymbolBlocks: one opaque MXNet graph, which ``convert_model``
 cannot enter, so every layer of the backbone would stay fp32 (exported and verified, but
 not int8). ``gluon_backbone`` rebuilds each SymbolBlock of a net as a GraphNet of standard
-Gluon layers (``qat.importers.symbol``): the same function, the same parameter names and
-values, so ``convert_model`` quantizes it like any Gluon net. Call it after the weights are
-loaded (or the net ran once), before ``convert_model``.
+Gluon layers (``qat.importers.symbol.from_block``): the same function, the same parameter
+names and values, so ``convert_model`` quantizes it like any Gluon net. Call it after the
+weights are loaded (or the net ran once), before ``convert_model``.
 """
 from mxnet.gluon import SymbolBlock
 
 from ..errors import UserError
-from ..importers.symbol import from_symbol
+from ..importers.symbol import from_block
 from ..nn import walk
 
 
 def _rebuilt(block):
     try:
-        values = {param.name: param.data().asnumpy()
-                  for param in block.collect_params().values()}
+        for param in block.collect_params().values():
+            param.data()
     except Exception:  # deferred initialization: no shapes yet
         raise UserError(f"{block.name}: its parameters have no values yet (load the weights "
                         f"or run the net once before gluon_backbone)") from None
-    _, symbol = block._cached_graph
-    return from_symbol(symbol, values, block.name)
+    inputs, _ = block._cached_graph  # (the SymbolBlock's input variables, its outputs)
+    return from_block(block, tuple(variable.name for variable in inputs))
 
 
 def gluon_backbone(net):
