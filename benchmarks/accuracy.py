@@ -11,10 +11,12 @@ float parameters (schedule ``BENCH_QAT``). The table gives the mean validation t
 method and width, its difference to float and the per-seed values. Runs are resumed: a
 second call reuses finished runs (in ``--out``) and continues killed ones.
 """
+import math
 import os
 import statistics
 
 from qat.app.stages import run_recipe
+from qat.errors import NonFiniteError
 from qat.report import format_table
 
 from .common import parser
@@ -53,7 +55,14 @@ def float_run(recipe, common, seed, bits=(), name='float'):
 
 def qat_run(recipe, common, base, seed, bits, name, extra=()):
     """A QAT run at W``bits``A``bits`` from the float run ``base``'s weights; resumed.
-    Returns its top-1."""
+    Returns its top-1, NaN when training diverged (the trainer stops on a non-finite value)."""
+    try:
+        return _qat_top1(recipe, common, base, seed, bits, name, extra)
+    except NonFiniteError:
+        return math.nan
+
+
+def _qat_top1(recipe, common, base, seed, bits, name, extra):
     return run_recipe(recipe, common + [
         f'run.name={name}-w{bits}-s{seed}', f'run.seed={seed}', 'float.epochs=0',
         f"model.checkpoint={os.path.join(base['folder'], 'float.params')}",
@@ -65,10 +74,16 @@ def mean_table(rows, title, reference='float'):
     """Markdown table of {name: [per-seed top-1]}: mean, difference to ``reference``'s mean,
     the per-seed values."""
     base = statistics.mean(rows[reference])
-    table = [(name, f"{statistics.mean(values):.2f}",
-              f"{statistics.mean(values) - base:+.2f}", ' / '.join(f"{v:.2f}" for v in values))
-             for name, values in rows.items()]
-    return format_table(table, [title, 'mean top-1 (%)', f'vs {reference}', 'per seed'])
+    table = []
+    for name, values in rows.items():
+        finite = [v for v in values if not math.isnan(v)]
+        mean = statistics.mean(finite) if finite else math.nan
+        diverged = len(values) - len(finite)
+        table.append((name, f"{mean:.2f}" + (f" ({diverged} diverged)" if diverged else ''),
+                      f"{mean - base:+.2f}", ' / '.join(
+                          'diverged' if math.isnan(v) else f"{v:.2f}" for v in values)))
+    return format_table(table, [title, 'mean top-1 (%) of the finished runs',
+                                f'vs {reference}', 'per seed'])
 
 
 def accuracy_table(seeds=(0, 1, 2), bits=(8, 4, 3, 2), out_dir='checkpoints/bench-accuracy',

@@ -14,6 +14,7 @@ where post-training W4A4 already loses points, with a longer QAT. The QAT varian
 width (``qat simulate`` on the float run). Runs are resumed: a second call reuses finished
 runs (in ``--out``) and continues killed ones.
 """
+import math
 import os
 
 from qat.app.simulate import simulate
@@ -84,9 +85,9 @@ def narrow_table(net, seeds, bits, out_dir, out=print):
 
 def _against_earlier(rows, bits):
     """The earlier design's PTQ / QAT next to ours (means), one column per width."""
-    def ours(name, b):
-        values = rows[f'W{b}A{b} {name}']
-        return sum(values) / len(values)
+    def ours(name, b):  # diverged runs (NaN) left out, as in the main table
+        values = [v for v in rows[f'W{b}A{b} {name}'] if not math.isnan(v)]
+        return sum(values) / len(values) if values else math.nan
     table = [['earlier MXNet design'] + [f"{EARLIER[b][0]:.2f} / {EARLIER[b][1]:.2f}"
                                          for b in bits]]
     for name in VARIANTS:
