@@ -111,6 +111,14 @@ def test_yolov3_detection_output_reference_is_bit_exact(tmp_path):
         np.testing.assert_array_equal(ours, theirs)
 
 
+def test_rows_in_gluoncv_form():
+    ids, scores, boxes = D.to_gluoncv([[3, 0.9, 0.25, 0.5, 0.75, 1.0]], width=64, height=32)
+    np.testing.assert_array_equal(ids, [[2]])
+    np.testing.assert_array_equal(scores, np.float32([[0.9]]))
+    np.testing.assert_array_equal(boxes, [[16, 16, 48, 32]])
+    assert D.to_gluoncv(np.zeros(0), 8, 8)[2].shape == (0, 4)
+
+
 def test_match_counts_missing_extra_and_borderline():
     reference = np.array([[1, 0.9, 0, 0, 1, 1], [2, 0.8, 0, 0, 1, 1], [1, 0.503, 2, 2, 3, 3]])
     measured = np.array([[1, 0.9, 0, 0, 1, 1.001], [3, 0.7, 0, 0, 1, 1]])

@@ -206,6 +206,15 @@ def yolov3_detection_output(blobs, params):
     return _rows(labels[picked] + 1, scores[picked], boxes[picked])
 
 
+def to_gluoncv(rows, width, height):
+    """ncnn's rows ``[label, score, x1, y1, x2, y2]`` (label 1..C, corners relative to the
+    input) in GluonCV's form: (class ids (N, 1) from 0, scores (N, 1), boxes (N, 4) in
+    pixels of a ``width`` x ``height`` input), what GluonCV's VOC metric takes."""
+    rows = np.asarray(rows, F32).reshape(-1, 6)
+    scale = np.array([width, height, width, height], F32)
+    return rows[:, :1] - 1, rows[:, 1:2], rows[:, 2:] * scale
+
+
 def iou(box, boxes):
     """IoU (float64) of one corner box with each of ``boxes``."""
     box, boxes = np.asarray(box, np.float64), np.asarray(boxes, np.float64).reshape(-1, 4)
