@@ -332,7 +332,8 @@ def test_fp32_symbolblock_backbone_verifies(tmp_path):
     assert len([layer for layer in report['layers'] if layer['int8']]) == 12  # the heads
 
 
-@pytest.mark.parametrize('variant', [{'nms_thresh': 0}, {'anchor_generator': LiteAnchorGenerator}])
+@pytest.mark.parametrize('variant', [{'nms_thresh': 0}, {'anchor_generator': LiteAnchorGenerator}],
+                         ids=['no_nms', 'lite_anchors'])
 def test_ssd_variants(variant, tmp_path):
     """Without NMS (nothing suppressed: threshold 1), and with another anchor generator (the
     anchors are evaluated from the graph, whatever computes them)."""
