@@ -185,9 +185,10 @@ def calibrated_random(name, size, seed=0):
     data = mx.nd.array(rs.normal(0, 1, (2, 3, size, size)))
     net(data)
     for key, param in net.collect_params().items():
-        if key.endswith(('running_var', 'gamma')):
+        # running_* in Gluon layers, moving_* in the SymbolBlock backbones of GluonCV's SSDs
+        if key.endswith(('running_var', 'moving_var', 'gamma')):
             param.set_data(mx.nd.array(rs.uniform(0.5, 1.5, param.shape)))
-        elif key.endswith(('running_mean', 'beta')):
+        elif key.endswith(('running_mean', 'moving_mean', 'beta')):
             param.set_data(mx.nd.array(rs.normal(0, 0.2, param.shape)))
     convert_model(net)
     calibrate(net, [data], method='max')
