@@ -16,10 +16,11 @@ from typing import NamedTuple
 import yaml
 
 from . import data as data_module
+from . import detection
 from . import models
 from ..calibration import METHODS as CALIBRATION_METHODS
 from ..config import BITS as BIT_RANGE, GRANULARITIES, RANGE_TRACKERS, QuantScheme
-from ..deploy import THRESHOLDS, WINOGRAD_POLICIES
+from ..deploy import DETECTION_THRESHOLDS, THRESHOLDS, WINOGRAD_POLICIES
 from ..errors import UserError
 from ..fileio import atomic_write
 from .trainer import OPTIMIZERS, SCHEDULES
@@ -76,6 +77,8 @@ def each(rule):
 
 BITS = between(*BIT_RANGE)
 KVSTORES = ('local', 'device', 'dist_sync', 'dist_device_sync')
+TASKS = ('classification', 'detection')
+VERIFY_THRESHOLDS = dict(THRESHOLDS, **DETECTION_THRESHOLDS)
 
 
 def _training(epochs, lr, doc):
@@ -124,6 +127,9 @@ SCHEMA = {
         'progress': Key(True, 'bool', 'progress bar on stderr (when it is a terminal)'),
     },
     'model': {
+        'task': Key('classification', 'str', '`classification` (class scores) or `detection` '
+                    '(a GluonCV SSD / YOLOv3, trained with its own losses; metric VOC07 mAP; '
+                    'see the `detection` section)', one_of(TASKS)),
         'source': Key('gluoncv', 'str', '`gluoncv` (model zoo name), `factory` (a Python '
                       'function `module:function` returning a Gluon HybridBlock) or `file` (a '
                       'model file, imported: `x-symbol.json`, `x.onnx`, `x.prototxt`, '
@@ -142,11 +148,17 @@ SCHEMA = {
     'data': {
         'source': Key('digits', 'str', '`digits` (bundled, no files), `folder` (one subfolder '
                       'per class), `list` (lines `path label`), `recordio` (`.rec` + `.idx`), '
-                      '`cifar10` (MXNet\'s CIFAR-10 binary files in `root`)',
-                      one_of(data_module.SOURCES)),
+                      '`cifar10` (MXNet\'s CIFAR-10 binary files in `root`); detection: '
+                      '`digits_detection` (bundled digits on canvases, no files), `voc` (a '
+                      'VOC-layout `root`, GluonCV\'s VOCDetection), `coco` (`root` with '
+                      '`annotations/<split>.json` and the images, GluonCV\'s COCODetection), '
+                      '`detection_recordio` (GluonCV\'s RecordFileDetection)',
+                      one_of(dict(data_module.SOURCES, **detection.SOURCES))),
         'root': Key('', 'str', 'dataset folder; `train` / `val` are relative to it'),
         'train': Key('train', 'str', 'training split: a folder (`folder`), a list file '
-                     '(`list`), a `.rec` file (`recordio`)'),
+                     '(`list`), a `.rec` file (`recordio`, `detection_recordio`), `YEAR/NAME` '
+                     '(`voc`, e.g. `2007/trainval`, several joined by commas), an annotation '
+                     'name (`coco`, e.g. `instances_train2017`)'),
         'val': Key('val', 'str', 'validation split (same forms as `train`)'),
         'val_fraction': Key(0.2, 'float', '`digits`: fraction held out for validation',
                             (lambda v: 0 < v < 1, 'in (0, 1)')),
@@ -210,6 +222,24 @@ SCHEMA = {
         'freeze_ranges_epoch': Key(None, 'int?', 'epoch from which activation ranges are '
                                    'frozen (null: at the end)', at_least(0)),
     }),
+    'detection': {
+        'train_samples': Key(2000, 'int', '`digits_detection`: training canvases',
+                             at_least(1)),
+        'val_samples': Key(300, 'int', '`digits_detection`: validation canvases',
+                           at_least(1)),
+        'canvas': Key(64, 'int', '`digits_detection`: canvas side in pixels (resized to '
+                      '`preprocess.size`)', at_least(8)),
+        'max_objects': Key(4, 'int', '`digits_detection`: digits per canvas, one to this',
+                           at_least(1)),
+        'classes': Key([], 'strs', 'class names: `voc` (default VOC\'s 20), '
+                       '`detection_recordio` (required); `coco` reads them from the json'),
+        'augment': Key('flip', 'str', 'training augmentation: `none`, `flip` (random '
+                       'horizontal flip) or `gluoncv` (GluonCV\'s default SSD / YOLOv3 train '
+                       'transform: colour, expansion, crop, flip)', one_of(detection.AUGMENTS)),
+        'confidence_threshold': Key(0.01, 'float', 'score threshold of the exported ncnn '
+                                    'decoding (DetectionOutput / Yolov3DetectionOutput)',
+                                    (lambda v: 0 <= v <= 1, 'in [0, 1]')),
+    },
     'export': {
         'enabled': Key(True, 'bool', 'write the ncnn int8 model (`<out>/<name>/export/`)'),
         'name': Key('model', 'str', 'file name stem of the exported model', plain_name()),
@@ -226,7 +256,8 @@ SCHEMA = {
         'samples': Key(0, 'int', 'validation images to run (0: all)', at_least(0)),
         'thresholds': Key({}, 'dict', 'pass thresholds replacing `qat.deploy.verify`\'s '
                           'defaults, e.g. `{min_top1_agreement: 0.99}`',
-                          ((lambda v: set(v) <= set(THRESHOLDS)), lambda: sorted(THRESHOLDS))),
+                          ((lambda v: set(v) <= set(VERIFY_THRESHOLDS)),
+                           lambda: sorted(VERIFY_THRESHOLDS))),
     },
 }
 
@@ -511,6 +542,11 @@ def _consistency(recipe, given, check_files):
     for name in ('input_quant_epoch', 'freeze_bn_epoch', 'freeze_ranges_epoch'):
         if qat[name] is not None and qat[name] > qat['epochs']:
             yield f'qat.{name}', f"{qat[name]} is beyond qat.epochs = {qat['epochs']}"
+    task, source = recipe['model']['task'], recipe['data']['source']
+    if (task == 'detection') != (source in detection.SOURCES):
+        valid = detection.SOURCES if task == 'detection' else data_module.SOURCES
+        yield 'data.source', f"{source!r} is not a {task} source (model.task: {task}); " \
+            f"valid: {', '.join(sorted(valid))}"
     shape = recipe['export']['input_shape']
     if shape and len(shape) != 3:
         yield 'export.input_shape', f"must be [C, H, W], got {shape}"
@@ -531,7 +567,9 @@ def _consistency(recipe, given, check_files):
             yield 'model.checkpoint', f"file not found: {model['checkpoint']}"
         if model['weights'] and not os.path.isfile(model['weights']):
             yield 'model.weights', f"file not found: {model['weights']}"
-        for key, problem in data_module.missing_files(recipe['data']):
+        files = detection.missing_files if recipe['data']['source'] in detection.SOURCES \
+            else data_module.missing_files
+        for key, problem in files(recipe['data']):
             yield key, problem
 
 

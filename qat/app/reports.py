@@ -54,8 +54,8 @@ def _pct(value):
     return '-' if value is None else f"{value:.2f}"
 
 
-def results_table(recipe, results):
-    """The final Markdown table of a run's accuracies."""
+def results_table(recipe, results, metric='val top-1'):
+    """The final Markdown table of a run's accuracies (``metric``, in %)."""
     q = recipe['quantize']
     rows = [('float32', 'float', _pct(results.get('float')))]
     ptq = results.get('ptq', {})
@@ -68,10 +68,10 @@ def results_table(recipe, results):
                      _pct(results['qat'])))
     if results.get('ncnn') is not None:
         rows.append((scheme_name(q), 'ncnn int8 (measured)', _pct(results['ncnn'])))
-    return format_table(rows, [recipe['run']['name'], 'method', 'val top-1 (%)'])
+    return format_table(rows, [recipe['run']['name'], 'method', f'{metric} (%)'])
 
 
-def plot_curves(history, path):
+def plot_curves(history, path, metric='val top-1'):
     """Per training stage, the epoch loss and validation accuracy against the epoch (two
     panels); PNG at ``path``, atomic. Returns the path, or None with no history."""
     if not history:
@@ -84,19 +84,19 @@ def plot_curves(history, path):
         loss_axis.plot(epochs, [r['loss'] for r in records], 'o-', label=stage)
         acc_axis.plot(epochs, [r['accuracy'] for r in records], 'o-', label=stage)
     label_axis(loss_axis, 'epoch', 'training loss')
-    label_axis(acc_axis, 'epoch', 'val top-1 (%)')
+    label_axis(acc_axis, 'epoch', f'{metric} (%)')
     return save_figure(fig, path)
 
 
-def write_summary(folder, recipe, state):
+def write_summary(folder, recipe, state, metric='val top-1'):
     """``summary.md`` (the table, each epoch's figures and the curves) and ``curves.png`` in
     the run folder. Returns the table."""
-    table = results_table(recipe, state['results'])
-    plot = plot_curves(state['history'], os.path.join(folder, 'curves.png'))
+    table = results_table(recipe, state['results'], metric)
+    plot = plot_curves(state['history'], os.path.join(folder, 'curves.png'), metric)
     epochs = format_table(
         [(r['stage'], r['epoch'], f"{r['loss']:.4f}", f"{r['accuracy']:.2f}", f"{r['lr']:.3g}",
           f"{r['seconds']:.1f}") for r in state['history']],
-        ['stage', 'epoch', 'loss', 'val top-1 (%)', 'lr (last)', 'seconds'])
+        ['stage', 'epoch', 'loss', f'{metric} (%)', 'lr (last)', 'seconds'])
     parts = [f"# Run {recipe['run']['name']}", '', table, '']
     if state['history']:
         parts += ['## Epochs', '', epochs, '']

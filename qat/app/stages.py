@@ -31,6 +31,7 @@ from ..modes import freeze_bn, freeze_ranges, quantize_input
 from ..nn import quant_blocks
 from .checks import check_devices, check_labels, check_model, open_splits
 from .data import Augment, Preprocess, epoch_order, iterate, open_split
+from .detection import DetectionStages
 from .recipe import load as load_recipe
 from .reports import Scalars, results_table, scheme_name, write_summary
 from .runfolder import RunFolder
@@ -132,8 +133,12 @@ class Run(Trainer):
         self.devices.sync_state(net)
 
     # ----- stages --------------------------------------------------------------------------
+    def model_section(self):
+        """The recipe's ``model`` section as the builder takes it."""
+        return self.recipe['model']
+
     def _float_net(self):
-        net = build_model(self.recipe['model'], self.preprocess.input_shape,
+        net = build_model(self.model_section(), self.preprocess.input_shape,
                           self.devices.contexts, self.seed)
         net.hybridize(static_alloc=True)
         return net
@@ -169,7 +174,7 @@ class Run(Trainer):
             freeze_ranges(net)
             label = scheme_name(self.recipe['quantize'], bits)
             results[label] = self.evaluate(net)
-            self.out(f"post-training {label}: val top-1 {results[label]:.2f}%")
+            self.out(f"post-training {label}: {self.metric_name} {results[label]:.2f}%")
             if bits is None:
                 self.folder.save(net, 'ptq.params')
         self.log({f'ptq/accuracy_{k}': v for k, v in results.items()})
@@ -218,18 +223,27 @@ class Run(Trainer):
         shape = tuple(section['input_shape']) or self.preprocess.input_shape
         folder = self.folder.path('export')
         paths = export(self.final_net(), folder, input_shape=shape, name=section['name'],
-                       winograd=section['winograd'])
+                       winograd=section['winograd'], **self.export_options())
         write_json(os.path.join(folder, 'preprocess.json'), self.preprocess.ncnn())
         self.out(f"exported to {folder}")
         self.folder.finish_stage('export', export={  # relative: the run folder can move
             k: os.path.relpath(v, self.folder.folder) for k, v in paths.items()})
+
+    def export_options(self):
+        """Task-specific keyword arguments of ``qat.deploy.export``."""
+        return {}
 
     def stage_verify(self):
         section = self.recipe['verify']
         if not (section['enabled'] and self.recipe['export']['enabled']) \
                 or self.devices.rank != 0:
             return self.folder.finish_stage('verify')
-        report_path = self.folder.path('verify.json')
+        report, ncnn = self.verify_stage(self.folder.path('verify.json'))
+        self.folder.finish_stage('verify', verify_passed=bool(report['passed']), ncnn=ncnn)
+
+    def verify_stage(self, report_path):
+        """(verify's report, the ncnn int8 model's metric on the validation images)."""
+        section = self.recipe['verify']
         report = verify(self.final_net(), self.folder.path('export'),
                         self.val_batches(section['samples']),
                         name=self.recipe['export']['name'], report_path=report_path,
@@ -238,7 +252,7 @@ class Run(Trainer):
         self.out(f"verify: {'passed' if report['passed'] else 'FAILED: '}"
                  f"{'; '.join(report['failures'])} (ncnn int8 top-1 {ncnn:.2f}%, "
                  f"{report['samples']} images; report {report_path})")
-        self.folder.finish_stage('verify', verify_passed=bool(report['passed']), ncnn=ncnn)
+        return report, ncnn
 
     def run(self):
         stages = {'float': self.stage_float, 'ptq': self.stage_ptq, 'qat': self.stage_qat,
@@ -252,12 +266,20 @@ class Run(Trainer):
                 self.scalars.close()
             self.folder.unlock()
         state = self.folder.state
-        table = results_table(self.recipe, state['results'])
+        table = results_table(self.recipe, state['results'], self.metric_name)
         if self.devices.rank == 0:
-            write_summary(self.folder.folder, self.recipe, state)
+            write_summary(self.folder.folder, self.recipe, state, self.metric_name)
         results = dict(state['results'], folder=self.folder.folder, table=table)
         self.out(results['table'])
         return results
+
+
+class DetectionRun(DetectionStages, Run):
+    """A run of ``model.task: detection`` (``qat.app.detection``'s hooks)."""
+
+
+# model.task -> the run class
+RUNS = {'classification': Run, 'detection': DetectionRun}
 
 
 def run_recipe(path, overrides=(), resume=False, callbacks=(), out=print, check_files=True):
@@ -267,7 +289,8 @@ def run_recipe(path, overrides=(), resume=False, callbacks=(), out=print, check_
     accuracies per stage ('float', 'ptq' {scheme: top-1}, 'qat', 'ncnn'), 'verify_passed',
     'export' paths, the run 'folder' and the final Markdown 'table'."""
     recipe = load_recipe(path, overrides, check_files=check_files)
-    return Run(recipe, resume=resume, callbacks=callbacks, out=out).run()
+    return RUNS[recipe['model']['task']](recipe, resume=resume, callbacks=callbacks,
+                                         out=out).run()
 
 
 def load_run(folder):

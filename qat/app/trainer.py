@@ -216,6 +216,21 @@ class Trainer:
     adds the stages. Needs ``recipe``, ``seed``, ``devices``, ``folder`` (a RunFolder),
     ``train_set``, ``classes``, ``preprocess``, ``augment``, ``callbacks``, ``out``, ``log``."""
 
+    metric_name = 'val top-1'  # what ``evaluate`` measures (in %)
+
+    def train_batches(self, epoch, step):
+        """This worker's (data, label) batches of ``epoch`` from batch ``step`` on."""
+        return iterate(self.train_set, self.preprocess, self.recipe['run']['batch_size'],
+                       order=self.shard(epoch), start=step, augment=self.augment,
+                       augment_seed=(self.seed, epoch, self.devices.rank),
+                       workers=self.recipe['data']['workers'], classes=self.classes)
+
+    def batch_losses(self, net, xs, ys):
+        """Per-sample losses of one batch, a list over devices (called under
+        ``autograd.record``)."""
+        loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+        return [loss_fn(net(x), y) for x, y in zip(xs, ys)]
+
     def shard(self, epoch):
         """This worker's samples of ``epoch`` (the order depends on (seed, epoch) only)."""
         return self.devices.shard(epoch_order(len(self.train_set), self.seed, epoch))
@@ -240,7 +255,6 @@ class Trainer:
             epoch, step, total, seen = resumed
             self.out(f"{stage}: resuming at epoch {epoch + 1}, step {step}")
         lr_at = schedule(section, steps)
-        loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
         while epoch < section['epochs']:
             if step == 0 and on_epoch is not None:
                 on_epoch(net, epoch)
@@ -248,18 +262,13 @@ class Trainer:
             bar = progress(label=f"{stage} {epoch + 1}/{section['epochs']}", total=steps,
                            initial=step, enabled=run['progress'] and devices.rank == 0)
             start = time.time()
-            for data, label in iterate(self.train_set, self.preprocess, run['batch_size'],
-                                       order=self.shard(epoch), start=step,
-                                       augment=self.augment,
-                                       augment_seed=(self.seed, epoch, devices.rank),
-                                       workers=self.recipe['data']['workers'],
-                                       classes=self.classes):
+            for data, label in self.train_batches(epoch, step):
                 lr = lr_at(epoch * steps + step)
                 trainer.set_learning_rate(lr)
                 xs = gluon.utils.split_and_load(data, devices.contexts, even_split=False)
                 ys = gluon.utils.split_and_load(label, devices.contexts, even_split=False)
                 with autograd.record():
-                    losses = [loss_fn(net(x), y) for x, y in zip(xs, ys)]
+                    losses = self.batch_losses(net, xs, ys)
                 autograd.backward(losses)
                 if devices.distributed:  # sum over devices and workers
                     devices.kvstore.pushpull(keys, [p.list_grad() for p in trained],
@@ -299,8 +308,8 @@ class Trainer:
         acc = self.evaluate(net)
         record = {'stage': stage, 'epoch': epoch + 1, 'loss': loss, 'accuracy': acc, 'lr': lr,
                   'seconds': seconds}
-        self.out(f"{stage} epoch {epoch + 1}/{section['epochs']}: loss {loss:.4f}, val top-1 "
-                 f"{acc:.2f}%, lr {lr:.3g} ({seconds:.1f} s)")
+        self.out(f"{stage} epoch {epoch + 1}/{section['epochs']}: loss {loss:.4f}, "
+                 f"{self.metric_name} {acc:.2f}%, lr {lr:.3g} ({seconds:.1f} s)")
         scalars = {f'{stage}/epoch_loss': loss, f'{stage}/accuracy': acc}
         if quant_blocks(net) and self.logging:
             x, _ = next(iter(self.val_batches(self.recipe['run']['batch_size'])))
