@@ -14,6 +14,7 @@ name is not unique. The float and the quantized traces of a net order their node
 same node in the other.
 """
 import json
+import warnings
 from collections import Counter
 
 import mxnet as mx
@@ -29,6 +30,16 @@ def trace_symbol(net, input_names=('data',)):
     if isinstance(out, (list, tuple)):
         out = mx.sym.Group(list(out))
     return out
+
+
+def outputs_block(net, outputs, input_name='data'):
+    """A ``SymbolBlock`` computing the symbols ``outputs`` (a list, usually nodes of
+    ``trace_symbol(net)``) from the one input ``input_name``, with ``net``'s own parameters
+    (shared, not copied): one graph call gives them all."""
+    with warnings.catch_warnings():  # MXNet cannot infer the input's type before a call
+        warnings.simplefilter('ignore', UserWarning)
+        return mx.gluon.SymbolBlock(mx.sym.Group(list(outputs)), mx.sym.var(input_name),
+                                    params=net.collect_params())
 
 
 class SymbolGraph:

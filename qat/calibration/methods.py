@@ -2,9 +2,9 @@
 
 ``METHODS`` is the one registry of methods (``qat.calibrate``, the recipe's
 ``calibrate.method`` and ``qat calibrate --method`` all read it): per-batch methods ('max',
-'ema') read the data once, histogram methods ('kl', 'aciq', 'percentile', 'mse') twice (see
-``observers``), and 'easyquant' starts from KL and then searches the scales
-(``qat.calibration.easyquant``).
+'ema') read the data once, histogram methods ('kl', 'percentile', 'mse', ACIQ's moment and
+Laplace rules) twice and ACIQ's default Gaussian range rule once (see ``observers``), and
+'easyquant' starts from KL and then searches the scales (``qat.calibration.easyquant``).
 """
 import logging
 import math
@@ -37,12 +37,18 @@ class Method:
     ranges (max |x|, or max x for unsigned inputs) or, when ``histogram`` is true, the layer's
     ``thresholds.Histogram``. ``options``: accepted keyword options and their defaults
     (``bins`` sizes the histogram; the others go to ``reduce``). ``search``: the method is a
-    scale search run after a range method (``reduce`` unused)."""
+    scale search run after a range method (``reduce`` unused). ``counts(options)``: False
+    when ``reduce`` with those options reads no bin counts, only the maximum and sizes (it then
+    gets a ``thresholds.Summary`` from one pass); None: always True."""
     description: str
     reduce: Callable = None
     histogram: bool = False
     options: Mapping = field(default_factory=lambda: MappingProxyType({}))
     search: bool = False
+    counts: Callable = None
+
+    def needs_counts(self, options):
+        return self.histogram and (self.counts is None or bool(self.counts(options)))
 
     def __call__(self, stats, config, **options):
         return self.reduce(stats, config, **options)
@@ -71,9 +77,10 @@ METHODS = {
                  "qmax+1 levels; two passes)", _from_histogram(th.kl), histogram=True,
                  options=_options()),
     'aciq': Method("ACIQ analytic clipping alpha[bits] * spread (Gaussian sigma from the range "
-                   "as ncnn2table, or moments; Laplace b); two passes",
+                   "as ncnn2table: one pass; or moments, Laplace b: two passes)",
                    _from_histogram(th.aciq), histogram=True,
-                   options=_options(distribution='gaussian', spread='range')),
+                   options=_options(distribution='gaussian', spread='range'),
+                   counts=lambda o: (o['distribution'], o['spread']) != ('gaussian', 'range')),
     'percentile': Method("the given percentile of |x| read off the histogram; two passes",
                          _from_histogram(th.percentile), histogram=True,
                          options=_options(percentile=th.DEFAULT_PERCENTILE)),
@@ -127,8 +134,10 @@ def set_ranges(net, data, method='ema', num_batches=None, log_every=observers.LO
         observers.check_reiterable(data, f"calibration method {method!r}")
         for config in {block.config for block in blocks}:  # bad options fail before any pass
             spec(th.Histogram(1.0, bins, config.input_signed), config, **settings)
-    ranges, histograms, count = observers.collect(net, blocks, data, num_batches, log_every, method,
-                                         bins if spec.histogram else None)
+    summary = spec.histogram and not spec.needs_counts(settings)
+    ranges, histograms, count = observers.collect(net, blocks, data, num_batches, log_every,
+                                                  method, bins if spec.histogram else None,
+                                                  summary=summary)
     thresholds = {}
     for block in blocks:
         if not ranges[block]:

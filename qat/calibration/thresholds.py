@@ -43,6 +43,7 @@ KL_EPS = 1e-4              # ncnn2table's kl_eps, added to both distributions
 DEFAULT_PERCENTILE = 99.99
 MSE_CANDIDATES = 512       # coarse grid of the MSE search (then refined, see ``mse``)
 MSE_REFINE = 64
+KL_CHUNK = 1 << 18         # elements per temporary of the KL search (rows of candidates)
 
 # ACIQ optimal clipping values alpha (in units of the Gaussian sigma / Laplace b) for M-bit
 # quantization, from Banner, Nahshan, Soudry, "Post training 4-bit quantization of
@@ -194,6 +195,21 @@ class Histogram:
                 f"{self.nonzero} binned + {self.zeros} zeros)")
 
 
+class Summary:
+    """What one pass knows of a layer's magnitudes without binning them: ``absmax`` (the
+    largest), ``total`` (elements seen), ``sample_size`` (largest number of elements per
+    sample) and ``signed``, as a ``Histogram`` holds them. ACIQ's Gaussian range rule reads
+    nothing else, so it calibrates in one pass."""
+
+    def __init__(self, absmax, total, sample_size, signed=True):
+        self.absmax, self.total, self.sample_size = float(absmax), int(total), int(sample_size)
+        self.signed = bool(signed)
+
+    def __repr__(self):
+        return (f"Summary({'|x|' if self.signed else 'max(x, 0)'} <= {self.absmax:.6g}, "
+                f"{self.total} elements, {self.sample_size} per sample)")
+
+
 def _check(hist, bits, signed):
     """The histogram's signedness (``signed`` None means "as the histogram"); validates bits."""
     if signed is not None and bool(signed) != hist.signed:
@@ -232,22 +248,38 @@ def kl_divergences(hist, bits=8, signed=None, eps=KL_EPS):
         return np.zeros(0, np.int64), np.zeros(0)
     h = hist.counts / float(hist.nonzero)
     cum = np.concatenate([[0.0], np.cumsum(h)])        # cum[k] = sum(h[:k])
-    level = np.arange(levels + 1)
     ts = np.arange(levels, bins)
     divergences = np.empty(len(ts))
-    for n, t in enumerate(ts):
-        per_level = t / levels                          # exact: levels is a power of two
-        bounds = level * per_level                      # level boundaries, in bins
-        whole = np.floor(bounds).astype(np.int64)
-        # cumulative mass of the piecewise-uniform histogram at the level boundaries
-        mass = cum[whole] + (bounds - whole) * h[np.minimum(whole, bins - 1)]
-        density = np.diff(mass) / per_level             # Q, per original bin
-        k = np.arange(t + 1)
-        owner = np.minimum(k * levels // t, levels - 1)  # level holding position k (exact)
-        expanded = np.diff(mass[owner] + (k - owner * per_level) * density[owner]) + eps
-        clipped = h[:t] + eps
-        clipped[-1] += cum[bins] - cum[t]
-        divergences[n] = np.sum(clipped * np.log(clipped / expanded))
+    rows = max(1, KL_CHUNK // bins)
+    for start in range(0, len(ts), rows):
+        chunk = ts[start:start + rows]
+        divergences[start:start + len(chunk)] = _kl_rows(h, cum, chunk, levels, eps)
+    return ts, divergences
+
+
+def _kl_rows(h, cum, ts, levels, eps):
+    """The divergences of the candidates ``ts``, one row each, computed element by element as
+    one candidate alone would be (the same float64 operations on the same values; columns past
+    a row's ``t`` are padding, never summed) and summed over each row's own ``t`` values, so
+    the result equals a loop over the candidates bit for bit."""
+    bins = len(h)
+    width = int(ts[-1])
+    per_level = (ts / levels)[:, None]                  # exact: levels is a power of two
+    bounds = np.arange(levels + 1) * per_level          # level boundaries, in bins
+    whole = np.floor(bounds).astype(np.int64)
+    # cumulative mass of the piecewise-uniform histogram at the level boundaries
+    mass = cum[whole] + (bounds - whole) * h[np.minimum(whole, bins - 1)]
+    density = np.diff(mass, axis=1) / per_level         # Q, per original bin
+    k = np.arange(width + 1)
+    owner = np.minimum(k * levels // ts[:, None], levels - 1)  # level holding position k
+    with np.errstate(all='ignore'):                     # the padding may be anything
+        expanded = np.diff(np.take_along_axis(mass, owner, 1) + (k - owner * per_level)
+                           * np.take_along_axis(density, owner, 1), axis=1) + eps
+        clipped = np.repeat((h[:width] + eps)[None, :], len(ts), axis=0)
+        rows = np.arange(len(ts))
+        clipped[rows, ts - 1] += cum[bins] - cum[ts]
+        terms = clipped * np.log(clipped / expanded)
+    return [np.sum(terms[row, :t]) for row, t in enumerate(ts)]
     return ts, divergences
 
 
@@ -294,14 +326,14 @@ def aciq(hist, bits=8, signed=None, distribution='gaussian', spread='range'):
     if spread not in ('range', 'moments'):
         raise UserError(f"spread must be 'range' or 'moments', got {spread!r}")
     row = bits if signed else bits + 1
+    if distribution == 'gaussian' and spread == 'range':  # no counts needed: a Summary will do
+        n = max(hist.sample_size, 2)
+        sigma = 2 * hist.absmax * GAUSSIAN_CONST / math.sqrt(2 * math.log(n))
+        return float(min(ALPHA_GAUSSIAN[row] * sigma, hist.absmax))  # 0 when all are 0
     if hist.nonzero == 0:
         return 0.0
     if distribution == 'laplace':
         threshold = ALPHA_LAPLACE[row] * hist.moment(1)
-    elif spread == 'range':
-        n = max(hist.sample_size, 2)
-        sigma = 2 * hist.absmax * GAUSSIAN_CONST / math.sqrt(2 * math.log(n))
-        threshold = ALPHA_GAUSSIAN[row] * sigma
     else:
         threshold = ALPHA_GAUSSIAN[row] * math.sqrt(hist.moment(2))
     return float(min(threshold, hist.absmax))
