@@ -106,7 +106,7 @@ def _voc(section, options, split):
 def _coco_classes(path):
     with open(path) as handle:
         categories = json.load(handle).get('categories', [])
-    return [c['name'] for c in sorted(categories, key=lambda c: c['id'])]
+    return [c['name'] for c in categories]  # (the order pycocotools lists them in)
 
 
 def _coco(section, options, split):
@@ -116,7 +116,7 @@ def _coco(section, options, split):
         raise MissingFileError(f"data.{split}: file not found: {path}")
     try:
         names = _coco_classes(path)
-        # (COCODetection takes the categories named in CLASSES, in the json's id order)
+        # (COCODetection takes the json's categories when CLASSES names them all, in order)
         coco = type('COCODetection', (COCODetection,), {'CLASSES': names})
         dataset = coco(root=section['root'], splits=(section[split],), skip_empty=False)
     except (OSError, ValueError, KeyError) as err:
