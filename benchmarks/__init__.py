@@ -18,6 +18,8 @@ each printing Markdown tables. Run them from the repository root:
     python -m benchmarks.latency      latency-aware int8 vs all-int8 vs fp32 ncnn models
     python -m benchmarks.memory       peak memory of the ncnn runtime (fp32 vs int8) and of a
                                       float vs QAT training step
+    python -m benchmarks.calibration  whole `qat calibrate` img/s per method vs a hybridized
+                                      float forward; time and memory per number of images
 
 ``python -m benchmarks.<name> --help`` lists a benchmark's options. ``common`` holds what
 they share (command line, the GluonCV zoo, interleaved median timing). The package is not

@@ -20,6 +20,7 @@ OPTIONS = {
     'zoo': ['--families', '--samples', '--repeats'],
     'latency': ['--rounds', '--threads', '--models'],
     'memory': ['--repeats', '--threads', '--models', '--train-model', '--batch'],
+    'calibration': ['--model', '--images', '--methods', '--rounds', '--threads', '--scaling'],
 }
 HELPERS = {'common'}
 
