@@ -119,6 +119,11 @@ def tiny_recipe(tmp_path, name='run', **sections):
                 'freeze_ranges_epoch': 2},
         'export': {'enabled': False},
     }
+    return write_recipe(tmp_path, name, text, sections)
+
+
+def write_recipe(tmp_path, name, text, sections):
+    """``text`` (sections of keys) updated by ``sections``, written as ``<name>.yaml``."""
     for section, values in sections.items():
         text.setdefault(section, {}).update(values)
     path = tmp_path / f'{name}.yaml'

@@ -9,20 +9,17 @@ import cv2
 import mxnet as mx
 import numpy as np
 import pytest
-import yaml
 
-from qat.app import detection, stages, trainer
+from qat.app import detection, stages
 from qat.app.recipe import RecipeError, load as load_recipe
 from qat.errors import UserError
+from tests.helpers import write_recipe
+from tests.test_trainer import assert_same_parameters, killed_and_resumed, quiet
 
 # (width, height, [(class, xmin, ymin, xmax, ymax)]) per image, pixels
 IMAGES = [(48, 40, [(0, 4, 6, 20, 30)]), (64, 32, [(1, 10, 2, 40, 28), (0, 44, 4, 60, 20)]),
           (40, 40, [(1, 0, 0, 39, 39)])]
 CLASSES = ['cat', 'dog']
-
-
-def quiet(*args):
-    pass
 
 
 def _image(width, height, seed):
@@ -171,15 +168,7 @@ def tiny_detection_recipe(tmp_path, name, model='small_ssd', **sections):
         'qat': {'epochs': 2, 'lr': 0.002, 'freeze_bn_epoch': 1, 'freeze_ranges_epoch': 1},
         'export': {'enabled': False},
     }
-    for section, values in sections.items():
-        text.setdefault(section, {}).update(values)
-    path = tmp_path / f'{name}.yaml'
-    path.write_text(yaml.safe_dump(text))
-    return str(path)
-
-
-def _params(path):
-    return {k: v.asnumpy() for k, v in mx.nd.load(path).items()}
+    return write_recipe(tmp_path, name, text, sections)
 
 
 @pytest.fixture(scope='module')
@@ -188,28 +177,13 @@ def detection_runs(tmp_path_factory):
     pre-training and in QAT (after the BN / range freeze), resumed each time."""
     tmp = tmp_path_factory.mktemp('detection')
     whole = stages.run_recipe(tiny_detection_recipe(tmp, 'whole'), out=quiet)
-    path = tiny_detection_recipe(tmp, 'killed')
-
-    def stop_at(stage, epoch, step):
-        def callback(s, e, k, net):
-            if (s, e, k) == (stage, epoch, step):
-                raise trainer.StopRun(f"killed at {stage} {epoch} {step}")
-        return callback
-    with pytest.raises(trainer.StopRun):
-        stages.run_recipe(path, callbacks=[stop_at('float', 1, 2)], out=quiet)
-    with pytest.raises(trainer.StopRun):
-        stages.run_recipe(path, resume=True, callbacks=[stop_at('qat', 1, 1)], out=quiet)
-    return whole, stages.run_recipe(path, resume=True, out=quiet)
+    return whole, killed_and_resumed(tiny_detection_recipe(tmp, 'killed'), ('float', 1, 2),
+                                     ('qat', 1, 1))
 
 
 def test_killed_detection_run_resumes_bit_identical(detection_runs):
     whole, resumed = detection_runs
-    for name in ('float.params', 'ptq.params', 'qat.params'):
-        ours = _params(os.path.join(resumed['folder'], name))
-        theirs = _params(os.path.join(whole['folder'], name))
-        assert ours.keys() == theirs.keys()
-        for key in ours:
-            np.testing.assert_array_equal(ours[key], theirs[key], err_msg=f"{name}: {key}")
+    assert_same_parameters(whole, resumed)
     drop = ('folder', 'table')
     assert {k: v for k, v in resumed.items() if k not in drop} == \
         {k: v for k, v in whole.items() if k not in drop}

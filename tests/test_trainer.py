@@ -56,23 +56,32 @@ def runs(tmp_path_factory):
     then in QAT after the BN/range schedules switched) and resumed each time."""
     tmp = tmp_path_factory.mktemp('resume')
     whole = stages.run_recipe(tiny_recipe(tmp, 'whole'), out=quiet)
-    path = tiny_recipe(tmp, 'killed')
-    with pytest.raises(trainer.StopRun):
-        stages.run_recipe(path, callbacks=[stop_at('float', 1, 10)], out=quiet)
-    with pytest.raises(trainer.StopRun):
-        stages.run_recipe(path, resume=True, callbacks=[stop_at('qat', 2, 16)], out=quiet)
-    resumed = stages.run_recipe(path, resume=True, out=quiet)
-    return whole, resumed
+    return whole, killed_and_resumed(tiny_recipe(tmp, 'killed'), ('float', 1, 10),
+                                     ('qat', 2, 16))
 
 
-def test_resume_after_kill_ends_exactly_like_an_uninterrupted_run(runs):
-    whole, resumed = runs
+def killed_and_resumed(path, *kills):
+    """The results of the recipe at ``path`` run with a simulated kill at each (stage,
+    epoch, step) of ``kills`` in turn, resumed after each."""
+    for number, kill in enumerate(kills):
+        with pytest.raises(trainer.StopRun):
+            stages.run_recipe(path, resume=number > 0, callbacks=[stop_at(*kill)], out=quiet)
+    return stages.run_recipe(path, resume=True, out=quiet)
+
+
+def assert_same_parameters(whole, resumed):
+    """Each stage's parameters of two runs bit-identical."""
     for name in ('float.params', 'ptq.params', 'qat.params'):
         ours = saved_params(os.path.join(resumed['folder'], name))
         theirs = saved_params(os.path.join(whole['folder'], name))
         assert ours.keys() == theirs.keys()
         for key in ours:  # the same arithmetic on the same batches: bit-exact
             np.testing.assert_array_equal(ours[key], theirs[key], err_msg=f"{name}: {key}")
+
+
+def test_resume_after_kill_ends_exactly_like_an_uninterrupted_run(runs):
+    whole, resumed = runs
+    assert_same_parameters(whole, resumed)
     assert history(resumed['folder']) == history(whole['folder'])
     assert {k: v for k, v in resumed.items() if k not in ('folder', 'table')} == \
         {k: v for k, v in whole.items() if k not in ('folder', 'table')}
