@@ -412,6 +412,8 @@ class DetectionStages:
                             f"classes {self.train_set.classes}")
         for split, dataset in (('train', self.train_set), ('val', val_set)):
             dataset.item(0)  # decodes, or a DataError naming the file
+        # the class names in the resolved recipe (saved with the run, compared on resume)
+        self.recipe['model'] = self.model_section()
         augment = self.recipe['detection']['augment']
         if augment == 'gluoncv' and (self.preprocess.channels, self.preprocess.pixel) != \
                 (3, 'RGB'):
@@ -432,7 +434,8 @@ class DetectionStages:
         """The ``model`` section with the data's class names as ``classes`` (unless given)
         for factories and GluonCV's ``*_custom`` nets."""
         section = dict(self.recipe['model'])
-        if section['source'] == 'factory' or section['name'].endswith('_custom'):
+        if (section['source'] == 'factory' or section['name'].endswith('_custom')) \
+                and 'classes' not in section['kwargs']:
             section['kwargs'] = dict({'classes': list(self.train_set.classes)},
                                      **section['kwargs'])
         return section

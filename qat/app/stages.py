@@ -309,6 +309,10 @@ def load_run(folder):
                         f"(there is no final net to export yet): continue it with "
                         f"`qat train <recipe> --resume`")
     recipe = load_recipe(recipe_file, check_files=False)
+    if recipe['model']['task'] != 'classification':
+        raise UserError(f"{folder}: a {recipe['model']['task']} run: `qat export` / `qat "
+                        f"verify` redo classification runs only; its own export and verify "
+                        f"stages ran in `qat train` ({os.path.join(folder, 'export')})")
     preprocess = Preprocess.from_recipe(recipe['preprocess'])
     contexts = [mx.cpu()]
     net = build_model(dict(recipe['model'], checkpoint=''), preprocess.input_shape, contexts,
