@@ -20,6 +20,9 @@ each printing Markdown tables. Run them from the repository root:
                                       float vs QAT training step
     python -m benchmarks.calibration  whole `qat calibrate` img/s per method vs a hybridized
                                       float forward; time and memory per number of images
+    python -m benchmarks.detection    a small SSD and YOLOv3 trained on the digits detection
+                                      set: float / PTQ / QAT mAP at W8A8 and W4A4, the ncnn
+                                      int8 model's mAP, int8 / fp32 latency per input size
 
 ``python -m benchmarks.<name> --help`` lists a benchmark's options. ``common`` holds what
 they share (command line, the GluonCV zoo, interleaved median timing). The package is not

@@ -21,6 +21,7 @@ OPTIONS = {
     'latency': ['--rounds', '--threads', '--models'],
     'memory': ['--repeats', '--threads', '--models', '--train-model', '--batch'],
     'calibration': ['--model', '--images', '--methods', '--rounds', '--threads', '--scaling'],
+    'detection': ['--recipes', '--sizes', '--out', '--repeats', '--threads', '--set'],
 }
 HELPERS = {'common'}
 

@@ -32,6 +32,7 @@ from ..nn import quant_blocks
 from .checks import check_devices, check_labels, check_model, open_splits
 from .data import Augment, Preprocess, epoch_order, iterate, open_split
 from .detection import DetectionStages
+from .detectors import gluon_backbone
 from .recipe import load as load_recipe
 from .reports import Scalars, results_table, scheme_name, write_summary
 from .runfolder import RunFolder
@@ -293,11 +294,11 @@ def run_recipe(path, overrides=(), resume=False, callbacks=(), out=print, check_
                                          out=out).run()
 
 
-def load_run(folder):
+def load_run(folder, task='classification'):
     """(final net, resolved recipe, Preprocess) of a run folder written by ``run_recipe``
     whose QAT stage finished (its result; with no QAT epochs, the PTQ net), on the CPU,
-    modes and configs restored. A folder that is not a run, or a run stopped before the end
-    of QAT, is an error naming it."""
+    modes and configs restored. A folder that is not a run, a run stopped before the end of
+    QAT, or a run of another ``model.task`` than ``task`` is an error naming it."""
     recipe_file = os.path.join(folder, 'recipe.yaml')
     if not os.path.isfile(recipe_file):
         raise MissingFileError(f"{folder} is not a run folder (no recipe.yaml): run "
@@ -309,14 +310,16 @@ def load_run(folder):
                         f"(there is no final net to export yet): continue it with "
                         f"`qat train <recipe> --resume`")
     recipe = load_recipe(recipe_file, check_files=False)
-    if recipe['model']['task'] != 'classification':
+    if recipe['model']['task'] != task:
         raise UserError(f"{folder}: a {recipe['model']['task']} run: `qat export` / `qat "
-                        f"verify` redo classification runs only; its own export and verify "
-                        f"stages ran in `qat train` ({os.path.join(folder, 'export')})")
+                        f"verify` redo {task} runs only; its own export and verify stages "
+                        f"ran in `qat train` ({os.path.join(folder, 'export')})")
     preprocess = Preprocess.from_recipe(recipe['preprocess'])
     contexts = [mx.cpu()]
     net = build_model(dict(recipe['model'], checkpoint=''), preprocess.input_shape, contexts,
                       recipe['run']['seed'])
+    if task == 'detection':
+        gluon_backbone(net)  # as the run trained it
     convert_model(net, config=quant_scheme(recipe['quantize']))
     load_parameters(net, os.path.join(folder, 'qat.params'), ctx=contexts)
     return net, recipe, preprocess
