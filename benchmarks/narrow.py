@@ -10,7 +10,8 @@ Nets (``NETS``): ``resnet20`` is ``recipes/digits.yaml`` as it is (cifar_resnet2
 16x16, 3 QAT epochs, its schedule): the default recipe path, measured the way the earlier
 MXNet design was (its figures are the ``EARLIER`` row); ``compact`` is mobilenet0.25 at 32x32,
 where post-training W4A4 already loses points, with a longer QAT. The QAT variants
-(``VARIANTS``) differ only in the range settings. PTQ is the best of ``PTQ_METHODS`` per
+(``VARIANTS``) differ only in the range settings; the recipes' default (``auto``) is LSQ at 4
+bits and below, EMA above (``DEFAULT``). PTQ is the best of ``PTQ_METHODS`` per
 width (``qat simulate`` on the float run). Runs are resumed: a second call reuses finished
 runs (in ``--out``) and continues killed ones.
 """
@@ -18,6 +19,7 @@ import math
 import os
 
 from qat.app.simulate import simulate
+from qat.config import AUTO_LSQ_BITS
 from qat.report import format_table
 
 from .accuracy import BENCH_RECIPE, common_overrides, float_run, mean_table, qat_run
@@ -33,8 +35,11 @@ NETS = {
 # QAT variant -> its range settings
 VARIANTS = {
     'QAT, EMA ranges': ['quantize.range_tracker=ema', 'calibrate.method=ema'],
-    'QAT, LSQ (default)': ['quantize.range_tracker=lsq', 'calibrate.method=mse'],
+    'QAT, LSQ': ['quantize.range_tracker=lsq', 'calibrate.method=mse'],
 }
+# The recipes' default (range_tracker 'auto', mse calibration) at each width: LSQ up to
+# AUTO_LSQ_BITS, EMA tracking (from the mse start) above.
+DEFAULT = {bits: 'QAT, LSQ' if bits <= AUTO_LSQ_BITS else 'QAT, EMA ranges' for bits in range(2, 9)}
 PTQ_METHODS = ('ema', 'kl', 'mse', 'percentile', 'aciq')
 # The earlier MXNet design on digits / resnet20 at 16x16, 3 QAT epochs, mean of 3 seeds
 # (issue 15's table: its PTQ / QAT).
@@ -69,9 +74,12 @@ def narrow_table(net, seeds, bits, out_dir, out=print):
                 rows.setdefault(f'W{b}A{b} {name}', []).append(
                     qat_run(BENCH_RECIPE, common, base, seed, b, f'qat-{tag}', extra))
         if net == 'resnet20':  # ncnn2table's 6-bit 3x3 weights, with the default QAT
-            rows.setdefault('W8A8 QAT LSQ, 6-bit 3x3 weights', []).append(
+            rows.setdefault('W8A8 QAT (default), 6-bit 3x3 weights', []).append(
                 qat_run(BENCH_RECIPE, common, base, seed, 8, 'qat-wino6',
-                        VARIANTS['QAT, LSQ (default)'] + ['quantize.winograd_weight_bits=6']))
+                        ['calibrate.method=mse', 'quantize.winograd_weight_bits=6']))
+            rows.setdefault('W8A8 QAT (default), 8-bit weights', []).append(
+                qat_run(BENCH_RECIPE, common, base, seed, 8, 'qat-default',
+                        ['calibrate.method=mse']))
         out(f"{net} seed {seed}: " + ', '.join(f"{k} {v[-1]:.2f}" for k, v in rows.items()))
     order = ['float'] + [f'W{b}A{b} {kind}' for b in bits
                          for kind in ['PTQ (best method)'] + list(VARIANTS)]
@@ -93,6 +101,8 @@ def _against_earlier(rows, bits):
     for name in VARIANTS:
         table.append([f'ours, {name}'] + [f"{ours('PTQ (best method)', b):.2f} / "
                                           f"{ours(name, b):.2f}" for b in bits])
+    table.append(['ours, the recipe defaults'] + [f"{ours('PTQ (best method)', b):.2f} / "
+                                                  f"{ours(DEFAULT[b], b):.2f}" for b in bits])
     return format_table(table, ['PTQ / QAT top-1 (%)'] + [f'W{b}A{b}' for b in bits])
 
 

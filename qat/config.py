@@ -13,7 +13,11 @@ from .errors import UserError
 
 BITS = (2, 8)                      # the widths a layer can be simulated at (int8 storage)
 GRANULARITIES = ('channel', 'tensor')
-RANGE_TRACKERS = ('ema', 'max', 'lsq')
+RANGE_TRACKERS = ('ema', 'max', 'lsq', 'auto')
+# 'auto' learns the ranges (LSQ) of layers this narrow or narrower, and tracks them (EMA) above:
+# at 8 bits a max-based range is already right and a learned one only adds noise (measured:
+# benchmarks.narrow), while below it EMA ranges feed back on themselves and diverge.
+AUTO_LSQ_BITS = 4
 # A QuantConfig as a float32 vector (saved with the parameters, see ``to_vector``): the
 # checkpoint format version first, then the fields in this order.
 CHECKPOINT_FORMAT = 2
@@ -35,7 +39,9 @@ class QuantConfig:
     range_tracker: 'ema' (bias-corrected EMA, updated in training), 'max' (running max,
         kept by `calibrate`) or 'lsq' (learned step size, Esser et al. 2020: the input range
         and the weight ranges are trained parameters, started from the calibrated range and
-        from max|w|; see ``qat.nn.layers.QuantBlock``).
+        from max|w|; see ``qat.nn.layers.QuantBlock``), or 'auto': 'lsq' when the weight or
+        input bits are AUTO_LSQ_BITS or fewer, else 'ema' (``resolved``; a block always holds
+        the resolved config).
     """
     weight_bits: int = 8
     input_bits: int = 8
@@ -66,6 +72,13 @@ class QuantConfig:
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"QuantConfig.{name} must be true or false, "
                                  f"got {getattr(self, name)!r}")
+
+    def resolved(self):
+        """This config with range_tracker 'auto' replaced by what it means at these widths."""
+        if self.range_tracker != 'auto':
+            return self
+        narrow = min(self.weight_bits, self.input_bits) <= AUTO_LSQ_BITS
+        return replace(self, range_tracker='lsq' if narrow else 'ema')
 
     def updated(self, **changes):
         """A copy with some fields changed (validated)."""

@@ -233,3 +233,18 @@ def test_recipe_defaults_train_at_w2a2_without_diverging(tmp_path):
     result, losses = _qat_history(tmp_path, 'w2', {})
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert result['qat'] > 60
+
+
+@pytest.mark.parametrize('weight_bits, input_bits, tracker', [
+    (8, 8, 'ema'), (5, 8, 'ema'), (4, 4, 'lsq'), (8, 4, 'lsq'), (2, 8, 'lsq')])
+def test_auto_learns_the_ranges_of_the_narrow_layers_only(weight_bits, input_bits, tracker):
+    config = QuantConfig(weight_bits=weight_bits, input_bits=input_bits, range_tracker='auto')
+    assert config.resolved().range_tracker == tracker
+    net = nn.HybridSequential()
+    net.add(nn.Conv2D(4, 3, in_channels=3), nn.Dense(2, in_units=4))
+    net.initialize()
+    qat.convert_model(net, config=QuantScheme(config, first_layer_bits=8))
+    first, second = [block for _, block in quant_blocks(net)]
+    assert first.config.range_tracker == 'ema'  # the 8-bit first layer
+    assert second.config.range_tracker == tracker
+    assert second.learned_threshold.grad_req == ('write' if tracker == 'lsq' else 'null')

@@ -190,9 +190,10 @@ SCHEMA = {
         'fake_bn': Key(True, 'bool', 'fold each BatchNorm into its conv while training'),
         'range_momentum': Key(0.9, 'float', 'EMA momentum of the activation ranges',
                               fraction()),
-        'range_tracker': Key('lsq', 'str', '`ema` (tracked in training), `max` (running '
-                             'max kept by calibration) or `lsq` (input and weight ranges '
-                             'learned, LSQ, started from calibration)', one_of(RANGE_TRACKERS)),
+        'range_tracker': Key('auto', 'str', '`ema` (tracked in training), `max` (running '
+                             'max kept by calibration), `lsq` (input and weight ranges '
+                             'learned, LSQ, started from calibration) or `auto` (`lsq` for '
+                             'layers of 4 bits or fewer, `ema` above)', one_of(RANGE_TRACKERS)),
         'first_layer_bits': Key(8, 'int?', 'weight and input bits of the first conv / dense '
                                 '(it sees the raw image); null: like the others', BITS),
         'winograd_weight_bits': Key(None, 'int?', 'weight bits of every 3x3 stride-1 conv (the '

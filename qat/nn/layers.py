@@ -88,6 +88,7 @@ class QuantBlock(HybridBlock):
         super().__init__(prefix=float_block.prefix, params=float_block.params)
         if not isinstance(config, QuantConfig):
             raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+        config = config.resolved()
         self._config = config
         self._mode = dict(DEFAULT_MODE)
         # Kept as plain attributes (not children) so the float block is not registered twice.
@@ -128,6 +129,7 @@ class QuantBlock(HybridBlock):
     def config(self, config):
         if not isinstance(config, QuantConfig):
             raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+        config = config.resolved()
         self._config = config
         self.qconfig.init = mx.init.Constant(config.to_vector())
         if self.qconfig._data is not None:
