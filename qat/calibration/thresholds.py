@@ -43,7 +43,7 @@ KL_EPS = 1e-4              # ncnn2table's kl_eps, added to both distributions
 DEFAULT_PERCENTILE = 99.99
 MSE_CANDIDATES = 512       # coarse grid of the MSE search (then refined, see ``mse``)
 MSE_REFINE = 64
-KL_CHUNK = 1 << 18         # elements per temporary of the KL search (rows of candidates)
+KL_CHUNK = 1 << 16         # elements per temporary of the KL search (rows of candidates)
 
 # ACIQ optimal clipping values alpha (in units of the Gaussian sigma / Laplace b) for M-bit
 # quantization, from Banner, Nahshan, Soudry, "Post training 4-bit quantization of
@@ -272,12 +272,12 @@ def _kl_rows(h, cum, ts, levels, eps):
     density = np.diff(mass, axis=1) / per_level         # Q, per original bin
     k = np.arange(width + 1)
     owner = np.minimum(k * levels // ts[:, None], levels - 1)  # level holding position k
+    rows = np.arange(len(ts))[:, None]
     with np.errstate(all='ignore'):                     # the padding may be anything
-        expanded = np.diff(np.take_along_axis(mass, owner, 1) + (k - owner * per_level)
-                           * np.take_along_axis(density, owner, 1), axis=1) + eps
+        expanded = np.diff(np.take(mass, owner + rows * (levels + 1)) + (k - owner * per_level)
+                           * np.take(density, owner + rows * levels), axis=1) + eps
         clipped = np.repeat((h[:width] + eps)[None, :], len(ts), axis=0)
-        rows = np.arange(len(ts))
-        clipped[rows, ts - 1] += cum[bins] - cum[ts]
+        clipped[rows[:, 0], ts - 1] += cum[bins] - cum[ts]
         terms = clipped * np.log(clipped / expanded)
     return [np.sum(terms[row, :t]) for row, t in enumerate(ts)]
     return ts, divergences

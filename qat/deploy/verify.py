@@ -12,7 +12,6 @@ the simulated heads, matched by IoU. The report is a dict (also written as JSON)
 import json
 import logging
 import os
-import warnings
 
 import mxnet as mx
 import numpy as np
@@ -25,7 +24,7 @@ from ..metrics import top1
 from ..modes import temporary_mode
 from ..nn import quant_blocks
 from ..report import progress
-from ..symbol import SymbolGraph, trace_symbol
+from ..symbol import SymbolGraph, outputs_block, trace_symbol
 from . import detection
 from .export import file_names, read_manifest
 from .graph import block_index
@@ -162,11 +161,7 @@ def simulate(net, batches, sources, input_name='data', arithmetic=None):
     missing = [n for n in names if not graph.has_op(n)]
     if missing:
         raise UserError(f"nodes not found in the simulated graph: {missing}")
-    outputs = mx.sym.Group([graph.op_output(n) for n in names])
-    with warnings.catch_warnings():  # MXNet cannot infer the input's type before a call
-        warnings.simplefilter('ignore', UserWarning)
-        block = mx.gluon.SymbolBlock(outputs, mx.sym.var(input_name),
-                                     params=net.collect_params())
+    block = outputs_block(net, [graph.op_output(n) for n in names], input_name)
     collected = {source: [] for source in sources}
     for batch in batches:
         values = block(batch)
