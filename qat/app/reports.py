@@ -66,6 +66,9 @@ def results_table(recipe, results, metric='val top-1'):
     if 'qat' in results:
         rows.append((scheme_name(q), f"QAT {recipe['qat']['epochs']} epochs (simulated)",
                      _pct(results['qat'])))
+    if results.get('ncnn_decoding') is not None:  # a detector: the export's own decoding
+        rows.append((scheme_name(q), "QAT, decoded as ncnn decodes (simulated)",
+                     _pct(results['ncnn_decoding'])))
     if results.get('ncnn') is not None:
         rows.append((scheme_name(q), 'ncnn int8 (measured)', _pct(results['ncnn'])))
     return format_table(rows, [recipe['run']['name'], 'method', f'{metric} (%)'])

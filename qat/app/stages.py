@@ -239,11 +239,12 @@ class Run(Trainer):
         if not (section['enabled'] and self.recipe['export']['enabled']) \
                 or self.devices.rank != 0:
             return self.folder.finish_stage('verify')
-        report, ncnn = self.verify_stage(self.folder.path('verify.json'))
-        self.folder.finish_stage('verify', verify_passed=bool(report['passed']), ncnn=ncnn)
+        report, results = self.verify_stage(self.folder.path('verify.json'))
+        self.folder.finish_stage('verify', verify_passed=bool(report['passed']), **results)
 
     def verify_stage(self, report_path):
-        """(verify's report, the ncnn int8 model's metric on the validation images)."""
+        """(verify's report, results: 'ncnn', the ncnn int8 model's metric on the
+        validation images)."""
         section = self.recipe['verify']
         report = verify(self.final_net(), self.folder.path('export'),
                         self.val_batches(section['samples']),
@@ -253,7 +254,7 @@ class Run(Trainer):
         self.out(f"verify: {'passed' if report['passed'] else 'FAILED: '}"
                  f"{'; '.join(report['failures'])} (ncnn int8 top-1 {ncnn:.2f}%, "
                  f"{report['samples']} images; report {report_path})")
-        return report, ncnn
+        return report, {'ncnn': ncnn}
 
     def run(self):
         stages = {'float': self.stage_float, 'ptq': self.stage_ptq, 'qat': self.stage_qat,
