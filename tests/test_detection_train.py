@@ -236,3 +236,24 @@ def test_detection_recipes_run(name, tmp_path):
     results = stages.run_recipe(os.path.join(root, 'recipes', f'{name}.yaml'),
                                 [f'run.out={tmp_path}'], out=quiet)
     assert results['verify_passed'] and results['qat'] > 20, results
+
+
+@pytest.mark.parametrize('augment', ['flip', 'gluoncv'])
+def test_training_augmentation_is_drawn_from_the_seed(augment):
+    """The same (seed, epoch, rank, sample) gives the same augmented batch in any order of
+    calls; boxes stay inside the input; another seed gives another batch."""
+    dataset = detection.DetectionSet(
+        detection.DigitsDetection('train', 8, size=48), detection.DigitsDetection.classes,
+        'digits')
+    preprocess = stages.Preprocess(size=(32, 32))
+
+    def batch(seed):
+        return [a.asnumpy() for a in next(detection.detection_batches(
+            dataset, preprocess, 8, augment=augment, augment_seed=seed,
+            family=detection.FAMILIES['ssd']))]
+    first, other, again = batch((1, 0, 0)), batch((2, 0, 0)), batch((1, 0, 0))
+    for ours, theirs in zip(first, again):
+        np.testing.assert_array_equal(ours, theirs)
+    assert not np.array_equal(first[0], other[0])
+    boxes = first[1][first[1][:, :, 4] >= 0]
+    assert len(boxes) and boxes[:, :4].min() >= 0 and boxes[:, :4].max() <= 32
