@@ -279,7 +279,7 @@ def _kl_rows(h, cum, ts, levels, eps):
         clipped = np.repeat((h[:width] + eps)[None, :], len(ts), axis=0)
         clipped[rows[:, 0], ts - 1] += cum[bins] - cum[ts]
         terms = clipped * np.log(clipped / expanded)
-    return [np.sum(terms[row, :t]) for row, t in enumerate(ts)]
+    return [np.add.reduce(terms[row, :t]) for row, t in enumerate(ts)]  # = np.sum, leaner
     return ts, divergences
 
 
