@@ -235,7 +235,10 @@ def test_detection_recipes_run(name, tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     results = stages.run_recipe(os.path.join(root, 'recipes', f'{name}.yaml'),
                                 [f'run.out={tmp_path}'], out=quiet)
-    assert results['verify_passed'] and results['qat'] > 20, results
+    # (the small YOLOv3 trains poorly in the recipe's 16 epochs: README, Measured)
+    assert results['verify_passed'] and results['qat'] > {'digits_ssd': 50,
+                                                          'digits_yolo3': 15}[name], results
+    assert results['ncnn'] == pytest.approx(results['ncnn_decoding'], abs=0.2), results
 
 
 @pytest.mark.parametrize('augment', ['flip', 'gluoncv'])

@@ -13,6 +13,7 @@ percent, so that the tables read like top-1).
 Randomness of training augmentation comes from a generator seeded with (seed, epoch, rank,
 sample), so a resumed run sees the same augmented batches.
 """
+import importlib.util
 import json
 import os
 import random
@@ -114,6 +115,9 @@ def _coco_classes(path):
 
 def _coco(section, options, split):
     from gluoncv.data import COCODetection
+    if importlib.util.find_spec('pycocotools') is None:  # (GluonCV would pip-install it)
+        raise UserError("data.source: coco needs pycocotools (pip install pycocotools, or "
+                        "gluon-qat[coco])")
     path = os.path.join(section['root'], 'annotations', section[split] + '.json')
     if not os.path.isfile(path):
         raise MissingFileError(f"data.{split}: file not found: {path}")
