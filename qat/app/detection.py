@@ -440,13 +440,16 @@ class DetectionStages:
 
     # ----- checks, data and model --------------------------------------------------------
     def _validate(self):
+        """Before anything is written: devices, both splits open with the same classes and
+        a first sample that decodes, the model is a detector of a registered family with as
+        many classes, every ``quantize.exclude`` pattern names a layer."""
         check_devices(self.devices.contexts, self.recipe['run']['devices'])
         self.train_set = open_split(self.recipe, 'train')
-        val_set = open_split(self.recipe, 'val')
-        if tuple(self.train_set.classes) != tuple(val_set.classes):
-            raise DataError(f"data.val: classes {val_set.classes} differ from the training "
-                            f"classes {self.train_set.classes}")
-        for split, dataset in (('train', self.train_set), ('val', val_set)):
+        self.val_set = open_split(self.recipe, 'val')
+        if tuple(self.train_set.classes) != tuple(self.val_set.classes):
+            raise DataError(f"data.val: classes {self.val_set.classes} differ from the "
+                            f"training classes {self.train_set.classes}")
+        for dataset in (self.train_set, self.val_set):
             dataset.item(0)  # decodes, or a DataError naming the file
         # the class names in the resolved recipe (saved with the run, compared on resume)
         self.recipe['model'] = self.model_section()
@@ -489,15 +492,14 @@ class DetectionStages:
             net._qat_training_graph = training
 
     def _batches(self, split, order=None, start=0, augment='none', seed=(0,)):
-        dataset = self.train_set if split == 'train' else open_split(self.recipe, 'val')
+        dataset = self.train_set if split == 'train' else self.val_set
         size = self.recipe['run']['batch_size' if split == 'train' else 'eval_batch_size']
         return detection_batches(dataset, self.preprocess, size, order=order, start=start,
                                  augment=augment, augment_seed=seed, family=self.family,
                                  workers=self.recipe['data']['workers'], classes=self.classes)
 
     def val_batches(self, limit=None):
-        count = len(open_split(self.recipe, 'val'))
-        return self._batches('val', order=np.arange(count)[:limit or None])
+        return self._batches('val', order=np.arange(len(self.val_set))[:limit or None])
 
     def calibration_batches(self):
         size = self.recipe['run']['batch_size']
