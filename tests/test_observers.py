@@ -128,6 +128,12 @@ def test_compiled_numpy_and_device_histograms_count_alike(signed, limit, monkeyp
         assert native[0][-1] == np.count_nonzero(th.bin_index(mag, limit, bins) == bins - 1)
 
 
+def test_numpy_counting_gives_the_same_thresholds(monkeypatch):
+    compiled = qat.calibrate(_net(qat.QuantConfig()), _batches(), method='kl')
+    monkeypatch.setitem(kernels._state, 'function', None)  # as without a compiler
+    assert qat.calibrate(_net(qat.QuantConfig()), _batches(), method='kl') == compiled
+
+
 def test_the_compiled_histogram_is_there():
     """The fast path is what this machine runs (a C compiler is part of the dev setup)."""
     assert kernels.native_histogram() is not None
