@@ -311,7 +311,7 @@ def add_arguments(parser):
                      help="int8 Winograd guard policy of qat.deploy.export (default bound)")
     out.add_argument('--threads', type=int,
                      help="CPU threads for inference and image decoding (default: MXNet's "
-                          "own, all cores; decoding in the main thread)")
+                          "own, all cores; decoding on up to 4)")
     out.add_argument('--latency-aware', action='store_true',
                      help='time each group of int8 layers fp32 in the ncnn runtime (with '
                           '--threads) and keep fp32 those that make the model faster; the '
@@ -393,8 +393,9 @@ def _run(args, out):
     preprocess = Preprocess(size=shape[1:], channels=shape[0], mean=tuple(mean),
                             std=tuple(1.0 / n for n in norm),
                             pixel='RGB' if pixel == 'GRAY' else pixel)
-    data = ImageBatches(paths, preprocess, args.batch_size, workers=args.threads or 0,
-                        progress=out)
+    # decoding threads keep the next batch ready while MXNet computes (order kept: map)
+    data = ImageBatches(paths, preprocess, args.batch_size,
+                        workers=args.threads or min(4, os.cpu_count() or 1), progress=out)
     out(f"[2/4] calibrating with {args.method} on {len(paths)} images "
         f"({len(data)} batches of {args.batch_size})")
     started = time.perf_counter()
