@@ -19,7 +19,7 @@ import numpy as np
 
 from . import thresholds as th
 from ..fileio import atomic_path
-from ..native import _cpu_flags
+from ..native import cpu_flags
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ _state = {}
 
 
 def _library_path():
-    digest = hashlib.sha256(SOURCE.encode() + _cpu_flags().encode()).hexdigest()[:16]
+    digest = hashlib.sha256(SOURCE.encode() + cpu_flags().encode()).hexdigest()[:16]
     cache = os.environ.get('QAT_CACHE_DIR') or os.path.join(
         os.path.expanduser('~'), '.cache', 'gluon-qat')
     return os.path.join(cache, f'libqat-histogram-{digest}.so')

@@ -25,7 +25,7 @@ SOURCES = [os.path.join(os.path.dirname(__file__), name)
 _state = {}
 
 
-def _cpu_flags():
+def cpu_flags():
     """This CPU's feature flags (the library is built with -march=native for it)."""
     try:
         with open('/proc/cpuinfo') as handle:
@@ -40,7 +40,7 @@ def _library_path():
         with open(source, 'rb') as handle:
             sources += handle.read()
     digest = hashlib.sha256(sources + mx.__version__.encode()
-                                + _cpu_flags().encode()).hexdigest()[:16]
+                                + cpu_flags().encode()).hexdigest()[:16]
     cache = os.environ.get('QAT_CACHE_DIR') or os.path.join(
         os.path.expanduser('~'), '.cache', 'gluon-qat')
     return os.path.join(cache, f'libqat-{digest}.so')
