@@ -14,7 +14,7 @@ from qat.app import detection, stages
 from qat.app.recipe import RecipeError, load as load_recipe
 from qat.errors import UserError
 from tests.helpers import write_recipe
-from tests.test_trainer import assert_same_parameters, killed_and_resumed, quiet
+from tests.test_trainer import assert_same_parameters, killed_and_resumed, quiet, saved_params
 
 # (width, height, [(class, xmin, ymin, xmax, ymax)]) per image, pixels
 IMAGES = [(48, 40, [(0, 4, 6, 20, 30)]), (64, 32, [(1, 10, 2, 40, 28), (0, 44, 4, 60, 20)]),
@@ -260,3 +260,16 @@ def test_training_augmentation_is_drawn_from_the_seed(augment):
     assert not np.array_equal(first[0], other[0])
     boxes = first[1][first[1][:, :, 4] >= 0]
     assert len(boxes) and boxes[:, :4].min() >= 0 and boxes[:, :4].max() <= 32
+
+
+def test_detection_trains_on_two_devices(tmp_path):
+    """Each batch split over two contexts (labels too); SSD's loss normalizes by the
+    positives of the whole batch, gradients and the untrained state are made one."""
+    path = tiny_detection_recipe(tmp_path, 'two', run={'devices': ['cpu(0)', 'cpu(1)']},
+                                 float={'epochs': 1}, qat={'epochs': 1, 'freeze_bn_epoch': None,
+                                                           'freeze_ranges_epoch': None},
+                                 calibrate={'report_bits': []})
+    results = stages.run_recipe(path, out=quiet)
+    assert 0 <= results['qat'] <= 100
+    params = saved_params(os.path.join(results['folder'], 'qat.params'))
+    assert all(np.all(np.isfinite(v)) for v in params.values())
