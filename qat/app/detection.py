@@ -31,7 +31,7 @@ from ..deploy import detection as decoding
 from ..deploy import verify
 from ..deploy.export import file_names, read_manifest
 from ..deploy.ncnn import read_param, read_weights
-from ..deploy.verify import NcnnModel, _decoder_inputs, _head_layers, ncnn_arithmetic, simulate
+from ..deploy.verify import NcnnModel, decoder_inputs, head_layers, ncnn_arithmetic, simulate
 from ..errors import DataError, MissingFileError, UserError, reason
 from ..modes import temporary_mode
 from .checks import check_devices
@@ -419,14 +419,14 @@ def reference_mean_ap(net, folder, name, batches, classes, input_shape):
     param = os.path.join(folder, files['int8_param'])
     params = {layer[1]: layer[4] for layer in read_param(param)}[decoder['name']]
     weights = read_weights(param, os.path.join(folder, files['int8_bin']))
-    sources = [head['source'] for head in _head_layers(manifest, decoder)]
+    sources = [head['source'] for head in head_layers(manifest, decoder)]
     metric = _metric(classes)
     for data, labels in batches:
         with temporary_mode(net, bn_frozen=True, online=False):  # as verify simulates it
             heads = simulate(net, [data], sources, arithmetic=ncnn_arithmetic(manifest))
         for k, label in enumerate(labels.asnumpy()):
             rows = decoding.decode(decoder['kind'], params,
-                                   _decoder_inputs(manifest, decoder, heads, weights, k))
+                                   decoder_inputs(manifest, decoder, heads, weights, k))
             _rows_metric(metric, rows, label, input_shape)
     return 100.0 * float(metric.get()[1][-1])
 

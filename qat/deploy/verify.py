@@ -265,7 +265,7 @@ def verify(net, folder, data, name='model', report_path=None, max_samples=None, 
     layers = [layer for layer in manifest['layers'] if layer['kind'] != 'Input'
               and layer['source']]
     # the outputs compared: a detector's raw heads, else the net's outputs
-    finals = [head['name'] for head in _head_layers(manifest, decoder)] \
+    finals = [head['name'] for head in head_layers(manifest, decoder)] \
         if decoder is not None else manifest['outputs']
     if not per_layer:
         layers = [layer for layer in layers if layer['name'] in finals]
@@ -320,7 +320,7 @@ def verify(net, folder, data, name='model', report_path=None, max_samples=None, 
     return report
 
 
-def _decoder_inputs(manifest, decoder, values, weights, sample):
+def decoder_inputs(manifest, decoder, values, weights, sample):
     """The decoder's input blobs for one sample: ``values`` ({source: (N, ...) array}) for
     the heads, ncnn's Softmax of its input where the decoder reads a Softmax, the priors
     from the .bin."""
@@ -338,7 +338,7 @@ def _decoder_inputs(manifest, decoder, values, weights, sample):
     return inputs
 
 
-def _head_layers(manifest, decoder):
+def head_layers(manifest, decoder):
     """The raw prediction layers the decoder (a manifest entry) reads (a Softmax's input in
     its place)."""
     by_name = {layer['name']: layer for layer in manifest['layers']}
@@ -358,7 +358,7 @@ def _detector_report(net, manifest, folder, batches, samples, layers, sim, limit
     against the float net, and ncnn's detections (int8 and fp32) against the reference
     decoding of the simulated (float) heads."""
     decoder = detection.detector_layer(manifest)
-    heads = _head_layers(manifest, decoder)
+    heads = head_layers(manifest, decoder)
     names = file_names(manifest['name'])
     params = {layer[1]: layer[4] for layer in read_param(os.path.join(folder,
                                                                       names['int8_param']))}
@@ -387,7 +387,7 @@ def _detector_report(net, manifest, folder, batches, samples, layers, sim, limit
         per_sample = []
         for k in range(count):
             ours = detection.decode(decoder['kind'], params[decoder['name']],
-                                    _decoder_inputs(manifest, decoder, values, weights, k))
+                                    decoder_inputs(manifest, decoder, values, weights, k))
             per_sample.append(detection.match(ours, outputs[decoder['name']][k].reshape(-1, 6),
                                               threshold))
         matches[precision] = detection.merge_matches(per_sample)
