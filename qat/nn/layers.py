@@ -291,10 +291,11 @@ class QuantBlock(HybridBlock):
             update = ranges.ema_update(F, batch, range_ema, range_ema_var, cfg.range_momentum,
                                        anchor)
             token = update if token is None else token + update
+        learning = lsq and not self._mode['ranges_frozen']  # frozen: no scale gradient
         s_in = ops.scale_from_threshold(F, threshold, cfg.input_bits, cfg.input_signed,
-                                        learned=lsq)
+                                        learned=learning)
         codes = ops.quantize_activation(F, x, s_in, cfg.input_bits, cfg.input_signed,
-                                        learned=lsq)
+                                        learned=learning)
         return codes, s_in, token
 
     @staticmethod
