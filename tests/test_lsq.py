@@ -248,3 +248,44 @@ def test_auto_learns_the_ranges_of_the_narrow_layers_only(weight_bits, input_bit
     assert first.config.range_tracker == 'ema'  # the 8-bit first layer
     assert second.config.range_tracker == tracker
     assert second.learned_threshold.grad_req == ('write' if tracker == 'lsq' else 'null')
+
+
+def test_two_devices_keep_one_learned_range_and_match_one_device():
+    """A batch split over cpu(0) and cpu(1), the gradients summed by the kvstore: every copy of
+    a learned threshold is the same after the step, and equal to the one-device step up to
+    float summation order (BN frozen; one step: later ones amplify a last-bit difference)."""
+    def trained(contexts):
+        mx.random.seed(0)
+        net = _conv_net()
+        net.initialize(mx.init.Xavier(), ctx=contexts)
+        x = mx.nd.array(np.random.RandomState(0).normal(0, 1, (8, 3, 10, 10)))
+        labels = mx.nd.array(np.random.RandomState(1).randint(0, 4, 8))
+        net(x.as_in_context(contexts[0]))
+        qat.convert_model(net, config=QuantScheme(QuantConfig(weight_bits=4, input_bits=4,
+                                                              range_tracker='lsq')))
+        qat.calibrate(net, [x.as_in_context(contexts[0])], method='max')
+        qat.freeze_bn(net)  # batch statistics would depend on how the batch is split
+        blocks = [block for _, block in quant_blocks(net)]
+        start = [block.weight_learned_threshold.data().asnumpy() for block in blocks]
+        trainer = mx.gluon.Trainer(net.collect_params(), 'sgd', {'learning_rate': 0.05},
+                                   kvstore='device')
+        xs = mx.gluon.utils.split_and_load(x, contexts)
+        ys = mx.gluon.utils.split_and_load(labels, contexts)
+        loss_fn = mx.gluon.loss.SoftmaxCrossEntropyLoss()
+        with autograd.record():
+            losses = [loss_fn(net(a), b) for a, b in zip(xs, ys)]
+        autograd.backward(losses)
+        trainer.step(8)
+        copies = [[(b.learned_threshold.data(c).asnumpy(),
+                    b.weight_learned_threshold.data(c).asnumpy()) for c in contexts]
+                  for b in blocks]
+        return copies, start
+    two, start = trained([mx.cpu(0), mx.cpu(1)])
+    one, _ = trained([mx.cpu(0)])
+    for index, ((first, second), (alone,)) in enumerate(zip(two, one)):
+        for ours, theirs in zip(first, second):
+            assert np.array_equal(ours, theirs), index  # one value on every device
+        np.testing.assert_allclose(first[0], alone[0], rtol=1e-5, err_msg=str(index))
+        np.testing.assert_allclose(first[1], alone[1], rtol=1e-5, atol=1e-7,
+                                   err_msg=str(index))
+        assert not np.array_equal(first[1], start[index])  # the step did move them
