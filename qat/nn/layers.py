@@ -179,9 +179,13 @@ class QuantBlock(HybridBlock):
         self._clear_cached_op()
 
     # ----- ranges ------------------------------------------------------------------------
+    def _tracked_threshold(self):
+        """The tracked (EMA / calibrated) input range, a (1,) NDArray (0 when never set)."""
+        return ranges.ema_value(mx.nd, self.range_ema.data(), mx.nd.zeros((1,)))
+
     def _threshold_array(self):
         """The input range the graph uses, as a (1,) NDArray (0 when never set)."""
-        tracked = ranges.ema_value(mx.nd, self.range_ema.data(), mx.nd.zeros((1,)))
+        tracked = self._tracked_threshold()
         if self.learns_ranges:
             learned = self.learned_threshold.data()
             return mx.nd.where(learned > 0, learned, tracked)
@@ -208,7 +212,7 @@ class QuantBlock(HybridBlock):
         if not self.learns_ranges:
             return False
         changed = False
-        tracked = ranges.ema_value(mx.nd, self.range_ema.data(), mx.nd.zeros((1,)))
+        tracked = self._tracked_threshold()
         if (force or self.learned_threshold.data().asscalar() == 0) \
                 and tracked.asscalar() > 0:
             self.learned_threshold.set_data(tracked)
@@ -331,7 +335,8 @@ class QuantBlock(HybridBlock):
             shares[cfg.weight_granularity])
         threshold = F.where(learned > 0, self._learning(F, learned, count, cfg.weight_bits),
                             threshold)
-        s_w = ops.scale_from_threshold(F, threshold, cfg.weight_bits, learned=True)
+        s_w = ops.scale_from_threshold(F, threshold, cfg.weight_bits,
+                                       learned=not self._mode['ranges_frozen'])
         return ops.lsq_quantize(F, weight, F.reshape(s_w, shape), cfg.weight_bits), s_w
 
     @staticmethod
