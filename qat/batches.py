@@ -17,9 +17,10 @@ class Reiterable:
         return self._make()
 
 
-def labeled_batches(data, max_samples=None):
-    """(list of NDArray batches, labels (N,) int64 or None) from an iterable of batches
-    (NDArray / numpy, or (data, label) tuples), at most ``max_samples`` samples."""
+def batches_and_labels(data, max_samples=None):
+    """(list of NDArray batches, list of per-batch numpy labels in their own shape, or None)
+    from an iterable of batches (NDArray / numpy, or (data, label) tuples), at most
+    ``max_samples`` samples."""
     xs, ys, count = [], [], 0
     for item in data:
         x, y = (item[0], item[1]) if isinstance(item, (tuple, list)) else (item, None)
@@ -29,11 +30,18 @@ def labeled_batches(data, max_samples=None):
             y = None if y is None else y[:max_samples - count]
         xs.append(x)
         ys.append(None if y is None else np.asarray(
-            y.asnumpy() if isinstance(y, mx.nd.NDArray) else y).reshape(-1).astype(np.int64))
+            y.asnumpy() if isinstance(y, mx.nd.NDArray) else y))
         count += len(x)
         if max_samples is not None and count >= max_samples:
             break
     if not xs:
         raise UserError("no data: the iterable gave no batches")
-    labels = None if any(y is None for y in ys) else np.concatenate(ys)
-    return xs, labels
+    return xs, None if any(y is None for y in ys) else ys
+
+
+def labeled_batches(data, max_samples=None):
+    """(list of NDArray batches, labels (N,) int64 or None): ``batches_and_labels`` with
+    class labels."""
+    xs, ys = batches_and_labels(data, max_samples)
+    return xs, None if ys is None else np.concatenate(
+        [y.reshape(-1).astype(np.int64) for y in ys])

@@ -55,13 +55,14 @@ def inputs_of(net, x, blocks):
     return seen, out
 
 
-def run_with_layer(net, x, block):
-    """(net output, input of ``block``, output of ``block``) for one imperative forward."""
+def run_with_layer(net, x, block, forward=None):
+    """(net output, input of ``block``, output of ``block``) for one imperative forward;
+    ``forward(net, x)`` (default ``net(x)``) makes the pass and gives its "output"."""
     seen = {}
     handle = block.register_forward_hook(
         lambda _, inputs, out: seen.setdefault('io', (inputs[0], out)))
     try:
-        out = net(x)
+        out = net(x) if forward is None else forward(net, x)
     finally:
         handle.detach()
     if 'io' not in seen:

@@ -60,13 +60,14 @@ def pyplot():
 
 
 def _finite(values, fallback):
-    return [v if math.isfinite(v) else fallback for v in values]
+    # (NaN stays NaN: matplotlib draws no bar for a value that does not exist)
+    return [v if math.isfinite(v) or math.isnan(v) else fallback for v in values]
 
 
 def bar_panels(names, panels, title, path):
     """One bar chart per panel, stacked, sharing the x axis ``names``; a panel is (label,
     values) or (label, {legend: values}) for grouped bars. Infinite values are drawn at the
-    panel's largest finite value. PNG at ``path``, atomic."""
+    panel's largest finite value, NaN as no bar. PNG at ``path``, atomic."""
     plt = pyplot()
     fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 0.35 * len(names) + 2),
                                                       2.6 * len(panels)), sharex=True,

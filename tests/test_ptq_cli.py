@@ -86,6 +86,9 @@ def _bad(tmp_path, images):
         'bits': (['--bits', '9'], "--bits 9: bits must be in 2..8"),
         'first layer bits': (['--first-layer-bits', '1'], "--first-layer-bits 1: bits must"),
         'params missing': (['--params', str(tmp_path / 'x.params')], "--params"),
+        'unknown method': (['--method', 'kl,nope'], "--method kl,nope: unknown method nope"),
+        'threshold of a classifier': (['--confidence-threshold', '0.5'],
+                                      f"--confidence-threshold: {FACTORY} is not a GluonCV"),
     }
 
 
@@ -156,3 +159,34 @@ def test_params_are_loaded_and_mismatched_params_are_refused(tmp_path, images, c
     status, _, stderr = run_cli(base_args(images, tmp_path / 'q', '--params', params,
                                           '--model-kwargs', '{"classes": 3}'), capsys)
     assert status == 2 and f"--params {params}: does not match --model" in stderr
+
+
+def test_a_detector_with_several_methods_keeps_the_best(tmp_path, images, capsys):
+    """A GluonCV SSD: each method scored by its heads' agreement with float, the best one's
+    table written (byte-identical to calibrating with it alone), ncnn's DetectionOutput at
+    the given threshold, verified."""
+    detector = ['--model', 'tests.test_detection:tiny_ssd', '--images', str(images),
+                '--shape', '64,64,3', '--mean', '127.5,127.5,127.5',
+                '--norm', '0.0078125,0.0078125,0.0078125', '--batch-size', '4',
+                '--confidence-threshold', '0.2']
+    out = tmp_path / 'both'
+    status, stdout, stderr = run_cli(detector + ['--output', str(out), '--method',
+                                                 'max,percentile', '--verify', '2'], capsys)
+    assert status == 0, stderr
+    assert 'PASSED' in stdout
+    table = (out / 'model-methods.md').read_text()
+    assert 'agreement with float' in table
+    chosen = [line.split('|')[1].strip() for line in table.splitlines() if '<-' in line]
+    assert len(chosen) == 1 and chosen[0] in ('max', 'percentile')
+    scores = {line.split('|')[1].strip(): float(line.split('|')[2])
+              for line in table.splitlines()[2:]}
+    assert scores[chosen[0]] == max(scores.values())
+    layers = {name: (kind, params) for kind, name, _, _, params in
+              ncnn_files.read_param(str(out / 'model-int8.param'))}
+    kind, params = layers['detection_out']
+    assert kind == 'DetectionOutput' and np.float32(params[4]) == np.float32(0.2)  # threshold
+    alone = tmp_path / 'alone'
+    status, _, stderr = run_cli(detector + ['--output', str(alone), '--method', chosen[0]],
+                                capsys)
+    assert status == 0, stderr
+    assert _table_bytes(out) == _table_bytes(alone)

@@ -15,7 +15,8 @@ from mxnet.gluon import nn
 
 import qat
 from qat import metrics
-from qat.analysis import comparison, mixed_precision as mp, sensitivity as sens
+from qat.analysis import (comparison, mixed_precision as mp, selection, sensitivity as sens,
+                          tasks)
 from qat.modes import temporary_mode
 from qat.report import write_report
 from qat.deploy import export, verify
@@ -191,7 +192,66 @@ def test_mixed_precision_bits_action_and_unmet_budget():
     assert blocks['chain_conv1'].config.weight_bits == expected
     with pytest.raises(ValueError, match="valid: \\['bits', 'float'\\]"):
         mp.mixed_precision(net, labeled, budget=1.0, action='int16')
-    with pytest.raises(ValueError, match='labeled data'):
-        mp.mixed_precision(net, [x for x, _ in labeled], budget=1.0)
     with pytest.raises(ValueError, match='unknown layers'):
         mp.mixed_precision(net, labeled, budget=1.0, ranking=['nope'])
+
+
+def _output_cosine(net, batches, quantized):
+    """Mean per-sample cosine (numpy, float64) of the net's output with the current modes
+    against its float output, as deployed."""
+    cosines = []
+    for x in batches:
+        with temporary_mode(net, bn_frozen=True, quantize=False):
+            ref = net(x).asnumpy().astype(np.float64).reshape(len(x), -1)
+        with temporary_mode(net, bn_frozen=True, quantize=quantized):
+            out = net(x).asnumpy().astype(np.float64).reshape(len(x), -1)
+        cosines.append((ref * out).sum(1) / np.sqrt((ref * ref).sum(1) * (out * out).sum(1)))
+    return 100.0 * np.concatenate(cosines).mean()
+
+
+def test_mixed_precision_without_labels_scores_the_agreement_with_float():
+    net, data, labeled = fragile_net()
+    batches = [x for x, _ in labeled]
+    everything = _output_cosine(net, batches, True)
+    assert everything < 99.0  # the 2-bit layer hurts
+    result = mp.mixed_precision(net, batches, budget=0.5)
+    assert result['metric'] == tasks.AGREEMENT and result['float_accuracy'] == \
+        pytest.approx(100.0, abs=METRIC_ATOL)
+    assert result['steps'][0]['accuracy'] == pytest.approx(everything, abs=1e-6)
+    assert result['met'] and result['layers'][0] == 'chain_conv1'
+    still_quantized = lambda block: block.name not in result['layers']
+    assert 100.0 - _output_cosine(net, batches, still_quantized) <= 0.5
+    assert 'agreement with float' in mp.format_mixed_precision(result)
+
+
+# ----- the choice of a calibration method ------------------------------------------------
+def _thresholds(net):
+    return {b.name: b.input_threshold() for _, b in qat.quant_blocks(net)}
+
+
+@pytest.mark.parametrize('labeled_scores', [False, True], ids=['agreement', 'top1'])
+def test_choose_method_keeps_the_best_calibration(labeled_scores):
+    """Each candidate scored as the test scores it after calibrating a fresh copy; the net
+    ends calibrated exactly as a fresh calibration with the winner."""
+    methods = ['max', 'percentile', 'mse']
+    net, data, labeled = fragile_net(fragile_bits=3)
+    result = selection.choose_method(net, data, methods, scored=labeled if labeled_scores
+                                     else None)
+    expected = {}
+    for method in methods:
+        fresh, _, _ = fragile_net(fragile_bits=3)
+        qat.calibrate(fresh, data, method=method)
+        expected[method] = _accuracy(fresh, labeled) if labeled_scores else \
+            _output_cosine(fresh, data, True)
+    scores = {row['method']: row['score'] for row in result['rows']}
+    assert [row['method'] for row in result['rows']] == methods
+    for method in methods:
+        assert scores[method] == pytest.approx(expected[method], abs=1e-6), method
+    best = max(methods, key=lambda m: (expected[m], -methods.index(m)))
+    assert result['chosen'] == best
+    assert result['metric'] == ('top-1 accuracy' if labeled_scores else tasks.AGREEMENT)
+    fresh, _, _ = fragile_net(fragile_bits=3)
+    qat.calibrate(fresh, data, method=best)
+    assert _thresholds(net) == _thresholds(fresh)
+    assert '<-' in selection.format_choice(result)
+    assert len(set(expected.values())) > 1  # the candidates differ: the choice means something

@@ -10,88 +10,117 @@ Both write a Markdown table and a PNG plot (``qat.report.write_report``); the me
 ``qat.metrics``, the probes ``qat.probes``.
 """
 import logging
+import math
 
 import numpy as np
 
-from ..batches import labeled_batches
-from ..metrics import ErrorStats, top1
+from ..batches import batches_and_labels
+from ..metrics import ErrorStats
 from ..modes import check_calibrated, deployed, quantized_only
 from ..probes import execution_order, run_with_layer
 from ..report import bar_panels, fmt_number, format_table, progress as layer_bar
+from .tasks import task_for
 
 log = logging.getLogger(__name__)
 
 
 # ----- sensitivity ----------------------------------------------------------------------------
-def _accuracy(outputs, labels):
-    return 100.0 * top1(np.concatenate(outputs), labels)
+def _measure(task, net, batches, reference, labels, block=None):
+    """(network output stats vs ``reference``, layer output stats or None, score or None)
+    with the current modes; ``block``'s own output is compared with its float output on the
+    same input."""
+    out_stats, layer_stats, decoded = ErrorStats(), ErrorStats(), []
+    for x, ref in zip(batches, reference):
+        if block is None:
+            compared, result = task.run(net, x)
+        else:
+            (compared, result), layer_in, layer_out = run_with_layer(net, x, block,
+                                                                     forward=task.run)
+            block.set_mode(quantize=False)
+            layer_stats.add(block(layer_in).asnumpy(), layer_out.asnumpy())
+            block.set_mode(quantize=True)
+        out_stats.add(ref, compared)
+        decoded.append(result)
+    score = None if labels is None else task.score(decoded, labels)
+    return out_stats, layer_stats if block is not None else None, score
 
 
-def _numpy(out):
-    return (out[0] if isinstance(out, (list, tuple)) else out).asnumpy()
-
-
-def sensitivity(net, data, max_samples=None, progress=None):
+def sensitivity(net, data, max_samples=None, progress=None, task=None, groups=None):
     """Quantize each quantized layer of ``net`` alone and measure the damage.
 
-    data: batches (NDArray, or (data, label) tuples: labels add accuracies); at most
-    ``max_samples`` samples are used. Each layer runs with its own configuration and ranges
-    (calibrate first), every other quantized layer float, as deployed (``deployed``).
-    Returns one dict per layer in execution order: ``layer``, ``bits`` ('W8A8'),
-    ``output_cosine`` / ``output_sqnr`` (network output vs float), ``layer_cosine`` /
-    ``layer_sqnr`` (the layer's output vs its float output on the same float input),
-    ``accuracy`` and ``accuracy_drop`` (points; with labels), and ``rank`` (1 = most
-    sensitive: lowest output cosine, then largest accuracy drop, then network order)."""
-    batches, labels = labeled_batches(data, max_samples)
+    data: batches (NDArray, or (data, label) tuples: labels add the task's score); at most
+    ``max_samples`` samples are used. task: what is compared and scored
+    (``qat.analysis.tasks``; default ``task_for(net)``: top-1 for a classifier, the raw head
+    outputs and VOC07 mAP for a GluonCV detector). groups: {name: layer names} quantized
+    together as one more row each (default the task's: a detector's heads).
+    Each layer runs with its own configuration and ranges (calibrate first), every other
+    quantized layer float, as deployed (``deployed``).
+    Returns one dict per layer in execution order, then one per group: ``layer`` (the group's
+    name for a group), ``layers`` (the names quantized), ``bits`` ('W8A8'), ``output_cosine`` /
+    ``output_sqnr`` (the compared outputs vs float), ``layer_cosine`` / ``layer_sqnr`` (the
+    layer's output vs its float output on the same float input; None for a group),
+    ``accuracy`` and ``accuracy_drop`` (the task's score and its drop, points; with labels),
+    ``metric`` (the task's name) and ``rank`` (1 = most sensitive: lowest output cosine, then
+    largest drop, then network order)."""
+    task = task or task_for(net)
+    batches, labels = batches_and_labels(data, max_samples)
     order = execution_order(net, batches[0])
     check_calibrated(order)
+    groups = task.groups(net) if groups is None else groups
+    by_name = {block.name: block for block in order}
+    units = [(block.name, (block,)) for block in order] + \
+        [(name, tuple(by_name[n] for n in names if n in by_name))
+         for name, names in groups.items()]
     with deployed(net):
         with quantized_only(net, ()):
-            float_out = [_numpy(net(x)) for x in batches]
-        float_accuracy = None if labels is None else _accuracy(float_out, labels)
+            float_out, decoded = zip(*[task.run(net, x) for x in batches])
+        float_score = None if labels is None else task.score(list(decoded), labels)
         rows = []
-        for number, block in enumerate(layer_bar(order, label='sensitivity', unit='layer'), 1):
-            out_stats, layer_stats, outputs = ErrorStats(), ErrorStats(), []
-            with quantized_only(net, {block}):
-                for x, reference in zip(batches, float_out):
-                    out, layer_in, layer_out = run_with_layer(net, x, block)
-                    block.set_mode(quantize=False)
-                    layer_float = block(layer_in).asnumpy()
-                    block.set_mode(quantize=True)
-                    out = _numpy(out)
-                    outputs.append(out)
-                    out_stats.add(reference, out)
-                    layer_stats.add(layer_float, layer_out.asnumpy())
-            cfg = block.config
-            row = {'layer': block.name, 'bits': f"W{cfg.weight_bits}A{cfg.input_bits}",
+        for number, (name, blocks) in enumerate(layer_bar(units, label='sensitivity',
+                                                          unit='layer'), 1):
+            with quantized_only(net, set(blocks)):
+                out_stats, layer_stats, score = _measure(
+                    task, net, batches, float_out, labels,
+                    blocks[0] if len(blocks) == 1 and name == blocks[0].name else None)
+            configs = {f"W{b.config.weight_bits}A{b.config.input_bits}" for b in blocks}
+            row = {'layer': name, 'layers': tuple(b.name for b in blocks),
+                   'bits': '/'.join(sorted(configs)), 'metric': task.name,
                    'output_cosine': out_stats.cosine, 'output_sqnr': out_stats.sqnr,
-                   'layer_cosine': layer_stats.cosine, 'layer_sqnr': layer_stats.sqnr}
+                   'layer_cosine': None if layer_stats is None else layer_stats.cosine,
+                   'layer_sqnr': None if layer_stats is None else layer_stats.sqnr}
             if labels is not None:
-                row['accuracy'] = _accuracy(outputs, labels)
-                row['accuracy_drop'] = float_accuracy - row['accuracy']
+                row['accuracy'] = score
+                row['accuracy_drop'] = float_score - score
             rows.append(row)
             if progress:
-                progress(f"sensitivity {number}/{len(order)} {block.name}: output cosine "
+                progress(f"sensitivity {number}/{len(units)} {name}: output cosine "
                          f"{row['output_cosine']:.6f}, SQNR {row['output_sqnr']:.2f} dB")
     ranked = sorted(range(len(rows)), key=lambda i: (rows[i]['output_cosine'],
                                                      -rows[i].get('accuracy_drop', 0.0), i))
     for rank, index in enumerate(ranked, 1):
         rows[index]['rank'] = rank
     for row in rows:
-        row['float_accuracy'] = float_accuracy
+        row['float_accuracy'] = float_score
     return rows
 
 
 def ranked_layers(rows):
-    """Layer names of ``sensitivity`` rows, most sensitive first."""
+    """Layer (and group) names of ``sensitivity`` rows, most sensitive first."""
     return [row['layer'] for row in sorted(rows, key=lambda row: row['rank'])]
+
+
+def ranked_units(rows):
+    """(name, layer names) of ``sensitivity`` rows, most sensitive first: a layer is one
+    unit, a group (a detector's heads) another."""
+    return [(row['layer'], row['layers']) for row in sorted(rows, key=lambda r: r['rank'])]
 
 
 def format_sensitivity(rows):
     """``sensitivity`` rows as a Markdown table (network order)."""
     labeled = 'accuracy' in rows[0]
     headers = ['rank', 'layer', 'bits', 'output cosine', 'output SQNR (dB)', 'layer cosine',
-               'layer SQNR (dB)'] + (['accuracy (%)', 'drop (points)'] if labeled else [])
+               'layer SQNR (dB)'] + ([f"{rows[0]['metric']} (%)", 'drop (points)']
+                                     if labeled else [])
     table = []
     for row in rows:
         values = [row['rank'], row['layer'], row['bits'], fmt_number(row['output_cosine'], 6),
@@ -102,7 +131,7 @@ def format_sensitivity(rows):
         table.append(values)
     text = format_table(table, headers)
     if labeled:
-        text += f"\n\nfloat accuracy: {rows[0]['float_accuracy']:.2f}%"
+        text += f"\n\nfloat {rows[0]['metric']}: {rows[0]['float_accuracy']:.2f}%"
     return text
 
 
@@ -112,7 +141,9 @@ def plot_sensitivity(rows, path):
     labeled = 'accuracy_drop' in rows[0]
     names = [row['layer'] for row in rows]
     panels = [('network output SQNR (dB)', [row['output_sqnr'] for row in rows]),
-              ('layer output SQNR (dB)', [row['layer_sqnr'] for row in rows])]
+              ('layer output SQNR (dB)', [math.nan if row['layer_sqnr'] is None
+                                          else row['layer_sqnr'] for row in rows])]
     if labeled:
-        panels.append(('accuracy drop (points)', [row['accuracy_drop'] for row in rows]))
+        panels.append((f"{rows[0]['metric']} drop (points)",
+                       [row['accuracy_drop'] for row in rows]))
     return bar_panels(names, panels, 'Sensitivity: each layer quantized alone', path)

@@ -26,7 +26,7 @@ import numpy as np
 from mxnet.gluon import nn
 
 from . import models
-from ..analysis import comparison
+from ..analysis import comparison, selection, tasks
 from ..calibration import METHODS, calibrate, easyquant
 from ..config import BITS, QuantScheme
 from ..convert import convert_model
@@ -37,6 +37,7 @@ from ..errors import UserError, reason
 from ..nn import quant_blocks, walk
 from ..report import write_report
 from .data import IMAGE_EXTENSIONS, FileSet, Preprocess, iterate
+from .detectors import gluon_backbone
 
 SEARCH_SAMPLES = easyquant.MAX_SAMPLES
 DESCRIPTION = ("ncnn2table + ncnn2int8 for a float Gluon model: build it (GluonCV name, "
@@ -288,9 +289,13 @@ def add_arguments(parser):
     data.add_argument('--num-images', type=int, help='use at most this many images')
     data.add_argument('--batch-size', type=int, default=16)
     quant = parser.add_argument_group('quantization')
-    quant.add_argument('--method', default='kl', choices=sorted(METHODS),
-                       help=f"calibration method (default kl); easyquant = kl, then the "
-                            f"EasyQuant scale search on the first {SEARCH_SAMPLES} images")
+    quant.add_argument('--method', default='kl', metavar='METHOD[,METHOD...]',
+                       help=f"calibration method (default kl): {', '.join(sorted(METHODS))}; "
+                            f"easyquant = kl, then the EasyQuant scale search on the first "
+                            f"{SEARCH_SAMPLES} images. Several (kl,mse,aciq): each is tried "
+                            f"and the one whose outputs (a detector's raw heads) agree best "
+                            f"with float on the first {selection.SCORED_SAMPLES} images is "
+                            f"kept (<name>-methods.md)")
     quant.add_argument('--bits', type=int, default=8, help='weight and input bits (2..8)')
     quant.add_argument('--weight-bits', type=int, help='weight bits (default --bits)')
     quant.add_argument('--input-bits', type=int, help='input bits (default --bits)')
@@ -309,6 +314,9 @@ def add_arguments(parser):
     out.add_argument('--name', default='model', help='file name stem (default model)')
     out.add_argument('--winograd', default='bound',
                      help="int8 Winograd guard policy of qat.deploy.export (default bound)")
+    out.add_argument('--confidence-threshold', type=float, metavar='T',
+                     help="detectors (GluonCV SSD / YOLOv3): score threshold of the exported "
+                          "ncnn decoding (default: the net's own)")
     out.add_argument('--threads', type=int,
                      help="CPU threads for inference and image decoding (default: MXNet's "
                           "own, all cores; decoding on up to 4)")
@@ -341,7 +349,31 @@ def quant_scheme(args):
         'exclude': args.exclude}, origin='qat calibrate')
 
 
+def parse_methods(text):
+    """``--method kl`` or ``kl,mse,aciq`` -> the list of calibration methods."""
+    methods = [m.strip() for m in text.split(',') if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise UsageError(f"--method {text}: unknown method {', '.join(unknown) or '(none)'}; "
+                         f"valid: {', '.join(sorted(METHODS))}")
+    return methods
+
+
+def detection_options(args, net):
+    """``export(detection=...)`` of the flags: only for a GluonCV detector."""
+    if args.confidence_threshold is None:
+        return {}
+    if tasks.head_blocks(net) is None:
+        raise UsageError(f"--confidence-threshold: {args.model} is not a GluonCV SSD / "
+                         f"YOLOv3 detector")
+    if not 0 <= args.confidence_threshold <= 1:
+        raise UsageError(f"--confidence-threshold {args.confidence_threshold}: must be in "
+                         f"[0, 1]")
+    return {'detection': {'confidence_threshold': args.confidence_threshold}}
+
+
 def _run(args, out):
+    methods = parse_methods(args.method)
     if len(args.images) > 1:
         _several_inputs('--images', ' --images '.join(args.images))
     if args.winograd not in WINOGRAD_POLICIES:
@@ -380,6 +412,11 @@ def _run(args, out):
         out(f"      preprocessing from the file: {source} (flags override)")
     net = net or build_model(args.model, kwargs, args.params, args.pretrained)
     check_input_shape(net, shape, args.shape)
+    if tasks.head_blocks(net) is not None:
+        replaced = gluon_backbone(net)  # a zoo SSD's SymbolBlock backbone, quantized too
+        if replaced:
+            out(f"      detector: backbone {', '.join(replaced)} rebuilt as Gluon layers")
+    options = detection_options(args, net)
     check_excludes(net, args.exclude)
     total = len(layer_names(net))
     convert_model(net, config=scheme)
@@ -399,7 +436,13 @@ def _run(args, out):
     out(f"[2/4] calibrating with {args.method} on {len(paths)} images "
         f"({len(data)} batches of {args.batch_size})")
     started = time.perf_counter()
-    calibrate(net, data, args.method, progress=lambda m: out('      ' + m))
+    choice = None
+    if len(methods) == 1:
+        calibrate(net, data, methods[0], progress=lambda m: out('      ' + m))
+    else:
+        choice = selection.choose_method(net, data, methods,
+                                         progress=lambda m: out('      ' + m))
+        out(selection.format_choice(choice))
     out(f"      done in {time.perf_counter() - started:.1f} s")
     latency = None
     if args.latency_aware:
@@ -407,8 +450,11 @@ def _run(args, out):
                                                progress=lambda m: out('      ' + m)))
         out(latency)
     out(f"[3/4] writing {args.name}.table and the ncnn int8 model into {args.output}")
-    files = export(net, args.output, shape, args.name, winograd=args.winograd)
+    files = export(net, args.output, shape, args.name, winograd=args.winograd, **options)
     write_json(os.path.join(args.output, "preprocess.json"), preprocess.ncnn())
+    if choice is not None:
+        atomic_write(os.path.join(args.output, f"{args.name}-methods.md"),
+                     selection.format_choice(choice) + '\n')
     for kind in ('table', 'int8_param', 'int8_bin', 'param', 'bin'):
         out(f"      {files[kind]}")
     if latency is not None:
