@@ -5,8 +5,8 @@ import os
 import sys
 
 from .app import demo, models, ptq, simulate
-from .app.stages import load_run, run_recipe, validation_batches
-from .deploy import WINOGRAD_POLICIES, export, format_report, verify
+from .app.stages import export_options, load_run, run_recipe, verify_run
+from .deploy import WINOGRAD_POLICIES, export
 from .errors import UserError
 
 
@@ -33,7 +33,8 @@ def _export(args):
     folder = args.out or os.path.join(args.run, 'export')
     shape = tuple(recipe['export']['input_shape']) or preprocess.input_shape
     paths = export(net, folder, shape, name=args.name or recipe['export']['name'],
-                   winograd=args.winograd or recipe['export']['winograd'])
+                   winograd=args.winograd or recipe['export']['winograd'],
+                   **export_options(recipe))
     print('\n'.join(f"{kind:<11} {path}" for kind, path in paths.items()))
     return 0
 
@@ -44,12 +45,9 @@ def _verify(args):
     # the run's own export is judged in <run>/verify.json, as `qat train` writes it; another
     # export folder gets its report beside its files
     default_report = os.path.join(args.run if args.folder is None else folder, 'verify.json')
-    thresholds = dict(recipe['verify']['thresholds'])
-    report = verify(net, folder, validation_batches(recipe, preprocess, args.samples),
-                    name=args.name or recipe['export']['name'],
-                    report_path=args.report or default_report,
-                    packing=not args.no_packing, threads=args.threads, **thresholds)
-    print(format_report(report))
+    report = verify_run(net, recipe, preprocess, folder, args.report or default_report,
+                        samples=args.samples, name=args.name, packing=not args.no_packing,
+                        threads=args.threads)
     return 0 if report['passed'] else 1
 
 

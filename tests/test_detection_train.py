@@ -10,6 +10,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
+from qat import cli
 from qat.app import detection, stages
 from qat.app.recipe import RecipeError, load as load_recipe
 from qat.errors import UserError
@@ -215,6 +216,19 @@ def test_tiny_detection_recipe_through_export_and_verify(tmp_path):
     # on the whole validation split: the ncnn model's mAP is the simulation's decoded alike
     assert results['ncnn'] == pytest.approx(results['ncnn_decoding'], abs=0.2), results
     assert 'decoded as ncnn decodes' in results['table']
+    # `qat export` / `qat verify` redo both for the finished run, the same files
+    again = str(tmp_path / 'again')
+    assert cli.main(['export', folder, '--out', again]) == 0
+    for name in ('model-int8.param', 'model-int8.bin', 'model.table'):
+        with open(os.path.join(folder, 'export', name), 'rb') as ours, \
+                open(os.path.join(again, name), 'rb') as theirs:
+            assert ours.read() == theirs.read(), name
+    assert cli.main(['verify', folder, '--folder', again, '--samples', '4',
+                     '--no-packing']) == 0
+    with open(os.path.join(again, 'verify.json')) as handle:
+        again_report = json.load(handle)
+    assert again_report['detector'] == 'DetectionOutput' and again_report['passed']
+    assert again_report['int8']['detections'] == found
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ import mxnet as mx
 import numpy as np
 from mxnet import autograd
 
+from ..analysis.tasks import add_detections, voc07_metric
 from ..batches import Reiterable
 from ..calibration import calibrate
 from ..convert import unmatched
@@ -366,23 +367,13 @@ def family_of(net):
                     f"train (model.task: detection takes GluonCV's {', '.join(FAMILIES)} nets)")
 
 
-# ----- the metric ----------------------------------------------------------------------------
-def _metric(classes):
-    from gluoncv.utils.metrics.voc_detection import VOC07MApMetric
-    return VOC07MApMetric(iou_thresh=0.5, class_names=list(classes))
-
-
-def _update(metric, ids, scores, boxes, labels):
-    labels = labels.asnumpy() if isinstance(labels, mx.nd.NDArray) else labels
-    metric.update(boxes, ids, scores, labels[:, :, :4], labels[:, :, 4:5], labels[:, :, 5:6])
-
-
+# ----- the metric (qat.analysis.tasks: GluonCV's VOC07 mAP) -----------------------------------
 def mean_ap(net, batches, classes, ctx):
     """VOC07 mAP (%) of ``net`` (GluonCV's own decoding) on (data, labels) batches."""
-    metric = _metric(classes)
+    metric = voc07_metric(classes)
     for data, labels in batches:
         ids, scores, boxes = net(data.as_in_context(ctx))
-        _update(metric, ids, scores, boxes, labels)
+        add_detections(metric, ids, scores, boxes, labels)
     return 100.0 * float(metric.get()[1][-1])
 
 
@@ -391,7 +382,7 @@ def _rows_metric(metric, rows, label, input_shape):
     ids, scores, boxes = decoding.to_gluoncv(rows, input_shape[2], input_shape[1])
     if not len(ids):  # (the metric wants one row: -1 is its padding)
         ids, scores, boxes = -np.ones((1, 1)), np.zeros((1, 1)), np.zeros((1, 4))
-    _update(metric, ids[None], scores[None], boxes[None], label[None])
+    add_detections(metric, ids[None], scores[None], boxes[None], label[None])
 
 
 def ncnn_mean_ap(folder, name, batches, classes, input_shape):
@@ -400,7 +391,7 @@ def ncnn_mean_ap(folder, name, batches, classes, input_shape):
     files = file_names(name)
     model = NcnnModel(os.path.join(folder, files['int8_param']),
                       os.path.join(folder, files['int8_bin']))
-    metric = _metric(classes)
+    metric = voc07_metric(classes)
     for data, labels in batches:
         for sample, label in zip(data.asnumpy(), labels.asnumpy()):
             _rows_metric(metric, model.run(sample, ['detection_out'])['detection_out'], label,
@@ -420,7 +411,7 @@ def reference_mean_ap(net, folder, name, batches, classes, input_shape):
     params = {layer[1]: layer[4] for layer in read_param(param)}[decoder['name']]
     weights = read_weights(param, os.path.join(folder, files['int8_bin']))
     sources = [head['source'] for head in head_layers(manifest, decoder)]
-    metric = _metric(classes)
+    metric = voc07_metric(classes)
     for data, labels in batches:
         with temporary_mode(net, bn_frozen=True, online=False):  # as verify simulates it
             heads = simulate(net, [data], sources, arithmetic=ncnn_arithmetic(manifest))
@@ -538,8 +529,7 @@ class DetectionStages:
 
     # ----- export and verify ---------------------------------------------------------------
     def export_options(self):
-        options = {'confidence_threshold': self.recipe['detection']['confidence_threshold']}
-        return {'detection': options}
+        return export_options(self.recipe)
 
     def final_net(self):
         net = super().final_net()
@@ -547,23 +537,46 @@ class DetectionStages:
         return net
 
     def verify_stage(self, report_path):
-        """verify's report on the first ``verify.samples`` validation images (data only:
-        detections are matched against the reference decoder), then on the whole validation
-        split the VOC07 mAP of the ncnn int8 model ('ncnn') and of the simulation decoded as
-        ncnn decodes ('ncnn_decoding')."""
-        section = self.recipe['verify']
-        net, folder, name = self.final_net(), self.folder.path('export'), \
-            self.recipe['export']['name']
-        report = verify(net, folder, [x for x, _ in self.val_batches(section['samples'])],
-                        name=name, report_path=report_path, **section['thresholds'])
-        shape = tuple(self.recipe['export']['input_shape']) or self.preprocess.input_shape
-        classes = self.train_set.classes
-        ncnn = ncnn_mean_ap(folder, name, self.val_batches(), classes, shape)
-        reference = reference_mean_ap(net, folder, name, self.val_batches(), classes, shape)
-        found = report['int8']['detections']
-        self.out(f"verify: {'passed' if report['passed'] else 'FAILED: '}"
-                 f"{'; '.join(report['failures'])} ({found['matched']}/{found['reference']} "
-                 f"detections matched; on the validation split ncnn int8 mAP {ncnn:.2f}%, "
-                 f"the simulation decoded as ncnn decodes {reference:.2f}%; report "
-                 f"{report_path})")
-        return report, {'ncnn': ncnn, 'ncnn_decoding': reference}
+        return verify_detector(self.final_net(), self.folder.path('export'),
+                               self.recipe['export']['name'], self.val_batches,
+                               self.train_set.classes, self._export_shape(), report_path,
+                               self.out, samples=self.recipe['verify']['samples'],
+                               **self.recipe['verify']['thresholds'])
+
+    def _export_shape(self):
+        return tuple(self.recipe['export']['input_shape']) or self.preprocess.input_shape
+
+
+def export_options(recipe):
+    """``qat.deploy.export``'s detection options of a detection recipe."""
+    return {'detection': {'confidence_threshold': recipe['detection']['confidence_threshold']}}
+
+
+def validation(recipe, preprocess):
+    """(classes, ``batches(limit=None)``: (data, labels) batches of the recipe's validation
+    split, in order) of a detection recipe: what ``qat verify`` reads for a detection run."""
+    dataset = open_split(recipe, 'val')
+
+    def batches(limit=None):
+        return detection_batches(dataset, preprocess, recipe['run']['eval_batch_size'],
+                                 order=np.arange(len(dataset))[:limit or None],
+                                 workers=recipe['data']['workers'])
+    return dataset.classes, batches
+
+
+def verify_detector(net, folder, name, batches, classes, input_shape, report_path,
+                    out=print, samples=0, **options):
+    """verify's report on the first ``samples`` (0: all) of ``batches(limit)``'s images (data
+    only: detections are matched against the reference decoder), then on all of them the
+    VOC07 mAP of the ncnn int8 model ('ncnn') and of the simulation decoded as ncnn decodes
+    ('ncnn_decoding'). Returns (report, {'ncnn', 'ncnn_decoding'}); ``options``: verify's."""
+    report = verify(net, folder, [x for x, _ in batches(samples)], name=name,
+                    report_path=report_path, **options)
+    ncnn = ncnn_mean_ap(folder, name, batches(), classes, input_shape)
+    reference = reference_mean_ap(net, folder, name, batches(), classes, input_shape)
+    found = report['int8']['detections']
+    out(f"verify: {'passed' if report['passed'] else 'FAILED: '}"
+        f"{'; '.join(report['failures'])} ({found['matched']}/{found['reference']} "
+        f"detections matched; on the validation split ncnn int8 mAP {ncnn:.2f}%, "
+        f"the simulation decoded as ncnn decodes {reference:.2f}%; report {report_path})")
+    return report, {'ncnn': ncnn, 'ncnn_decoding': reference}

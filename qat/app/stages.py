@@ -23,7 +23,7 @@ from ..batches import Reiterable
 from ..calibration import calibrate
 from ..config import QuantScheme
 from ..convert import convert_model, load_parameters
-from ..deploy import export, verify
+from ..deploy import export, format_report, verify
 from ..errors import MissingFileError, UserError
 from ..fileio import read_json, write_json
 from ..metrics import accuracy
@@ -31,6 +31,7 @@ from ..modes import freeze_bn, freeze_ranges, quantize_input
 from ..nn import quant_blocks
 from .checks import check_devices, check_labels, check_model, open_splits
 from .data import Augment, Preprocess, epoch_order, iterate, open_split
+from . import detection
 from .detection import DetectionStages
 from .detectors import gluon_backbone
 from .recipe import load as load_recipe
@@ -295,11 +296,11 @@ def run_recipe(path, overrides=(), resume=False, callbacks=(), out=print, check_
                                          out=out).run()
 
 
-def load_run(folder, task='classification'):
+def load_run(folder, task=None):
     """(final net, resolved recipe, Preprocess) of a run folder written by ``run_recipe``
     whose QAT stage finished (its result; with no QAT epochs, the PTQ net), on the CPU,
     modes and configs restored. A folder that is not a run, a run stopped before the end of
-    QAT, or a run of another ``model.task`` than ``task`` is an error naming it."""
+    QAT, or (with ``task``) a run of another ``model.task`` is an error naming it."""
     recipe_file = os.path.join(folder, 'recipe.yaml')
     if not os.path.isfile(recipe_file):
         raise MissingFileError(f"{folder} is not a run folder (no recipe.yaml): run "
@@ -311,10 +312,8 @@ def load_run(folder, task='classification'):
                         f"(there is no final net to export yet): continue it with "
                         f"`qat train <recipe> --resume`")
     recipe = load_recipe(recipe_file, check_files=False)
-    if recipe['model']['task'] != task:
-        raise UserError(f"{folder}: a {recipe['model']['task']} run: `qat export` / `qat "
-                        f"verify` redo {task} runs only; its own export and verify stages "
-                        f"ran in `qat train` ({os.path.join(folder, 'export')})")
+    if task is not None and recipe['model']['task'] != task:
+        raise UserError(f"{folder}: a {recipe['model']['task']} run, not a {task} run")
     preprocess = Preprocess.from_recipe(recipe['preprocess'])
     contexts = [mx.cpu()]
     net = build_model(dict(recipe['model'], checkpoint=''), preprocess.input_shape, contexts,
@@ -324,3 +323,28 @@ def load_run(folder, task='classification'):
     convert_model(net, config=quant_scheme(recipe['quantize']))
     load_parameters(net, os.path.join(folder, 'qat.params'), ctx=contexts)
     return net, recipe, preprocess
+
+
+def export_options(recipe):
+    """``qat.deploy.export``'s task-specific options of a recipe (a detector's thresholds)."""
+    return detection.export_options(recipe) if recipe['model']['task'] == 'detection' else {}
+
+
+def verify_run(net, recipe, preprocess, folder, report_path, samples=0, name=None,
+               out=print, **options):
+    """``qat verify`` of a run's net against the export in ``folder`` on the recipe's
+    validation data (``samples`` images, 0: all), with the recipe's thresholds and
+    ``options`` (verify's ``packing``, ``threads``): the report, printed. A detection run
+    adds the VOC07 mAP of the ncnn model and of the simulation decoded alike."""
+    name = name or recipe['export']['name']
+    options = dict(recipe['verify']['thresholds'], **options)
+    if recipe['model']['task'] == 'detection':
+        classes, batches = detection.validation(recipe, preprocess)
+        shape = tuple(recipe['export']['input_shape']) or preprocess.input_shape
+        report, _ = detection.verify_detector(net, folder, name, batches, classes, shape,
+                                              report_path, out, samples=samples, **options)
+    else:
+        report = verify(net, folder, validation_batches(recipe, preprocess, samples),
+                        name=name, report_path=report_path, **options)
+    out(format_report(report))
+    return report
