@@ -15,7 +15,8 @@ from qat.app import detection, stages
 from qat.app.recipe import RecipeError, load as load_recipe
 from qat.errors import UserError
 from tests.helpers import write_recipe
-from tests.test_trainer import assert_same_parameters, killed_and_resumed, quiet, saved_params
+from tests.test_trainer import (assert_same_parameters, assert_workers_agree, dist_sync_workers,
+                                killed_and_resumed, quiet, saved_params)
 
 # (width, height, [(class, xmin, ymin, xmax, ymax)]) per image, pixels
 IMAGES = [(48, 40, [(0, 4, 6, 20, 30)]), (64, 32, [(1, 10, 2, 40, 28), (0, 44, 4, 60, 20)]),
@@ -287,3 +288,16 @@ def test_detection_trains_on_two_devices(tmp_path):
     assert 0 <= results['qat'] <= 100
     params = saved_params(os.path.join(results['folder'], 'qat.params'))
     assert all(np.all(np.isfinite(v)) for v in params.values())
+
+
+@pytest.mark.slow
+def test_detection_dist_sync_workers_agree(tmp_path):
+    """A detection recipe on two dist_sync workers (loopback), each on its shard of the
+    canvases: after two QAT steps their parameters, BN statistics and ranges are the same."""
+    path = tiny_detection_recipe(tmp_path, 'dist', run={'kvstore': 'dist_sync',
+                                                        'checkpoint_steps': 0,
+                                                        'tensorboard': False},
+                                 float={'epochs': 1}, calibrate={'report_bits': []},
+                                 qat={'epochs': 1, 'freeze_bn_epoch': None,
+                                      'freeze_ranges_epoch': None})
+    assert_workers_agree(*dist_sync_workers(tmp_path, path, 2))

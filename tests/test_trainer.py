@@ -220,7 +220,7 @@ import mxnet as mx
 from qat.app import stages, trainer
 
 def save_final(stage, epoch, step, net):
-    if stage == 'qat' and epoch == 0 and step == 4:
+    if stage == 'qat' and epoch == 0 and step == int(sys.argv[3]):
         net.save_parameters(sys.argv[2])
         raise trainer.StopRun('enough')
 
@@ -231,16 +231,10 @@ except trainer.StopRun:
 """
 
 
-@pytest.mark.slow
-def test_dist_sync_workers_agree(tmp_path):
-    """A scheduler, one server and two workers on loopback (DMLC_* variables), each worker
-    training on its shard: after the steps their parameters (weights, BN statistics, ranges)
-    are the same."""
-    path = tiny_recipe(tmp_path, 'dist', run={'kvstore': 'dist_sync', 'checkpoint_steps': 0,
-                                              'tensorboard': False},
-                       float={'epochs': 1}, qat={'epochs': 1, 'input_quant_epoch': 0,
-                                                 'freeze_bn_epoch': None,
-                                                 'freeze_ranges_epoch': None})
+def dist_sync_workers(tmp_path, path, step):
+    """The parameters of two workers (a scheduler and one server beside them, on loopback,
+    DMLC_* variables) running the recipe at ``path``, each on its shard, saved after
+    ``step`` steps of QAT."""
     env = dict(os.environ, DMLC_PS_ROOT_URI='127.0.0.1', DMLC_PS_ROOT_PORT=str(_free_port()),
                DMLC_NUM_SERVER='1', DMLC_NUM_WORKER='2', OMP_NUM_THREADS='1',
                PYTHONPATH=ROOT)
@@ -249,7 +243,7 @@ def test_dist_sync_workers_agree(tmp_path):
     procs = [subprocess.Popen([sys.executable, '-c', 'import mxnet'], cwd=ROOT,
                               env=dict(env, DMLC_ROLE=role)) for role in ('scheduler', 'server')]
     outputs = [str(tmp_path / f'worker{i}.params') for i in range(2)]
-    workers = [subprocess.Popen([sys.executable, str(script), path, out], cwd=ROOT,
+    workers = [subprocess.Popen([sys.executable, str(script), path, out, str(step)], cwd=ROOT,
                                 env=dict(env, DMLC_ROLE='worker'),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
                for out in outputs]
@@ -264,11 +258,26 @@ def test_dist_sync_workers_agree(tmp_path):
         for proc in procs + workers:
             if proc.poll() is None:
                 proc.kill()
-    first, second = (saved_params(p) for p in outputs)
+    return [saved_params(p) for p in outputs]
+
+
+def assert_workers_agree(first, second):
     assert first.keys() == second.keys()
     assert any(k.endswith('range_ema') for k in first)
     for key in first:
         np.testing.assert_allclose(first[key], second[key], rtol=1e-6, atol=1e-7, err_msg=key)
+
+
+@pytest.mark.slow
+def test_dist_sync_workers_agree(tmp_path):
+    """Two dist_sync workers, each training on its shard: after the steps their parameters
+    (weights, BN statistics, ranges) are the same."""
+    path = tiny_recipe(tmp_path, 'dist', run={'kvstore': 'dist_sync', 'checkpoint_steps': 0,
+                                              'tensorboard': False},
+                       float={'epochs': 1}, qat={'epochs': 1, 'input_quant_epoch': 0,
+                                                 'freeze_bn_epoch': None,
+                                                 'freeze_ranges_epoch': None})
+    assert_workers_agree(*dist_sync_workers(tmp_path, path, 4))
 
 
 # ----- learning rate -------------------------------------------------------------------------
