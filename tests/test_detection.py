@@ -350,6 +350,21 @@ def test_minimal_opset_ssd_is_refused_clearly(tmp_path):
         qat.export(net, str(tmp_path), (3, 64, 64))
 
 
+def test_centernet_is_refused_clearly(tmp_path):
+    """CenterNet's peak-search decoding has no ncnn layer: one error naming it, nothing
+    written."""
+    net = model_zoo.get_model('center_net_resnet18_v1b_voc', pretrained=False,
+                              pretrained_base=False)
+    net.initialize()
+    data = mx.nd.array(np.random.RandomState(0).normal(0, 1, (1, 3, 64, 64)))
+    net(data)
+    qat.convert_model(net)
+    qat.calibrate(net, [data], method='max')
+    with pytest.raises(ExportError, match="CenterNet's decoding .* has no ncnn layer"):
+        qat.export(net, str(tmp_path / 'out'), (3, 64, 64))
+    assert not (tmp_path / 'out').exists() or not os.listdir(tmp_path / 'out')
+
+
 def test_detector_thresholds_and_report_file(tmp_path):
     net, data = calibrated_detector(tiny_yolo, 64)
     folder = str(tmp_path / 'export')

@@ -226,6 +226,17 @@ def _refuse_minimal_opset(t):
                               f"becomes ncnn's DetectionOutput")
 
 
+def _refuse_centernet(t):
+    """GluonCV's CenterNet decodes with a peak search over its heatmap (max pooling compared
+    with the heatmap, top-k, gathers): ncnn has no layer for it. One clear error."""
+    from gluoncv.model_zoo.center_net.center_net import CenterNet
+    if isinstance(t.net, CenterNet):
+        raise ExportError(f"cannot export {t.net.name}: CenterNet's decoding (heatmap peaks "
+                          f"by max pooling, top-k, gathers) has no ncnn layer; ncnn's own "
+                          f"CenterNet-style examples decode the heads in C++ (only SSD and "
+                          f"YOLOv3 export with ncnn's detection layers)")
+
+
 # ---- the pattern ----------------------------------------------------------------------------
 def _analyse(t):
     """The tracer's detector (memoized): None for a net without GluonCV decoding."""
@@ -236,6 +247,7 @@ def _analyse(t):
             raise refuse(t, t.nodes[decode[1]], "more than one box_decode")
         if not decode:
             _refuse_minimal_opset(t)
+            _refuse_centernet(t)
         found = _analyse_ssd(t, decode[0]) if decode else \
             _analyse_yolo(t, outputs) if outputs else None
         if found is not None:
