@@ -23,6 +23,9 @@ each printing Markdown tables. Run them from the repository root:
     python -m benchmarks.detection    a small SSD and YOLOv3 trained on the digits detection
                                       set: float / PTQ / QAT mAP at W8A8 and W4A4, the ncnn
                                       int8 model's mAP, int8 / fp32 latency per input size
+    python -m benchmarks.detection_ptq  the PTQ tools on that SSD: mAP per calibration method,
+                                      the method chosen by mAP / by the heads' agreement,
+                                      mixed precision (8-bit or fp32) within an mAP budget
 
 ``python -m benchmarks.<name> --help`` lists a benchmark's options. ``common`` holds what
 they share (command line, the GluonCV zoo, interleaved median timing). The package is not

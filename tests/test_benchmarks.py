@@ -22,6 +22,7 @@ OPTIONS = {
     'memory': ['--repeats', '--threads', '--models', '--train-model', '--batch'],
     'calibration': ['--model', '--images', '--methods', '--rounds', '--threads', '--scaling'],
     'detection': ['--recipes', '--sizes', '--out', '--repeats', '--threads', '--set'],
+    'detection_ptq': ['--recipe', '--bits', '--budget', '--methods', '--out'],
 }
 HELPERS = {'common'}
 
