@@ -280,6 +280,34 @@ def test_dist_sync_workers_agree(tmp_path):
     assert_workers_agree(*dist_sync_workers(tmp_path, path, 4))
 
 
+def test_recipe_chooses_its_calibration_method(tmp_path):
+    """``calibrate.choose_from``: the PTQ stage scores each method on the calibration
+    batches, keeps the best for the whole run (QAT's recalibration too), and the run then
+    equals one with that ``method``."""
+    sections = dict(float={'epochs': 1}, qat={'epochs': 2, 'input_quant_epoch': 1,
+                                              'freeze_bn_epoch': None,
+                                              'freeze_ranges_epoch': None},
+                    quantize={'weight_bits': 3, 'input_bits': 3})
+    lines = []
+    chosen = stages.run_recipe(tiny_recipe(
+        tmp_path, 'chosen', calibrate={'batches': 2, 'report_bits': [4],
+                                       'choose_from': ['max', 'percentile', 'mse']},
+        **sections), out=lines.append)
+    method = chosen['calibration_method']
+    table = next(line for line in lines if 'calibration method chosen by' in line)
+    scores = {row.split('|')[1].strip(): float(row.split('|')[2])
+              for row in table.splitlines()[3:]}
+    assert sorted(scores) == ['max', 'mse', 'percentile']
+    assert method == max(scores, key=lambda m: (scores[m], -['max', 'percentile',
+                                                             'mse'].index(m)))
+    assert 'top-1 accuracy' in table
+    plain = stages.run_recipe(tiny_recipe(
+        tmp_path, 'plain', calibrate={'batches': 2, 'report_bits': [4], 'method': method},
+        **sections), out=quiet)
+    assert (chosen['ptq'], chosen['qat']) == (plain['ptq'], plain['qat'])
+    assert_same_parameters(chosen, plain)
+
+
 # ----- learning rate -------------------------------------------------------------------------
 def test_learning_rate_schedules():
     stage = {'lr': 0.1, 'epochs': 10, 'warmup_epochs': 2, 'schedule': 'step',

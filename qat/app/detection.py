@@ -26,7 +26,6 @@ from mxnet import autograd
 
 from ..analysis.tasks import add_detections, voc07_metric
 from ..batches import Reiterable
-from ..calibration import calibrate
 from ..convert import unmatched
 from ..deploy import detection as decoding
 from ..deploy import verify
@@ -496,14 +495,14 @@ class DetectionStages:
         size = self.recipe['run']['batch_size']
         order = epoch_order(len(self.train_set), self.seed, 0)[
             :size * self.recipe['calibrate']['batches']]
-        return Reiterable(lambda: ((x, None) for x, _ in self._batches('train', order)))
+        return Reiterable(lambda: self._batches('train', order))
+
+    def calibration_inputs(self):
+        return Reiterable(lambda: (x for x, _ in self.calibration_batches()))
 
     def _calibrate(self, net):
         self._graph(net, False)
-        cal = self.recipe['calibrate']
-        calibrate(net, Reiterable(lambda: (x for x, _ in self.calibration_batches())),
-                  method=cal['method'], num_batches=cal['batches'])
-        self.devices.sync_state(net)
+        super()._calibrate(net)
 
     def evaluate(self, net):
         self._graph(net, False)

@@ -211,6 +211,11 @@ SCHEMA = {
                       one_of(CALIBRATION_METHODS)),
         'batches': Key(8, 'int', 'calibration batches (training data, fixed order)',
                        at_least(1)),
+        'choose_from': Key([], 'strs', 'calibration methods the PTQ stage tries (e.g. '
+                           '`[percentile, kl, mse]`): the one whose quantized net scores best '
+                           '(top-1, or VOC07 mAP for detection) on the calibration batches '
+                           'and their labels replaces `method` for the whole run',
+                           each(one_of(CALIBRATION_METHODS))),
         'report_bits': Key([], 'ints', 'also report post-training accuracy at these bit '
                            'widths (W`b`A`b`, first layer as above)', each(BITS)),
     },

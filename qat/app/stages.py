@@ -19,6 +19,7 @@ import mxnet as mx
 import numpy as np
 
 from . import models
+from ..analysis.selection import choose_method, format_choice
 from ..batches import Reiterable
 from ..calibration import calibrate
 from ..config import QuantScheme
@@ -128,10 +129,29 @@ class Run(Trainer):
     def evaluate(self, net):
         return accuracy(net, self.val_batches(), self.devices.contexts[0])
 
+    def calibration_inputs(self):
+        """What calibration reads: the calibration batches (labels are ignored)."""
+        return self.calibration_batches()
+
+    def calibration_method(self):
+        """The recipe's ``calibrate.method``, or the one the PTQ stage chose from
+        ``calibrate.choose_from``."""
+        return self.folder.state['results'].get('calibration_method') or \
+            self.recipe['calibrate']['method']
+
     def _calibrate(self, net):
         cal = self.recipe['calibrate']
-        calibrate(net, self.calibration_batches(), method=cal['method'],
-                  num_batches=cal['batches'])
+        if cal['choose_from'] and 'calibration_method' not in self.folder.state['results']:
+            # scored on the calibration batches with their labels (training data)
+            choice = choose_method(net, self.calibration_inputs(), cal['choose_from'],
+                                   scored=list(self.calibration_batches()), max_samples=None,
+                                   num_batches=cal['batches'])
+            self.out(f"calibration method chosen by {choice['metric']} on the calibration "
+                     f"batches:\n{format_choice(choice)}")
+            self.folder.state['results']['calibration_method'] = choice['chosen']
+        else:
+            calibrate(net, self.calibration_inputs(), method=self.calibration_method(),
+                      num_batches=cal['batches'])
         self.devices.sync_state(net)
 
     # ----- stages --------------------------------------------------------------------------
