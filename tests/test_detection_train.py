@@ -301,3 +301,19 @@ def test_detection_dist_sync_workers_agree(tmp_path):
                                  qat={'epochs': 1, 'freeze_bn_epoch': None,
                                       'freeze_ranges_epoch': None})
     assert_workers_agree(*dist_sync_workers(tmp_path, path, 2))
+
+
+def test_detection_recipe_chooses_its_calibration_method_by_map(tmp_path):
+    lines = []
+    results = stages.run_recipe(tiny_detection_recipe(
+        tmp_path, 'choose', float={'epochs': 1},
+        calibrate={'report_bits': [], 'choose_from': ['max', 'mse']},
+        qat={'epochs': 0, 'freeze_bn_epoch': None, 'freeze_ranges_epoch': None}),
+        out=lines.append)
+    table = next(line for line in lines if 'calibration method chosen by' in line)
+    assert 'VOC07 mAP' in table and results['calibration_method'] in ('max', 'mse')
+    plain = stages.run_recipe(tiny_detection_recipe(
+        tmp_path, 'plain', float={'epochs': 1},
+        calibrate={'report_bits': [], 'method': results['calibration_method']},
+        qat={'epochs': 0, 'freeze_bn_epoch': None, 'freeze_ranges_epoch': None}), out=quiet)
+    assert results['ptq'] == plain['ptq'] and results['qat'] == plain['qat']
