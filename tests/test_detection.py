@@ -32,7 +32,7 @@ from qat.app.detectors import gluon_backbone
 from qat.deploy import ExportError
 from qat.deploy import detection as D
 from qat.deploy.ncnn import read_param
-from qat.deploy.verify import NcnnModel
+from qat.deploy.verify import EXACT_OPTIONS, NcnnModel
 from tests.helpers import converted_and_calibrated, small_net
 
 THRESHOLD = 0.5
@@ -350,6 +350,40 @@ def test_minimal_opset_ssd_is_refused_clearly(tmp_path):
         qat.export(net, str(tmp_path), (3, 64, 64))
 
 
+def test_yolov3_deploys_gluoncv_decoding(tmp_path):
+    """By default a YOLOv3 exports as ncnn layers feeding DetectionOutput: the ncnn model's
+    detections are GluonCV's own (every class of a box, suppression per class), matched
+    against the net's output; ncnn's Yolov3DetectionOutput (one class per box) on request,
+    also verified."""
+    net, data = calibrated_detector(tiny_yolo, 72)
+    paths = qat.export(net, str(tmp_path / 'per_class'), (3, 72, 72),
+                       detection={'confidence_threshold': THRESHOLD})
+    assert read_param(paths['int8_param'])[-1][0] == 'DetectionOutput'
+    model = NcnnModel(paths['int8_param'], paths['int8_bin'], **EXACT_OPTIONS)
+    with qat.modes.deployed(net):
+        ids, scores, boxes = (a.asnumpy() for a in net(data[0]))
+    found = []
+    for k, sample in enumerate(data[0].asnumpy()):
+        keep = scores[k, :, 0] > THRESHOLD
+        gluoncv = np.concatenate([ids[k, keep] + 1, scores[k, keep], boxes[k, keep] / 72],
+                                 axis=1)
+        rows = model.run(sample, ['detection_out'])['detection_out'].reshape(-1, 6)
+        found.append(D.match(gluoncv, rows, THRESHOLD))
+    found = D.merge_matches(found)
+    assert found['reference'] >= 3, found  # not vacuous
+    assert found['matched'] == found['reference'] == found['measured'], found
+    assert found['min_iou'] >= 0.999 and found['max_score_lsb'] <= 0.01, found
+    report = qat.verify(net, str(tmp_path / 'per_class'), data, packing=False)
+    assert report['passed'] and report['int8']['heads_max_lsb'] == 0, \
+        qat.deploy.format_report(report)
+    ncnn_layer = qat.export(net, str(tmp_path / 'ncnn'), (3, 72, 72),
+                            detection={'confidence_threshold': THRESHOLD,
+                                       'yolo_decoder': 'Yolov3DetectionOutput'})
+    assert read_param(ncnn_layer['int8_param'])[-1][0] == 'Yolov3DetectionOutput'
+    report = qat.verify(net, str(tmp_path / 'ncnn'), data, packing=False)
+    assert report['passed'] and report['detector'] == 'Yolov3DetectionOutput'
+
+
 def test_centernet_is_refused_clearly(tmp_path):
     """CenterNet's peak-search decoding has no ncnn layer: one error naming it, nothing
     written."""
@@ -381,7 +415,9 @@ def test_detector_thresholds_and_report_file(tmp_path):
 
 def test_detection_options_are_checked(tmp_path):
     net, _ = calibrated_detector(tiny_yolo, 64)
-    for options, message in (({'keep_top_k': 5}, 'keep_top_k'),
+    for options, message in (({'keep_top_k': 5, 'yolo_decoder': 'Yolov3DetectionOutput'},
+                              'keep_top_k'),  # (DetectionOutput, the default, takes it)
+                             ({'yolo_decoder': 'nms'}, "yolo_decoder='nms': valid"),
                              ({'confidence_threshold': 1.5}, r'in \[0, 1\]'),
                              ({'nms_threshold': 'high'}, 'nms_threshold')):
         with pytest.raises(ExportError, match=message):

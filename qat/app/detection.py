@@ -401,13 +401,14 @@ def ncnn_mean_ap(folder, name, batches, classes, input_shape):
 def reference_mean_ap(net, folder, name, batches, classes, input_shape):
     """VOC07 mAP (%) of the simulated net decoded as the export decodes (the numpy
     reference of ncnn's DetectionOutput / Yolov3DetectionOutput on the simulated heads):
-    what the ncnn model's mAP should equal. (YOLOv3's ncnn decoding keeps one class per box
-    and suppresses across classes, GluonCV's does neither: their mAPs differ.)"""
+    what the ncnn model's mAP should equal. (With ``yolo_decoder='Yolov3DetectionOutput'``
+    a YOLOv3 keeps one class per box and is suppressed across classes, GluonCV's decoding
+    does neither: their mAPs differ.)"""
     manifest = read_manifest(folder, name)
     decoder = decoding.detector_layer(manifest)
     files = file_names(name)
     param = os.path.join(folder, files['int8_param'])
-    params = {layer[1]: layer[4] for layer in read_param(param)}[decoder['name']]
+    params = {layer[1]: layer[4] for layer in read_param(param)}
     weights = read_weights(param, os.path.join(folder, files['int8_bin']))
     sources = [head['source'] for head in head_layers(manifest, decoder)]
     metric = voc07_metric(classes)
@@ -415,8 +416,9 @@ def reference_mean_ap(net, folder, name, batches, classes, input_shape):
         with temporary_mode(net, bn_frozen=True, online=False):  # as verify simulates it
             heads = simulate(net, [data], sources, arithmetic=ncnn_arithmetic(manifest))
         for k, label in enumerate(labels.asnumpy()):
-            rows = decoding.decode(decoder['kind'], params,
-                                   decoder_inputs(manifest, decoder, heads, weights, k))
+            rows = decoding.decode(decoder['kind'], params[decoder['name']],
+                                   decoder_inputs(manifest, decoder, heads, weights, k,
+                                                  params))
             _rows_metric(metric, rows, label, input_shape)
     return 100.0 * float(metric.get()[1][-1])
 

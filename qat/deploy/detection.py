@@ -276,6 +276,53 @@ def merge_matches(entries):
 DECODERS = {'DetectionOutput', 'Yolov3DetectionOutput'}
 
 
+def _reshape(x, params):
+    # ncnn's ids: 0=w, 1=h, 11=d, 2=c; the ones present give the shape, outermost first
+    return x.reshape([int(params[k]) for k in (2, 11, 1, 0) if k in params])
+
+
+def _crop(x, params):
+    index = [slice(None)] * x.ndim
+    for start, end, axis in zip(params[9], params[10], params[11]):
+        index[int(axis)] = slice(int(start), int(end))
+    return x[tuple(index)]
+
+
+def _permute(x, params):
+    order = int(params.get(0, 0))
+    if order not in (0, 1) or x.ndim not in (2, 3):
+        raise ValueError(f"no numpy reference of ncnn Permute order_type {order} on "
+                         f"{x.ndim}-D blobs")
+    return x if order == 0 else np.swapaxes(x, -1, -2)
+
+
+def _binary(inputs, params):
+    a = inputs[0]
+    b = F32(params.get(2, 0.0)) if int(params.get(1, 0)) else inputs[1]
+    return {0: np.add, 1: np.subtract, 2: np.multiply, 3: np.divide, 4: np.maximum,
+            5: np.minimum}[int(params.get(0, 0))](a, b).astype(F32)
+
+
+# the fp32 layers a decoder's inputs may pass through after the heads (the YOLOv3 rows for
+# DetectionOutput): ncnn type -> (inputs (float32 arrays, ncnn's (c, h, w) order), params)
+FP32_LAYERS = {
+    'Reshape': lambda inputs, params: _reshape(inputs[0], params),
+    'Permute': lambda inputs, params: _permute(inputs[0], params),
+    'Crop': lambda inputs, params: _crop(inputs[0], params),
+    'Sigmoid': lambda inputs, params: F32(1) / (F32(1) + expf(-inputs[0])),
+    'BinaryOp': _binary,
+    'Concat': lambda inputs, params: np.concatenate(inputs, axis=int(params.get(0, 0))),
+}
+
+
+def fp32_layer(kind, params, inputs):
+    """One fp32 ncnn layer between the heads and the decoder, in float32 numpy (its sigmoid
+    correctly rounded: within an ulp or so of ncnn's)."""
+    if kind not in FP32_LAYERS:
+        raise ValueError(f"no numpy reference of ncnn layer {kind} before a decoder")
+    return FP32_LAYERS[kind]([np.asarray(x, F32) for x in inputs], params)
+
+
 def detector_layer(manifest):
     """The manifest entry of the export's detection layer, or None."""
     return next((layer for layer in manifest['layers'] if layer['kind'] in DECODERS), None)

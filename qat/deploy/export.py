@@ -76,7 +76,8 @@ def manifest(graph, name, guarded, input_names):
         entry = {'name': layer.name, 'kind': layer.kind, 'inputs': layer.inputs,
                  'source': layer.source, 'int8': bool(layer.quant is not None and layer.quant.int8)}
         simulation = LAYERS[layer.kind].simulation
-        arithmetic = simulation(layer) if simulation is not None else []
+        # (a layer without a source node, a decoder's own, is not simulated)
+        arithmetic = simulation(layer) if simulation is not None and layer.source else []
         if arithmetic:  # verify computes these nodes with ncnn's arithmetic
             entry['ncnn_arithmetic'] = arithmetic
         if entry['int8']:

@@ -320,35 +320,45 @@ def verify(net, folder, data, name='model', report_path=None, max_samples=None, 
     return report
 
 
-def decoder_inputs(manifest, decoder, values, weights, sample):
+def decoder_inputs(manifest, decoder, values, weights, sample, params):
     """The decoder's input blobs for one sample: ``values`` ({source: (N, ...) array}) for
     the heads, ncnn's Softmax of its input where the decoder reads a Softmax, the priors
-    from the .bin."""
+    from the .bin, and the fp32 layers in between (a YOLOv3's rows for DetectionOutput)
+    computed in numpy from ``params`` ({layer name: params}, the .param)."""
     by_name = {layer['name']: layer for layer in manifest['layers']}
-    inputs = []
-    for blob in decoder['inputs']:
-        layer = by_name[blob]
-        if layer['kind'] == 'MemoryData':
-            inputs.append(weights[blob]['data'])
-        elif layer['kind'] == 'Softmax':
-            inputs.append(detection.softmax(values[by_name[layer['inputs'][0]]['source']]
-                                            [sample]))
-        else:
-            inputs.append(values[layer['source']][sample])
-    return inputs
+    found = {}
+
+    def blob(name):
+        if name not in found:
+            layer = by_name[name]
+            if layer['kind'] == 'MemoryData':
+                found[name] = weights[name]['data']
+            elif layer['kind'] == 'Softmax':
+                found[name] = detection.softmax(blob(layer['inputs'][0]))
+            elif layer['source']:
+                found[name] = values[layer['source']][sample]
+            else:
+                found[name] = detection.fp32_layer(layer['kind'], params[name],
+                                                   [blob(b) for b in layer['inputs']])
+        return found[name]
+    return [blob(name) for name in decoder['inputs']]
 
 
 def head_layers(manifest, decoder):
-    """The raw prediction layers the decoder (a manifest entry) reads (a Softmax's input in
-    its place)."""
+    """The raw prediction layers the decoder (a manifest entry) reads, through its fp32
+    layers (a Softmax's input in its place), in order of first use."""
     by_name = {layer['name']: layer for layer in manifest['layers']}
-    heads = []
-    for blob in decoder['inputs']:
-        layer = by_name[blob]
+    heads, pending = [], list(decoder['inputs'])
+    while pending:
+        layer = by_name[pending.pop(0)]
         if layer['kind'] == 'Softmax':
             layer = by_name[layer['inputs'][0]]
-        if layer['kind'] != 'MemoryData':
+        if layer['kind'] == 'MemoryData' or layer in heads:
+            continue
+        if layer['source']:
             heads.append(layer)
+        else:
+            pending.extend(layer['inputs'])
     return heads
 
 
@@ -387,7 +397,8 @@ def _detector_report(net, manifest, folder, batches, samples, layers, sim, limit
         per_sample = []
         for k in range(count):
             ours = detection.decode(decoder['kind'], params[decoder['name']],
-                                    decoder_inputs(manifest, decoder, values, weights, k))
+                                    decoder_inputs(manifest, decoder, values, weights, k,
+                                                   params))
             per_sample.append(detection.match(ours, outputs[decoder['name']][k].reshape(-1, 6),
                                               threshold))
         matches[precision] = detection.merge_matches(per_sample)

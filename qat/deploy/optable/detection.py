@@ -35,6 +35,8 @@ DETECTION_OPTIONS = {
     'DetectionOutput': ('confidence_threshold', 'nms_threshold', 'nms_top_k', 'keep_top_k'),
     'Yolov3DetectionOutput': ('confidence_threshold', 'nms_threshold'),
 }
+# export(detection={'yolo_decoder': ...}): how a YOLOv3 is decoded in ncnn
+YOLO_DECODERS = ('DetectionOutput', 'Yolov3DetectionOutput')
 
 
 def _ancestors(t, roots):
@@ -89,9 +91,17 @@ def _evaluate(t, index):
     return block(*zeros).asnumpy()
 
 
+def _yolo_decoder(t):
+    """The export's ``yolo_decoder`` option (default: DetectionOutput, GluonCV's decoding)."""
+    kind = (t.detection_options or {}).get('yolo_decoder', YOLO_DECODERS[0])
+    if kind not in YOLO_DECODERS:
+        raise ExportError(f"detection option yolo_decoder={kind!r}: valid: {list(YOLO_DECODERS)}")
+    return kind
+
+
 def _options(t, kind, defaults):
     """The decoder's parameters: ``defaults`` with the export's ``detection`` overrides."""
-    given = dict(t.detection_options or {})
+    given = {k: v for k, v in (t.detection_options or {}).items() if k != 'yolo_decoder'}
     unknown = set(given) - set(DETECTION_OPTIONS[kind])
     if unknown:
         raise ExportError(f"unknown detection option(s) {sorted(unknown)} for {kind}; valid: "
@@ -142,7 +152,8 @@ def _analyse_ssd(t, decode):
     params['variances'] = tuple(float(attrs.get(f'std{k}', d))
                                 for k, d in enumerate((0.1, 0.1, 0.2, 0.2)))
     params['format'] = attrs.get('format', 'center')
-    return {'kind': 'DetectionOutput', 'region': region, 'box': box, 'cls': cls,
+    return {'kind': 'DetectionOutput', 'family': 'ssd', 'region': region, 'box': box,
+            'cls': cls,
             'softmax': softmax, 'anchors': anchors, 'params': params}
 
 
@@ -197,19 +208,111 @@ def _analyse_yolo(t, outputs):
                           f"everywhere, got {sorted(per_output)} anchors, {sorted(classes)} "
                           f"classes")
     region = _decoding_region(t, convs, 'the YOLOv3 decoding')
-    overlap, valid, _, _ = _nms(t, region)
-    num_box = per_output.pop()
-    params = _options(t, 'Yolov3DetectionOutput', {'confidence_threshold': valid,
-                                                   'nms_threshold': overlap})
-    params.update(num_class=classes.pop(), num_box=num_box, biases=tuple(biases),
+    overlap, valid, topk, post = _nms(t, region)
+    num_box, num_class = per_output.pop(), classes.pop()
+    kind = _yolo_decoder(t)
+    if kind == 'Yolov3DetectionOutput':
+        params = _options(t, kind, {'confidence_threshold': valid, 'nms_threshold': overlap})
+    else:
+        boxes = sum(num_box * t.shape(c)[2] * t.shape(c)[3] for c in convs)
+        params = _options(t, kind, {
+            'nms_threshold': overlap, 'nms_top_k': topk if topk > 0 else boxes,
+            'keep_top_k': post if post > 0 else boxes * num_class,
+            'confidence_threshold': valid})
+    params.update(num_class=num_class, num_box=num_box, biases=tuple(biases),
                   mask=tuple(float(k) for k in range(num_box * len(outputs))),
                   anchors_scale=tuple(strides))
-    return {'kind': 'Yolov3DetectionOutput', 'region': region, 'convs': convs,
+    return {'kind': kind, 'family': 'yolo3', 'region': region, 'convs': convs,
             'params': params}
 
 
 def _emit_yolo(t, found, index):
-    return t.add('Yolov3DetectionOutput', index, found['convs'], found['params'],
+    if found['kind'] == 'Yolov3DetectionOutput':
+        return t.add('Yolov3DetectionOutput', index, found['convs'], found['params'],
+                     name='detection_out', source='')
+    return _emit_yolo_per_class(t, found, index)
+
+
+def _yolo_priors(p, k, height, width, input_shape):
+    """(2, A * H * W * 4) float32 priors of YOLOv3 output ``k`` in the rows' order (anchor,
+    y, x) for DetectionOutput: each prior is centred on its cell's corner with the anchor's
+    size (relative to the input), and its variances (stride / anchor, 1) make ncnn's
+    ``var * loc * prior_size + prior_centre``, ``exp(loc) * prior_size`` GluonCV's
+    ``(sigmoid + cell) * stride`` and ``exp * anchor``."""
+    _, in_h, in_w = input_shape
+    stride, count = p['anchors_scale'][k], p['num_box']
+    anchors = np.asarray(p['biases'], np.float64).reshape(-1, count, 2)[k]
+    y, x = np.mgrid[0:height, 0:width]
+    cx = np.broadcast_to(x.reshape(1, -1) * stride / in_w, (count, height * width))
+    cy = np.broadcast_to(y.reshape(1, -1) * stride / in_h, (count, height * width))
+    w = np.broadcast_to(anchors[:, :1] / in_w, cx.shape)
+    h = np.broadcast_to(anchors[:, 1:] / in_h, cx.shape)
+    corners = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=-1)
+    variances = np.stack([stride / anchors[:, 0:1] + 0 * cx, stride / anchors[:, 1:2] + 0 * cx,
+                          np.ones_like(cx), np.ones_like(cx)], axis=-1)
+    return np.stack([corners.reshape(-1), variances.reshape(-1)]).astype(np.float32)
+
+
+def _emit_yolo_per_class(t, found, index):
+    """GluonCV's YOLOv3 decoding as ncnn layers feeding DetectionOutput: per output, the
+    prediction (A * (5 + C), H, W) laid out as one row per (anchor, cell) (Reshape, Permute,
+    Reshape), its x, y, objectness and class columns through Sigmoid (Crop), the class
+    scores ``sigmoid(class) * sigmoid(objectness)`` (BinaryOp), the location rows
+    ``[sigmoid(x), sigmoid(y), w, h]`` and the confidence rows ``[0, scores]`` (the zero
+    column stands in for SSD's background, which DetectionOutput skips); the rows of every
+    output concatenated, priors from the anchors (``_yolo_priors``). DetectionOutput then
+    decodes and suppresses per class, as GluonCV's box_nms does."""
+    p = found['params']
+    count, classes = p['num_box'], p['num_class']
+    width = 5 + classes
+    # the decoding's own nodes carry the new layers' blobs (they get no layer otherwise)
+    carriers = iter(sorted(i for i in found['region'] if i != index))
+
+    def add(kind, inputs, params, shape, name, weights=None):
+        node = next(carriers)
+        layer = t.add(kind, node, inputs, params, weights=weights, name=name, source='')
+        layer.shape = shape
+        return node
+    locations, confidences, priors = [], [], []
+    for k, conv in enumerate(found['convs']):
+        _, _, height, cells_w = t.shape(conv)
+        cells = height * cells_w
+        rows = count * cells
+        part = f"detection_yolo{k}"
+        x = add('Reshape', [conv], {'shape': (count, width, cells)}, (count, width, cells),
+                f"{part}_reshape")
+        x = add('Permute', [x], {'order': 1}, (count, cells, width), f"{part}_permute")
+        x = add('Reshape', [x], {'shape': (rows, width)}, (rows, width), f"{part}_rows")
+
+        def column(start, end, what, source=x):
+            crop = add('Crop', [source], {'starts': (start,), 'ends': (end,), 'axes': (1,)},
+                       (rows, end - start), f"{part}_{what}")
+            return crop
+        xy = add('Sigmoid', [column(0, 2, 'xy')], {}, (rows, 2), f"{part}_xy_sigmoid")
+        objectness = add('Sigmoid', [column(4, 5, 'objectness')], {}, (rows, 1),
+                         f"{part}_objectness_sigmoid")
+        scores = add('Sigmoid', [column(5, width, 'classes')], {}, (rows, classes),
+                     f"{part}_classes_sigmoid")
+        scores = add('BinaryOp', [scores, objectness], {'op': 'mul'}, (rows, classes),
+                     f"{part}_scores")
+        zeros = add('BinaryOp', [objectness], {'op': 'mul', 'scalar': 0.0}, (rows, 1),
+                    f"{part}_background")
+        locations.append(add('Concat', [xy, column(2, 4, 'wh')], {'axis': 2}, (rows, 4),
+                             f"{part}_location"))
+        confidences.append(add('Concat', [zeros, scores], {'axis': 2}, (rows, classes + 1),
+                               f"{part}_confidence"))
+        priors.append(_yolo_priors(p, k, height, cells_w, t.input_shape))
+    total = sum(prior.shape[1] for prior in priors) // 4
+    location = add('Concat', locations, {'axis': 1}, (total, 4), 'detection_location')
+    confidence = add('Concat', confidences, {'axis': 1}, (total, classes + 1),
+                     'detection_confidence')
+    prior = np.concatenate(priors, axis=1)
+    prior_node = add('MemoryData', [], {'shape': prior.shape}, prior.shape, 'detection_priors',
+                     weights={'data': prior})
+    decoder = {key: p[key] for key in ('nms_threshold', 'nms_top_k', 'keep_top_k',
+                                       'confidence_threshold')}
+    decoder.update(num_class=classes + 1, variances=(1.0, 1.0, 1.0, 1.0))
+    return t.add('DetectionOutput', index, [location, confidence, prior_node], decoder,
                  name='detection_out', source='')
 
 
@@ -266,8 +369,7 @@ def match_detection(t, index, node):
     if found is None or index not in found['region']:
         return False
     if index == found['last']:
-        layer = (_emit_ssd if found['kind'] == 'DetectionOutput' else _emit_yolo)(t, found,
-                                                                                 index)
+        layer = (_emit_ssd if found['family'] == 'ssd' else _emit_yolo)(t, found, index)
         layer.shape = None  # one row per detection: known only at run time
         for head in t.heads:
             t.blob[head] = layer.name
