@@ -75,3 +75,19 @@ def test_missing_sources_name_the_file(run_folder, tmp_path):
         simulate.simulate(recipe, {})
     with pytest.raises(UserError, match='float parameters not found'):
         simulate.simulate(recipe, {}, params=str(tmp_path / 'none.params'))
+
+
+def test_a_detection_run_is_simulated_with_its_map(tmp_path):
+    """A detection run: each scheme's VOC07 mAP; the recipe's own schemes repeat the PTQ
+    stage's figures exactly."""
+    from tests.test_detection_train import quiet, tiny_detection_recipe
+    from qat.app import stages
+    results = stages.run_recipe(tiny_detection_recipe(
+        tmp_path, 'det', calibrate={'report_bits': [4]},
+        qat={'epochs': 0, 'freeze_bn_epoch': None, 'freeze_ranges_epoch': None}), out=quiet)
+    rows = simulate.simulate(results['folder'], {'bits': ['8', '4']}, show_progress=False,
+                             out=lambda line: None)
+    assert rows[0]['top1'] == results['float'] and rows[0]['metric'] == 'mAP'
+    assert [row['top1'] for row in rows[1:]] == [results['ptq']['W8A8'],
+                                                 results['ptq']['W4A4']]
+    assert 'mAP (%)' in simulate.format_rows(rows)

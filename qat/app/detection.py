@@ -494,10 +494,8 @@ class DetectionStages:
         return self._batches('val', order=np.arange(len(self.val_set))[:limit or None])
 
     def calibration_batches(self):
-        size = self.recipe['run']['batch_size']
-        order = epoch_order(len(self.train_set), self.seed, 0)[
-            :size * self.recipe['calibrate']['batches']]
-        return Reiterable(lambda: self._batches('train', order))
+        return calibration_batches(self.recipe, self.train_set, self.preprocess, self.seed,
+                                   self.classes)
 
     def calibration_inputs(self):
         return Reiterable(lambda: (x for x, _ in self.calibration_batches()))
@@ -551,6 +549,16 @@ class DetectionStages:
 def export_options(recipe):
     """``qat.deploy.export``'s detection options of a detection recipe."""
     return {'detection': {'confidence_threshold': recipe['detection']['confidence_threshold']}}
+
+
+def calibration_batches(recipe, train_set, preprocess, seed, classes=None):
+    """The first ``calibrate.batches`` training batches of a detection recipe, (data,
+    labels), in a fixed order, re-iterable: what its PTQ stage calibrates on."""
+    size = recipe['run']['batch_size']
+    order = epoch_order(len(train_set), seed, 0)[:size * recipe['calibrate']['batches']]
+    return Reiterable(lambda: detection_batches(train_set, preprocess, size, order=order,
+                                                workers=recipe['data']['workers'],
+                                                classes=classes))
 
 
 def validation(recipe, preprocess):

@@ -1,5 +1,6 @@
 """``qat simulate``: post-training quantization of a float model over a grid of schemes, one
-top-1 per scheme (the earlier MXNet quantization simulator's use case).
+top-1 (a detector's VOC07 mAP) per scheme (the earlier MXNet quantization simulator's use
+case).
 
 The model, its data and preprocessing come from a recipe (``model``, ``data``,
 ``preprocess``, ``calibrate``, ``quantize``): a finished run folder (its ``recipe.yaml`` and
@@ -21,13 +22,15 @@ from ..calibration import METHODS, calibrate
 from ..config import BITS
 from ..convert import convert_model, first_layer
 from ..errors import MissingFileError, UserError
-from ..fileio import atomic_write
+from ..fileio import atomic_write, read_json
 from ..metrics import accuracy
 from ..modes import freeze_bn, freeze_ranges
 from ..report import fmt_number, format_table, hbars, progress
 from .data import Preprocess
 from .recipe import load as load_recipe
 from .checks import open_splits
+from . import detection
+from .detectors import gluon_backbone
 from .stages import build_model, calibration_batches, quant_scheme, validation_batches
 
 BIT_VALUES = tuple(str(b) for b in range(BITS[0], BITS[1] + 1))
@@ -90,12 +93,18 @@ def parse_grid(options):
 
 
 def _sources(source, params):
-    """(recipe, float params file) of a run folder or a recipe file."""
+    """(recipe, float params file) of a run folder or a recipe file; a run's recipe takes
+    the calibration method its PTQ stage chose (``calibrate.choose_from``)."""
     if os.path.isdir(source):
         recipe_file = os.path.join(source, 'recipe.yaml')
         if not os.path.isfile(recipe_file):
             raise MissingFileError(f"{source} is not a run folder (no recipe.yaml)")
         recipe = load_recipe(recipe_file, check_files=False)
+        state = os.path.join(source, 'state.json')
+        chosen = read_json(state).get('results', {}).get('calibration_method') \
+            if os.path.isfile(state) else None
+        if chosen:
+            recipe['calibrate']['method'] = chosen
         params = params or os.path.join(source, 'float.params')
     elif os.path.isfile(source):
         recipe = load_recipe(source)
@@ -111,25 +120,43 @@ def _sources(source, params):
     return recipe, params
 
 
+def _task_data(recipe, preprocess, ctx):
+    """(metric name, evaluate(net) -> % on the validation split, calibration inputs) of the
+    recipe's task: top-1 for classification, VOC07 mAP for detection, calibrated on the
+    batches ``qat train``'s PTQ stage uses."""
+    seed = recipe['run']['seed']
+    if recipe['model']['task'] == 'detection':
+        classes, val = detection.validation(recipe, preprocess)
+        train_set = detection.open_split(recipe, 'train')
+        cal = detection.calibration_batches(recipe, train_set, preprocess, seed)
+        return ('mAP', lambda net: detection.mean_ap(net, val(), classes, ctx),
+                Reiterable(lambda: (x for x, _ in cal)))
+    train_set, _ = open_splits(recipe['data'])
+    val = Reiterable(lambda: validation_batches(recipe, preprocess))
+    return ('top-1', lambda net: accuracy(net, val, ctx),
+            calibration_batches(recipe, train_set, preprocess, seed))
+
+
 def simulate(source, grid, params=None, out=print, show_progress=True):
     """Rows (dicts) of the grid's schemes on the model of ``source`` (run folder or recipe):
-    the float model first, then one per combination, in grid order."""
+    the float model first, then one per combination, in grid order. A row's ``top1`` is
+    the task's metric (``metric``: top-1, or a detector's VOC07 mAP), in %."""
     recipe, params = _sources(source, params)
     preprocess = Preprocess.from_recipe(recipe['preprocess'])
-    train_set, _ = open_splits(recipe['data'])
     contexts = [mx.cpu()]
     seed = recipe['run']['seed']
-    val = Reiterable(lambda: validation_batches(recipe, preprocess))
-    cal = calibration_batches(recipe, train_set, preprocess, seed)
+    metric, evaluate, cal = _task_data(recipe, preprocess, contexts[0])
 
     def float_net():
         net = build_model(dict(recipe['model'], checkpoint=params), preprocess.input_shape,
                           contexts, seed)
+        if recipe['model']['task'] == 'detection':
+            gluon_backbone(net)  # as the run trained it
         net.hybridize(static_alloc=True)
         return net
 
-    float_top1 = accuracy(float_net(), val, contexts[0])
-    rows = [{'scheme': 'float', 'top1': float_top1}]
+    float_top1 = evaluate(float_net())
+    rows = [{'scheme': 'float', 'top1': float_top1, 'metric': metric}]
     axes = [axis for axis in AXES if axis in grid]
     combos = list(itertools.product(*[grid[axis] for axis in axes]))
     for combo in progress(combos, label='simulate', unit='scheme', enabled=show_progress):
@@ -144,7 +171,7 @@ def simulate(source, grid, params=None, out=print, show_progress=True):
         calibrate(net, cal, method=method, num_batches=recipe['calibrate']['batches'])
         freeze_bn(net)
         freeze_ranges(net)
-        top1 = accuracy(net, val, contexts[0])
+        top1 = evaluate(net)
         cfg = scheme.default
         first = scheme.first_layer_bits
         row = {'scheme': ' '.join(f"{axis}={value}" for axis, value in choice.items()) or
@@ -154,9 +181,9 @@ def simulate(source, grid, params=None, out=print, show_progress=True):
                'bn': 'fold' if cfg.fake_bn else 'keep',
                'first_layer': 'float' if choice.get('first_layer') == 'float'
                else (str(first) if first is not None else 'same'),
-               'method': method, 'top1': top1}
+               'method': method, 'top1': top1, 'metric': metric}
         rows.append(row)
-        out(f"{row['scheme']}: val top-1 {top1:.2f}%")
+        out(f"{row['scheme']}: val {metric} {top1:.2f}%")
     return rows
 
 
@@ -168,12 +195,14 @@ def format_rows(rows):
              + [fmt_number(row['top1'], 2),
                 '' if row is rows[0] else fmt_number(row['top1'] - float_top1, 2)]
              for row in rows]
-    return format_table(table, HEADERS)
+    metric = rows[0].get('metric', 'top-1')
+    return format_table(table, HEADERS[:-2] + [f'{metric} (%)', 'vs float'])
 
 
 def plot_rows(rows, path):
     hbars([row['scheme'] for row in rows], [row['top1'] for row in rows],
-          'simulated post-training quantization', 'val top-1 (%)', path)
+          'simulated post-training quantization', f"val {rows[0].get('metric', 'top-1')} (%)",
+          path)
     return path
 
 
