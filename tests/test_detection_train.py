@@ -233,15 +233,17 @@ def test_tiny_detection_recipe_through_export_and_verify(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_yolo3_recipe_through_export_and_verify(tmp_path):
+@pytest.mark.parametrize('decoder', ['DetectionOutput', 'Yolov3DetectionOutput'])
+def test_tiny_yolo3_recipe_through_export_and_verify(decoder, tmp_path):
     path = tiny_detection_recipe(tmp_path, 'yolo', model='small_yolo3',
                                  float={'lr': 0.01}, qat={'epochs': 1, 'lr': 0.001},
-                                 export={'enabled': True}, verify={'samples': 4})
+                                 export={'enabled': True}, verify={'samples': 4},
+                                 detection={'yolo_decoder': decoder})
     results = stages.run_recipe(path, out=quiet)
     assert results['verify_passed'], results
     assert results['ncnn'] == pytest.approx(results['ncnn_decoding'], abs=0.2), results
     with open(os.path.join(results['folder'], 'verify.json')) as handle:
-        assert json.load(handle)['detector'] == 'Yolov3DetectionOutput'
+        assert json.load(handle)['detector'] == decoder
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ from mxnet import autograd
 from ..analysis.tasks import add_detections, voc07_metric
 from ..batches import Reiterable
 from ..convert import unmatched
-from ..deploy import detection as decoding
+from ..deploy import YOLO_DECODERS, detection as decoding
 from ..deploy import verify
 from ..deploy.export import file_names, read_manifest
 from ..deploy.ncnn import read_param, read_weights
@@ -547,8 +547,13 @@ class DetectionStages:
 
 
 def export_options(recipe):
-    """``qat.deploy.export``'s detection options of a detection recipe."""
-    return {'detection': {'confidence_threshold': recipe['detection']['confidence_threshold']}}
+    """``qat.deploy.export``'s detection options of a detection recipe (a YOLOv3's decoder
+    only where the net is one: the option means nothing to an SSD)."""
+    section = recipe['detection']
+    options = {'confidence_threshold': section['confidence_threshold']}
+    if section['yolo_decoder'] != YOLO_DECODERS[0]:
+        options['yolo_decoder'] = section['yolo_decoder']
+    return {'detection': options}
 
 
 def calibration_batches(recipe, train_set, preprocess, seed, classes=None):

@@ -20,7 +20,7 @@ from . import detection
 from . import models
 from ..calibration import METHODS as CALIBRATION_METHODS
 from ..config import BITS as BIT_RANGE, GRANULARITIES, RANGE_TRACKERS, QuantScheme
-from ..deploy import DETECTION_THRESHOLDS, THRESHOLDS, WINOGRAD_POLICIES
+from ..deploy import DETECTION_THRESHOLDS, THRESHOLDS, WINOGRAD_POLICIES, YOLO_DECODERS
 from ..errors import UserError
 from ..fileio import atomic_write
 from .trainer import OPTIMIZERS, SCHEDULES
@@ -227,6 +227,11 @@ SCHEMA = {
                                '(null: at the end)', at_least(0)),
         'freeze_ranges_epoch': Key(None, 'int?', 'epoch from which activation ranges are '
                                    'frozen (null: at the end)', at_least(0)),
+        'distill': Key(0.0, 'float', 'knowledge distillation from the float net '
+                       '(`float.params`) at this temperature T: the loss is T^2 times the '
+                       'cross-entropy of the softened outputs to the float net\'s, no label '
+                       'term (Hinton et al. 2015); 0: the labels only (classification)',
+                       at_least(0)),
     }),
     'detection': {
         'train_samples': Key(2000, 'int', '`digits_detection`: training canvases',
@@ -245,6 +250,10 @@ SCHEMA = {
         'confidence_threshold': Key(0.01, 'float', 'score threshold of the exported ncnn '
                                     'decoding (DetectionOutput / Yolov3DetectionOutput)',
                                     (lambda v: 0 <= v <= 1, 'in [0, 1]')),
+        'yolo_decoder': Key('DetectionOutput', 'str', "a YOLOv3's ncnn decoding: "
+                            "`DetectionOutput` (GluonCV's: every class of a box, NMS per "
+                            "class) or `Yolov3DetectionOutput` (ncnn's YOLOv3 layer: the best "
+                            "class of each box, NMS across classes)", one_of(YOLO_DECODERS)),
     },
     'export': {
         'enabled': Key(True, 'bool', 'write the ncnn int8 model (`<out>/<name>/export/`)'),
@@ -549,6 +558,8 @@ def _consistency(recipe, given, check_files):
         if qat[name] is not None and qat[name] > qat['epochs']:
             yield f'qat.{name}', f"{qat[name]} is beyond qat.epochs = {qat['epochs']}"
     task, source = recipe['model']['task'], recipe['data']['source']
+    if qat['distill'] and task != 'classification':
+        yield 'qat.distill', f"distillation is for classification; model.task is {task}"
     if (task == 'detection') != (source in detection.SOURCES):
         valid = detection.SOURCES if task == 'detection' else data_module.SOURCES
         yield 'data.source', f"{source!r} is not a {task} source (model.task: {task}); " \
