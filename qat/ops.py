@@ -36,6 +36,13 @@ def safe_threshold(F, threshold):
     return F.clip(threshold, MIN_THRESHOLD, MAX_THRESHOLD)
 
 
+def native_threshold_bounds():
+    """MIN_THRESHOLD and MAX_THRESHOLD as the native operators' attributes: the float32 values
+    MXNet's clip uses, written exactly."""
+    return {name: repr(float(np.float32(value))) for name, value in
+            (('min_threshold', MIN_THRESHOLD), ('max_threshold', MAX_THRESHOLD))}
+
+
 def scale_from_threshold(F, threshold, bits, signed=True, learned=False):
     """Multiplier ``s = qmax / T`` (float32) for a range ``T`` of any shape; no gradient,
     unless the range is ``learned`` (LSQ)."""
@@ -94,6 +101,18 @@ def quantize(F, x, scale, bits, signed=True):
     y = F.elemwise_mul(x, F.broadcast_like(scale, x))
     codes = F.BlockGrad(F.clip(round_half_away(F, y), low, high))
     return codes + (y - F.BlockGrad(y))
+
+
+def quantize_weight_per_channel(F, weight, factor, bits):
+    """(codes, scales (O,)) of ``weight`` (O, ...) with one range per output channel, max|w[c]|
+    times ``factor[c]``: ``quantize(weight, scale_from_threshold(weight_threshold(...) *
+    factor))`` (one group), as one native operator when it could be compiled (else None)."""
+    if not native.available():
+        return None
+    low, high = qrange(bits)
+    scale = F.BlockGrad(F.qat_weight_scale(F.BlockGrad(weight), factor, high=high,
+                                           **native_threshold_bounds()))
+    return F.qat_quantize_weight(weight, scale, low=low, high=high), scale
 
 
 def quantize_activation(F, x, scale, bits, signed=True, learned=False):

@@ -1,7 +1,9 @@
 """Native operators, compiled on first use against the installed MXNet.
 
 ``fakequant.cc`` implements, in one pass each way, what ``qat.ops.quantize_activation`` would
-otherwise build from six elementwise MXNet ops (MXNet 1.9 has no operator fusion on CPU).
+otherwise build from six elementwise MXNet ops (MXNet 1.9 has no operator fusion on CPU), and
+as a few operators the per-layer chains of small ops of the weight quantizer and the range
+tracker (each op costs a dispatch however small its tensor), with the same float32 arithmetic.
 ``ncnnmath.cc`` computes the fp32 layers ncnn runs between int8 layers (sigmoid, tanh, swish,
 ELU, hard sigmoid / swish, global average pooling) with ncnn's own arithmetic, for the
 simulation that verification compares against. They are compiled with the C++ compiler found as ``$CXX`` (default ``g++``) into a cache folder

@@ -55,6 +55,12 @@ def shared_factor(F, factor, channels, groups, granularity):
     return F.repeat(F.reshape(first, (-1,)), repeats=channels // groups)
 
 
+def _with_token(F, multiplier, token):
+    """``multiplier`` (O,) plus the (1,) zero ``token`` (see ``QuantBlock._quantized_input``):
+    on the per-channel multiplier, not the weight, so its gradient is a sum over O values."""
+    return multiplier if token is None else F.broadcast_add(multiplier, token)
+
+
 def _share(block, param, attr):
     """Register an existing Parameter of another block on ``block`` under ``attr``."""
     block.params.update({param.name: param})
@@ -281,6 +287,8 @@ class QuantBlock(HybridBlock):
         batch = ops.batch_threshold(F, x, cfg.input_signed) if tracking or online else None
         if online:
             threshold = batch
+        elif not lsq:
+            threshold = None  # the tracked range: ranges.tracked_scale below
         else:
             fallback = batch if batch is not None else F.zeros_like(range_ema)
             threshold = ranges.ema_value(F, range_ema, F.slice_axis(fallback, 0, 0, 1))
@@ -296,8 +304,11 @@ class QuantBlock(HybridBlock):
                                        anchor)
             token = update if token is None else token + update
         learning = lsq and not self._mode['ranges_frozen']  # frozen: no scale gradient
-        s_in = ops.scale_from_threshold(F, threshold, cfg.input_bits, cfg.input_signed,
-                                        learned=learning)
+        if threshold is None:
+            s_in = ranges.tracked_scale(F, range_ema, batch, cfg.input_bits, cfg.input_signed)
+        else:
+            s_in = ops.scale_from_threshold(F, threshold, cfg.input_bits, cfg.input_signed,
+                                            learned=learning)
         codes = ops.quantize_activation(F, x, s_in, cfg.input_bits, cfg.input_signed,
                                         learned=learning)
         return codes, s_in, token
@@ -321,6 +332,10 @@ class QuantBlock(HybridBlock):
         cfg = self.config
         if factor is None:
             factor = self.weight_threshold_factor.data(weight.context)
+        if not self.learns_ranges and groups == 1 and cfg.weight_granularity == 'channel':
+            fused = ops.quantize_weight_per_channel(F, weight, factor, cfg.weight_bits)
+            if fused is not None:
+                return fused
         threshold = self._max_weight_threshold(F, weight, channels, groups, factor)
         shape = (-1,) + (1,) * (3 if self._weight_ndim == 4 else 1)
         if not self.learns_ranges:
@@ -402,9 +417,9 @@ class QConv2D(QuantBlock):
                                           state['weight_threshold_factor'],
                                           state['weight_learned_threshold'])
         x_q, s_in, token = self._quantized_input(F, x, state, weight)
-        if token is not None:
-            w_q = F.broadcast_add(w_q, F.reshape(token, (1, 1, 1, 1)))
         if s_in is None and extra_multiplier is None:
+            if token is not None:
+                w_q = F.broadcast_add(w_q, F.reshape(token, (1, 1, 1, 1)))
             return self._conv(F, x, F.broadcast_div(w_q, F.reshape(s_w, (-1, 1, 1, 1))), bias)
         if s_in is None:
             multiplier = 1.0 / s_w
@@ -414,7 +429,7 @@ class QConv2D(QuantBlock):
             out = self._conv(F, x_q, w_q)
         if extra_multiplier is not None:
             multiplier = multiplier * extra_multiplier
-        return self._scale_channels(F, out, multiplier, bias)
+        return self._scale_channels(F, out, _with_token(F, multiplier, token), bias)
 
     def _scale_channels(self, F, out, multiplier, bias):
         """``fma(out, multiplier[c], bias[c])``: ncnn's dequantization, one rounding."""
@@ -518,12 +533,11 @@ class QDense(QuantBlock):
                                           state['weight_threshold_factor'],
                                           state['weight_learned_threshold'])
         x_q, s_in, token = self._quantized_input(F, x, state, weight)
-        if token is not None:
-            w_q = F.broadcast_add(w_q, F.reshape(token, (1, 1)))
         if s_in is None:
             multiplier, acc = 1.0 / s_w, self._fc(F, x, w_q)
         else:
             multiplier, acc = self.output_multiplier(F, s_in, s_w), self._fc(F, x_q, w_q)
+        multiplier = _with_token(F, multiplier, token)
         # Named, so the deployed layer's output can be found in the traced graph.
         out = ops.dequantize(F, F.reshape(acc, (-1, self._units)), multiplier, bias, 2,
                              name='dequantize' if self._flatten else None, fused=False)
