@@ -190,3 +190,16 @@ def test_a_detector_with_several_methods_keeps_the_best(tmp_path, images, capsys
                                 capsys)
     assert status == 0, stderr
     assert _table_bytes(out) == _table_bytes(alone)
+
+
+def test_a_zoo_detector_builds_offline_with_random_weights():
+    """GluonCV's zoo SSD without --pretrained: no backbone download (pretrained_base off),
+    and its SymbolBlock backbone's BN vectors start as BN does (Xavier cannot start them)."""
+    from qat.app import models
+    net = models.build('ssd_512_mobilenet1.0_voc', input_shape=(3, 64, 64))
+    params = net.collect_params()
+    gammas = [p for name, p in params.items() if name.endswith('gamma')]
+    assert gammas and all(np.all(p.data().asnumpy() == 1) for p in gammas)
+    weights = [p for name, p in params.items() if name.endswith('weight')]
+    assert all(np.isfinite(p.data().asnumpy()).all() for p in weights)
+    assert any(p.data().asnumpy().std() > 0 for p in weights)

@@ -9,6 +9,7 @@ listing the closest valid names.
 """
 import difflib
 import importlib
+import inspect
 import importlib.util
 import json
 import os
@@ -31,6 +32,12 @@ class ModelError(UserError):
 
 def _gluoncv(name, kwargs):
     from gluoncv.model_zoo import get_model  # gluoncv is slow to import: only when used
+    from gluoncv.model_zoo.model_zoo import _models
+    function = _models.get(name.lower())
+    if function is not None and not kwargs.get('pretrained') and \
+            'pretrained_base' in inspect.signature(function).parameters:
+        # a detector's backbone would be downloaded otherwise: only when asked for
+        kwargs = dict({'pretrained_base': False}, **kwargs)
     return get_model(name, **kwargs)
 
 
@@ -99,6 +106,10 @@ def name_problem(source, name, check_module=True):
                                          " (see gluoncv.model_zoo.get_model_list())")
 
 
+VECTOR_STARTS = {'gamma': 'ones', 'moving_var': 'ones', 'running_var': 'ones', 'beta': 'zeros',
+                 'moving_mean': 'zeros', 'running_mean': 'zeros', 'bias': 'zeros'}
+
+
 def build(name, kwargs=None, source=None, params=None, pretrained=False, seed=0, ctx=None,
           input_shape=None, label=None, weights=None):
     """The float model ``name`` of ``source`` (default: from the form of the name) called with
@@ -143,6 +154,12 @@ def build(name, kwargs=None, source=None, params=None, pretrained=False, seed=0,
     if params:
         load_float(net, params, ctx, label or f"the model {name}")
     elif not pretrained and source != 'file':
+        for key, param in net.collect_params().items():
+            # a SymbolBlock's (a zoo SSD's backbone) parameters carry no initializer, and
+            # Xavier cannot start a vector: BN's and biases' usual starts
+            suffix = next((s for s in VECTOR_STARTS if key.endswith(s)), None)
+            if param.init is None and suffix:
+                param.init = VECTOR_STARTS[suffix]
         net.initialize(mx.init.Xavier(), ctx=ctx)
     if input_shape is not None:
         net(mx.nd.zeros((1,) + tuple(input_shape), ctx=ctx[0]))
