@@ -126,6 +126,23 @@ def test_match_counts_missing_extra_and_borderline():
     assert (found['matched'], found['missing'], found['extra'], found['borderline']) == \
         (1, 1, 1, 1)
     assert 0.99 < found['min_iou'] < 1 and found['max_score_diff'] == 0
+    # a box of the same label that overlaps the counterpart does not take its place, and at a
+    # full keep_top_k the lowest kept score is a cut like the threshold
+    reference = np.array([[1, 0.9, 0, 0, 1, 1], [1, 0.6, 0, 0, 1, 0.8]])
+    measured = np.array([[1, 0.6, 0, 0, 1, 0.8]])
+    found = D.match(reference, measured, 0.5)
+    assert (found['matched'], found['missing'], found['min_iou']) == (1, 1, 1.0)
+    reference, measured = np.array([[1, 0.6, 0, 0, 1, 1]]), np.array([[1, 0.6, 5, 5, 6, 6]])
+    found = D.match(reference, measured, 0.5, cap=1)
+    assert (found['missing'], found['extra'], found['borderline']) == (0, 0, 2)
+    found = D.match(reference, measured, 0.5)  # no cap: the unpaired rows count
+    assert (found['missing'], found['extra']) == (1, 1)
+    # NMS between two boxes of equal scores may keep either: a tie, not a wrong box
+    reference = np.array([[1, 0.6, 0, 0, 1, 1]])
+    for score, ties, min_iou in ((0.6, 1, 1.0), (0.62, 0, 0.9)):
+        found = D.match(reference, np.array([[1, score, 0, 0, 1, 0.9]]), 0.5)
+        assert (found['matched'], found['ties']) == (1, ties)
+        assert found['min_iou'] == pytest.approx(min_iou)
 
 
 # ---- detectors ------------------------------------------------------------------------------

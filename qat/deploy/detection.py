@@ -228,31 +228,53 @@ def iou(box, boxes):
         return np.where(union > 0, inter / union, 0.0)
 
 
-def match(reference, measured, threshold, margin=SCORE_LSB, pair_iou=0.5):
-    """Pair the rows of ``measured`` with those of ``reference`` (same label, best IoU >=
-    ``pair_iou``, highest scores first). A row left over is *missing* (reference only) or
-    *extra* (measured only), unless its score lies within ``margin`` of the decoder's
-    ``threshold``, where either side may legitimately keep it (*borderline*)."""
+CLOSE_IOU = 0.99  # pairs this close are made first (the same box, up to rounding)
+# Two overlapping boxes whose scores agree this closely may come out of NMS either way
+# (scores a few ulps apart order differently): a pair of them is a *tie*, not a wrong box.
+TIE_SCORE = 1e-5
+
+
+def match(reference, measured, threshold, margin=SCORE_LSB, pair_iou=0.5, cap=None):
+    """Pair the rows of ``measured`` with those of ``reference`` (same label, highest
+    scores first; first at IoU >= CLOSE_IOU, the rest at the best IoU >= ``pair_iou``; a
+    pair below CLOSE_IOU with scores within TIE_SCORE is a *tie*, kept out of the IoU
+    figures). A row left over is *missing* (reference only) or *extra* (measured only),
+    unless its score lies within ``margin`` of the cut: the decoder's ``threshold``, or,
+    when a side holds ``cap`` rows (the decoder's keep_top_k), the lowest score kept there,
+    where either side may legitimately keep it (*borderline*)."""
     reference = np.asarray(reference, np.float64).reshape(-1, 6)
     measured = np.asarray(measured, np.float64).reshape(-1, 6)
+    cut = threshold
+    for rows in (reference, measured):
+        if cap and len(rows) >= cap:
+            cut = max(cut, float(rows[:, 1].min()))
     free = np.ones(len(measured), bool)
-    ious, score_diffs, missing, borderline = [], [], 0, 0
-    for row in reference[np.argsort(-reference[:, 1], kind='stable')]:
-        candidates = np.nonzero(free & (measured[:, 0] == row[0]))[0]
-        overlaps = iou(row[2:], measured[candidates, 2:]) if len(candidates) else []
-        if len(candidates) and np.max(overlaps) >= pair_iou:
-            best = candidates[int(np.argmax(overlaps))]
-            free[best] = False
-            ious.append(float(np.max(overlaps)))
-            score_diffs.append(abs(float(measured[best, 1] - row[1])))
-        elif row[1] - threshold <= margin:
-            borderline += 1
-        else:
-            missing += 1
+    pairs = {}
+    order = np.argsort(-reference[:, 1], kind='stable')
+    for least in (CLOSE_IOU, pair_iou):
+        for k in order:
+            if k in pairs:
+                continue
+            candidates = np.nonzero(free & (measured[:, 0] == reference[k, 0]))[0]
+            if not len(candidates):
+                continue
+            overlaps = iou(reference[k, 2:], measured[candidates, 2:])
+            if np.max(overlaps) >= least:
+                best = candidates[int(np.argmax(overlaps))]
+                free[best] = False
+                pairs[k] = (best, float(np.max(overlaps)))
+    score_diffs = [abs(float(measured[best, 1] - reference[k, 1]))
+                   for k, (best, _) in pairs.items()]
+    ties = sum(1 for (_, overlap), diff in zip(pairs.values(), score_diffs)
+               if overlap < CLOSE_IOU and diff <= TIE_SCORE)
+    ious = [overlap for (_, overlap), diff in zip(pairs.values(), score_diffs)
+            if overlap >= CLOSE_IOU or diff > TIE_SCORE]
+    unpaired = reference[[k for k in range(len(reference)) if k not in pairs], 1]
+    borderline = int(np.sum(unpaired - cut <= margin))
     leftover = measured[free, 1]
-    extra_borderline = int(np.sum(leftover - threshold <= margin))
+    extra_borderline = int(np.sum(leftover - cut <= margin))
     return {'reference': int(len(reference)), 'measured': int(len(measured)),
-            'matched': len(ious), 'missing': missing,
+            'matched': len(pairs), 'ties': ties, 'missing': int(len(unpaired)) - borderline,
             'extra': int(len(leftover)) - extra_borderline,
             'borderline': borderline + extra_borderline,
             'min_iou': min(ious, default=1.0), 'mean_iou': float(np.mean(ious)) if ious else 1.0,
@@ -263,11 +285,12 @@ def match(reference, measured, threshold, margin=SCORE_LSB, pair_iou=0.5):
 def merge_matches(entries):
     """One summary of per-sample ``match`` results."""
     total = {key: sum(e[key] for e in entries)
-             for key in ('reference', 'measured', 'matched', 'missing', 'extra', 'borderline')}
-    matched = [e for e in entries if e['matched']]
+             for key in ('reference', 'measured', 'matched', 'ties', 'missing', 'extra',
+                         'borderline')}
+    matched = [e for e in entries if e['matched'] > e['ties']]
     total['min_iou'] = min((e['min_iou'] for e in matched), default=1.0)
-    total['mean_iou'] = (sum(e['mean_iou'] * e['matched'] for e in matched)
-                         / max(total['matched'], 1)) if matched else 1.0
+    total['mean_iou'] = (sum(e['mean_iou'] * (e['matched'] - e['ties']) for e in matched)
+                         / max(total['matched'] - total['ties'], 1)) if matched else 1.0
     total['max_score_diff'] = max((e['max_score_diff'] for e in entries), default=0.0)
     total['max_score_lsb'] = total['max_score_diff'] / SCORE_LSB
     return total

@@ -392,6 +392,9 @@ def _detector_report(net, manifest, folder, batches, samples, layers, sim, limit
                          / max(np.abs(float_heads[head['source']]).max(), 1e-30))
                    for head in heads)
     threshold = float(params[decoder['name']][detection_threshold_id(decoder['kind'])])
+    # DetectionOutput keeps at most keep_top_k rows: near-equal scores at that cut may differ
+    cap = int(params[decoder['name']].get(3, 100)) if decoder['kind'] == 'DetectionOutput' \
+        else None
     matches = {}
     for precision, values, outputs in (('int8', sim, ncnn8), ('fp32', float_heads, ncnn32)):
         per_sample = []
@@ -400,7 +403,7 @@ def _detector_report(net, manifest, folder, batches, samples, layers, sim, limit
                                     decoder_inputs(manifest, decoder, values, weights, k,
                                                    params))
             per_sample.append(detection.match(ours, outputs[decoder['name']][k].reshape(-1, 6),
-                                              threshold))
+                                              threshold, cap=cap))
         matches[precision] = detection.merge_matches(per_sample)
     report = {
         'name': manifest['name'], 'folder': folder, 'samples': int(count),
@@ -439,7 +442,9 @@ def _format_detections(label, found):
             f"(min IoU {found['min_iou']:.6f}, max score difference "
             f"{found['max_score_diff']:.3g} = {found['max_score_lsb']:.3g} LSB), "
             f"{found['missing']} missing, {found['extra']} extra, "
-            f"{found['borderline']} borderline")
+            f"{found['borderline']} borderline"
+            + (f", {found['ties']} ties (overlapping boxes of equal scores, NMS kept the "
+               f"other)" if found.get('ties') else ''))
 
 
 def format_report(report):
