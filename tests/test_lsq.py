@@ -289,3 +289,100 @@ def test_two_devices_keep_one_learned_range_and_match_one_device():
         np.testing.assert_allclose(first[1], alone[1], rtol=1e-5, atol=1e-7,
                                    err_msg=str(index))
         assert not np.array_equal(first[1], start[index])  # the step did move them
+
+
+# ----- what the narrow widths train with: range equalization and distillation ---------------
+def _mobile_block(seed=0):
+    """conv-BN-relu -> depthwise conv-BN-relu -> pointwise conv, one input channel ten times
+    wider than the others (MobileNet's pointwise -> depthwise transition)."""
+    net = nn.HybridSequential()
+    net.add(nn.Conv2D(6, 1, in_channels=3, use_bias=False), nn.BatchNorm(in_channels=6),
+            nn.Activation('relu'),
+            nn.Conv2D(6, 3, padding=1, groups=6, in_channels=6, use_bias=False),
+            nn.BatchNorm(in_channels=6), nn.Activation('relu'),
+            nn.Conv2D(4, 1, in_channels=6))
+    net.initialize(mx.init.Xavier(), ctx=mx.cpu())
+    rs = np.random.RandomState(seed)
+    bn = net[1]
+    bn.gamma.set_data(mx.nd.array(rs.uniform(0.5, 1.5, 6) * [1, 1, 10, 1, 1, 1]))
+    bn.beta.set_data(mx.nd.array(rs.uniform(0, 0.5, 6)))
+    bn.running_var.set_data(mx.nd.array(rs.uniform(0.5, 2, 6)))
+    return net
+
+
+def test_equalized_depthwise_inputs_compute_the_same_function_with_equal_ranges():
+    from qat.equalize import channel_ranges, depthwise_chains, equalize_depthwise_inputs
+    net = _mobile_block()
+    data = [mx.nd.array(np.random.RandomState(i).randn(4, 3, 6, 6)) for i in range(3)]
+    before = [net(x).asnumpy() for x in data]
+    assert [c[2].name for c in depthwise_chains(net)] == [net[3].name]  # not the pointwise
+    spread = channel_ranges(net, data, [net[2]])[net[2]]
+    assert spread.max() / np.median(spread) > 5
+    report = equalize_depthwise_inputs(net, data)
+    assert report[0]['conv'] == net[3].name and report[0]['spread'] > 5
+    for x, y in zip(data, before):
+        np.testing.assert_allclose(net(x).asnumpy(), y, rtol=1e-5, atol=1e-5)
+    after = channel_ranges(net, data, [net[2]])[net[2]]
+    np.testing.assert_allclose(after, np.median(spread), rtol=1e-5)
+    # the depthwise conv's per-channel weight codes are unchanged (only scaled)
+    config = QuantConfig(weight_bits=3, input_bits=3)
+    codes = []
+    for weights in (net[3].weight.data().asnumpy() / (after / spread).reshape(-1, 1, 1, 1),
+                    net[3].weight.data().asnumpy()):
+        qmax = 2 ** (config.weight_bits - 1) - 1
+        t = np.abs(weights).reshape(6, -1).max(1).reshape(-1, 1, 1, 1)
+        codes.append(np.round(weights / t * qmax))
+    np.testing.assert_array_equal(codes[0], codes[1])
+
+
+def test_equalization_needs_an_imperative_net():
+    from qat.equalize import equalize_depthwise_inputs
+    net = _mobile_block()
+    net.hybridize()
+    with pytest.raises(qat.errors.UserError, match='imperatively'):
+        equalize_depthwise_inputs(net, [mx.nd.ones((2, 3, 6, 6))])
+
+
+def test_distillation_trains_from_the_float_net(tmp_path):
+    """``qat.distill``: the QAT loss is T^2 times the cross-entropy to the float net's softened
+    outputs (no label term): at the first step (before any update) it is that value, computed
+    here from the run's own float.params; training still lowers it and the net learns."""
+    import json
+    import os
+    from mxnet import gluon
+    from qat.app.stages import Run, run_recipe
+    from qat.app.recipe import load as load_recipe
+    from tests.helpers import tiny_recipe
+    recipe = tiny_recipe(tmp_path, 'kd', quantize={'weight_bits': 4, 'input_bits': 4},
+                         qat={'epochs': 3, 'distill': 4.0, 'input_quant_epoch': 0,
+                              'freeze_bn_epoch': 0},
+                         calibrate={'batches': 2, 'report_bits': []}, float={'epochs': 3})
+    seen = {}
+
+    class Probe(Run):
+        def distill_losses(self, net, xs, targets, temperature):
+            losses = super().distill_losses(net, xs, targets, temperature)
+            if 'first' not in seen:
+                seen['first'] = (xs[0].asnumpy(), targets[0].asnumpy(),
+                                 losses[0].asnumpy(), temperature)
+            return losses
+    with pytest.raises(Exception):  # a detection recipe cannot distill
+        load_recipe(recipe, ['model.task=detection', 'data.source=digits_detection'])
+    run = Probe(load_recipe(recipe), out=lambda *a: None)
+    result = run.run()
+    x, targets, losses, temperature = seen['first']
+    assert temperature == 4.0
+    teacher = run.teacher()
+    expected = mx.nd.softmax(teacher(mx.nd.array(x)) / 4.0).asnumpy()
+    np.testing.assert_allclose(targets, expected, rtol=1e-5, atol=1e-7)
+    # the loss of the first step, from the PTQ net the QAT stage started with
+    student = run._quantized_net(params=run.folder.path('ptq.params'))
+    qat.freeze_bn(student)
+    with autograd.train_mode():
+        log_p = mx.nd.log_softmax(student(mx.nd.array(x)) / 4.0).asnumpy()
+    np.testing.assert_allclose(losses, -(expected * log_p).sum(1) * 16, rtol=1e-4, atol=1e-5)
+    with open(os.path.join(result['folder'], 'metrics.json')) as handle:
+        qat_losses = [r['loss'] for r in json.load(handle)['history'] if r['stage'] == 'qat']
+    assert qat_losses[-1] < qat_losses[0]
+    assert result['qat'] > 60
+    assert gluon  # the labels are not used: see distill_losses

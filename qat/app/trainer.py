@@ -19,6 +19,7 @@ import numpy as np
 from mxnet import autograd, gluon, nd
 
 from ..analysis.stats import layer_stats
+from ..convert import load_parameters
 from ..errors import NonFiniteError
 from ..metrics import accuracy
 from ..nn import quant_blocks
@@ -231,6 +232,20 @@ class Trainer:
         loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
         return [loss_fn(net(x), y) for x, y in zip(xs, ys)]
 
+    def distill_losses(self, net, xs, targets, temperature):
+        """Per-sample distillation losses of one batch (a list over devices; called under
+        ``autograd.record``): ``T^2`` times the cross-entropy of ``net``'s outputs softened by
+        ``T`` to the teacher's softened probabilities ``targets`` (Hinton et al. 2015; ``T^2``
+        keeps the gradient's size independent of ``T``)."""
+        return [-(p * nd.log_softmax(net(x) / temperature)).sum(axis=1) * temperature ** 2
+                for x, p in zip(xs, targets)]
+
+    def teacher(self):
+        """The run's float net (``float.params``), the teacher of ``qat.distill``."""
+        net = self._float_net()
+        load_parameters(net, self.folder.path('float.params'), ctx=self.devices.contexts)
+        return net
+
     def shard(self, epoch):
         """This worker's samples of ``epoch`` (the order depends on (seed, epoch) only)."""
         return self.devices.shard(epoch_order(len(self.train_set), self.seed, epoch))
@@ -255,6 +270,8 @@ class Trainer:
             epoch, step, total, seen = resumed
             self.out(f"{stage}: resuming at epoch {epoch + 1}, step {step}")
         lr_at = schedule(section, steps)
+        temperature = section.get('distill', 0.0)
+        teacher = self.teacher() if temperature and section['epochs'] > epoch else None
         while epoch < section['epochs']:
             if step == 0 and on_epoch is not None:
                 on_epoch(net, epoch)
@@ -267,8 +284,13 @@ class Trainer:
                 trainer.set_learning_rate(lr)
                 xs = gluon.utils.split_and_load(data, devices.contexts, even_split=False)
                 ys = gluon.utils.split_and_load(label, devices.contexts, even_split=False)
-                with autograd.record():
-                    losses = self.batch_losses(net, xs, ys)
+                if teacher is not None:
+                    targets = [nd.softmax(teacher(x) / temperature) for x in xs]
+                    with autograd.record():
+                        losses = self.distill_losses(net, xs, targets, temperature)
+                else:
+                    with autograd.record():
+                        losses = self.batch_losses(net, xs, ys)
                 autograd.backward(losses)
                 if devices.distributed:  # sum over devices and workers
                     devices.kvstore.pushpull(keys, [p.list_grad() for p in trained],
