@@ -9,7 +9,9 @@ import cv2
 import mxnet as mx
 import numpy as np
 import pytest
+import yaml
 
+import qat
 from qat import cli
 from qat.app import detection, stages
 from qat.app.recipe import RecipeError, load as load_recipe
@@ -319,3 +321,29 @@ def test_detection_recipe_chooses_its_calibration_method_by_map(tmp_path):
         calibrate={'report_bits': [], 'method': results['calibration_method']},
         qat={'epochs': 0, 'freeze_bn_epoch': None, 'freeze_ranges_epoch': None}), out=quiet)
     assert results['ptq'] == plain['ptq'] and results['qat'] == plain['qat']
+
+
+@pytest.mark.slow
+def test_a_zoo_ssd_run_reloads_with_its_gluon_backbone(tmp_path):
+    """A zoo SSD (SymbolBlock backbone rebuilt as Gluon layers for training) with the recipe's
+    default ``classes: 10`` (a count, the data's): `qat export` reloads the run, backbone
+    rebuilt too, and writes the run's own files again."""
+    path = tiny_detection_recipe(
+        tmp_path, 'zoo', float={'epochs': 1, 'lr': 1e-4}, calibrate={'report_bits': []},
+        qat={'epochs': 0, 'freeze_bn_epoch': None, 'freeze_ranges_epoch': None},
+        export={'enabled': True}, verify={'enabled': False}, preprocess={'size': [96, 96]})
+    with open(path) as handle:
+        text = yaml.safe_load(handle)
+    text['model'] = {'task': 'detection', 'source': 'gluoncv',
+                     'name': 'ssd_512_mobilenet1.0_custom', 'kwargs': {'classes': 10}}
+    with open(path, 'w') as handle:
+        yaml.safe_dump(text, handle)
+    results = stages.run_recipe(path, out=quiet)
+    net, _, _ = stages.load_run(results['folder'])
+    assert not any(isinstance(b, mx.gluon.SymbolBlock) for *_, b in qat.nn.walk(net))
+    again = str(tmp_path / 'again')
+    assert cli.main(['export', results['folder'], '--out', again]) == 0
+    for name in ('model-int8.param', 'model-int8.bin', 'model.table'):
+        with open(os.path.join(results['folder'], 'export', name), 'rb') as ours, \
+                open(os.path.join(again, name), 'rb') as theirs:
+            assert ours.read() == theirs.read(), name

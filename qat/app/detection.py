@@ -462,13 +462,21 @@ class DetectionStages:
                             f"the model")
 
     def model_section(self):
-        """The ``model`` section with the data's class names as ``classes`` (unless given)
-        for factories and GluonCV's ``*_custom`` nets."""
+        """The ``model`` section with the data's class names as ``classes`` for factories
+        and GluonCV's ``*_custom`` nets: unless names are given; a count (the recipe's
+        default ``classes: 10``) must be the data's."""
         section = dict(self.recipe['model'])
-        if (section['source'] == 'factory' or section['name'].endswith('_custom')) \
-                and 'classes' not in section['kwargs']:
-            section['kwargs'] = dict({'classes': list(self.train_set.classes)},
-                                     **section['kwargs'])
+        if section['source'] == 'factory' or section['name'].endswith('_custom'):
+            given = section['kwargs'].get('classes')
+            names = list(self.train_set.classes)
+            if isinstance(given, int) and not isinstance(given, bool):
+                if given != len(names):
+                    raise UserError(f"model.kwargs.classes: {given}, but the data has "
+                                    f"{len(names)} classes ({', '.join(names)}); give the "
+                                    f"class names or leave it out")
+                given = None
+            if given is None:
+                section['kwargs'] = dict(section['kwargs'], classes=names)
         return section
 
     def _float_net(self):

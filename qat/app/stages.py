@@ -338,7 +338,7 @@ def load_run(folder, task=None):
     contexts = [mx.cpu()]
     net = build_model(dict(recipe['model'], checkpoint=''), preprocess.input_shape, contexts,
                       recipe['run']['seed'])
-    if task == 'detection':
+    if recipe['model']['task'] == 'detection':
         gluon_backbone(net)  # as the run trained it
     convert_model(net, config=quant_scheme(recipe['quantize']))
     load_parameters(net, os.path.join(folder, 'qat.params'), ctx=contexts)
