@@ -461,3 +461,19 @@ def test_a_nan_figure_fails_every_threshold():
     good = {'int8': {'top1_agreement': 1.0, 'within_1lsb': 1.0},
             'fp32': {'max_relative_error': 0.0}}
     assert _failures(good, dict(THRESHOLDS)) == []
+
+
+def test_verify_notes_inputs_beyond_int32_codes():
+    """ncnn converts x * scale through int32: an input that outruns its range that far gets
+    a note naming the layer (the codes then differ for reasons no export can fix)."""
+    from qat.deploy.verify import overflow_notes
+    manifest = {'layers': [{'name': 'data', 'kind': 'Input', 'inputs': [], 'source': 'data',
+                            'int8': False},
+                           {'name': 'conv', 'kind': 'Convolution', 'inputs': ['data'],
+                            'source': 'conv_fwd', 'int8': True, 'input_scale': 1000.0},
+                           {'name': 'fc', 'kind': 'InnerProduct', 'inputs': ['conv'],
+                            'source': 'fc_fwd', 'int8': True, 'input_scale': 10.0}]}
+    samples = np.full((1, 3, 2, 2), 3e6, np.float32)  # 3e9 codes
+    notes = overflow_notes(manifest, {'conv_fwd': np.ones((1, 4))}, samples)
+    assert len(notes) == 1 and notes[0].startswith('conv: its input reaches 3e+06, 3e+09')
+    assert overflow_notes(manifest, {'conv_fwd': np.ones((1, 4))}, samples / 1e3) == []

@@ -601,4 +601,6 @@ def verify_detector(net, folder, name, batches, classes, input_shape, report_pat
         f"{'; '.join(report['failures'])} ({found['matched']}/{found['reference']} "
         f"detections matched; on the validation split ncnn int8 mAP {ncnn:.2f}%, "
         f"the simulation decoded as ncnn decodes {reference:.2f}%; report {report_path})")
+    for note in report.get('notes', []):
+        out(f"verify: note: {note}")
     return report, {'ncnn': ncnn, 'ncnn_decoding': reference}

@@ -275,6 +275,8 @@ class Run(Trainer):
         self.out(f"verify: {'passed' if report['passed'] else 'FAILED: '}"
                  f"{'; '.join(report['failures'])} (ncnn int8 top-1 {ncnn:.2f}%, "
                  f"{report['samples']} images; report {report_path})")
+        for note in report.get('notes', []):
+            self.out(f"verify: note: {note}")
         return report, {'ncnn': ncnn}
 
     def run(self):

@@ -230,6 +230,34 @@ def _run_ncnn(folder, name, samples, blobs, outputs, threads, packing):
     return ncnn8, ncnn32
 
 
+INT32_CODES = 2.0 ** 31  # ncnn's float -> int8 goes through int32
+
+
+def overflow_notes(manifest, sim, samples):
+    """Why ncnn's codes may differ where the net's activations outrun their ranges: one
+    line per int8 layer whose input reaches ``|x| * scale >= 2^31`` (ncnn converts
+    ``x * scale`` to int32 before saturating to int8; beyond int32 the conversion is
+    undefined, and x86 wraps it to the most negative code). ``sim``: {source: values} of
+    the simulated layers; ``samples``: the input batch."""
+    by_name = {layer['name']: layer for layer in manifest['layers']}
+    notes = []
+    for layer in manifest['layers']:
+        if not layer['int8']:
+            continue
+        producer = by_name[layer['inputs'][0]]
+        values = samples if producer['kind'] == 'Input' else sim.get(producer['source'])
+        if values is None:
+            continue
+        peak = float(np.abs(values).max(initial=0))
+        codes = peak * layer['input_scale']
+        if codes >= INT32_CODES:
+            notes.append(f"{layer['name']}: its input reaches {peak:.3g}, {codes:.3g} codes "
+                         f"at its scale (beyond int32: ncnn's float -> int8 conversion "
+                         f"wraps there; the activations outrun the calibrated range "
+                         f"{codes / 127:.3g}x: an untrained or diverged net?)")
+    return notes
+
+
 def _missed(checks, limits):
     """One line per ({threshold: value}) check that misses its limit (NaN misses all)."""
     return [f"{key}: {value:.6g} (limit {limits[key]:.6g})" for key, value in checks.items()
@@ -315,6 +343,7 @@ def verify(net, folder, data, name='model', report_path=None, max_samples=None, 
                                ('ncnn_fp32', out32), ('ncnn_int8', out8))}
     report['failures'] = _failures(report, limits)
     report['passed'] = not report['failures']
+    report['notes'] = overflow_notes(manifest, sim, samples)
     if report_path is not None:
         write_json(report_path, report)
     return report
@@ -417,6 +446,7 @@ def _detector_report(net, manifest, folder, batches, samples, layers, sim, limit
     }
     report['failures'] = _detector_failures(report, limits)
     report['passed'] = not report['failures']
+    report['notes'] = overflow_notes(manifest, sim, samples)
     if report_path is not None:
         write_json(report_path, report)
     return report
@@ -465,7 +495,7 @@ def format_report(report):
         rows.append(_format_detections('int8 ncnn vs reference decoding', i8['detections']))
         rows.append(_format_detections('fp32 ncnn vs reference decoding', f32['detections']))
         rows.append('PASSED' if report['passed'] else 'FAILED: ' + '; '.join(report['failures']))
-        return '\n'.join(rows)
+        return '\n'.join(rows + _note_lines(report))
     rows.append(f"int8 ncnn vs simulated: top-1 agreement {100 * i8['top1_agreement']:.2f}%, "
                 f"max error {i8['max_abs_error']:.4g} ({i8['max_lsb']:.3g} LSB), "
                 f"{100 * i8['within_1lsb']:.3f}% within 1 LSB")
@@ -475,4 +505,8 @@ def format_report(report):
         rows.append('accuracy: ' + ', '.join(f"{k} {100 * v:.2f}%"
                                              for k, v in report['accuracy'].items()))
     rows.append('PASSED' if report['passed'] else 'FAILED: ' + '; '.join(report['failures']))
-    return '\n'.join(rows)
+    return '\n'.join(rows + _note_lines(report))
+
+
+def _note_lines(report):
+    return [f"note: {note}" for note in report.get('notes', [])]
