@@ -3,11 +3,13 @@
 A random-initialized GluonCV net (hybridized, static memory) is trained on one random batch
 with SGD: as float, and converted with the default 8-bit per-channel config with and without
 fake BN, and with learned (LSQ) ranges. The nets are timed in turn, round after round; the table gives each one's
-median step time and its ratio to float.
+median step time, its ratio to float, and the quartiles of the ratio to the float step of the
+same round (a shared machine's load moves both alike, so the spread shows how far to trust it).
 
     python -m benchmarks.train_step [--model cifar_resnet20_v1] [--batch-size 64] [--size 32]
                                     [--rounds 15]
 """
+import numpy as np
 import mxnet as mx
 from mxnet import autograd, gluon
 
@@ -15,7 +17,7 @@ from qat import QuantConfig, calibrate, convert_model
 from qat.app.models import build
 from qat.report import format_table
 
-from .common import interleaved_medians, parser, stopwatch
+from .common import parser, stopwatch
 
 
 def _train_step_fn(net, batch, labels):
@@ -32,10 +34,10 @@ def _train_step_fn(net, batch, labels):
     return step
 
 
-def train_step_times(model='cifar_resnet20_v1', batch_size=64, size=32, rounds=15,
-                     warmup=3, config=None):
-    """Median training-step time (s) of a hybridized float net and of its converted versions
-    with and without fake BN (per-channel, 8-bit), interleaved round by round."""
+def train_step_rounds(model='cifar_resnet20_v1', batch_size=64, size=32, rounds=15,
+                      warmup=3, config=None):
+    """{variant: [training-step seconds of each round]} of a hybridized float net and of its
+    converted versions (per-channel, 8-bit), timed in turn round after round."""
     config = config or QuantConfig()
     variants = {'float': None, 'qat (no fake BN)': config.updated(fake_bn=False),
                 'qat (fake BN)': config.updated(fake_bn=True),
@@ -51,7 +53,19 @@ def train_step_times(model='cifar_resnet20_v1', batch_size=64, size=32, rounds=1
             calibrate(net, [batch], method='max')  # starts the learned ranges too
         net.hybridize(static_alloc=True, static_shape=True)
         steps[name] = stopwatch(_train_step_fn(net, batch, labels))
-    return interleaved_medians(steps, rounds, warmup)
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times[name].append(step())
+    return times
+
+
+def train_step_times(*args, **kwargs):
+    """{variant: median training-step seconds} (``train_step_rounds``' arguments)."""
+    return {name: float(np.median(t)) for name, t in train_step_rounds(*args, **kwargs).items()}
 
 
 def main(argv=None):
@@ -61,12 +75,16 @@ def main(argv=None):
     arguments.add_argument('--size', type=int, default=32)
     arguments.add_argument('--rounds', type=int, default=15)
     args = arguments.parse_args(argv)
-    times = train_step_times(args.model, args.batch_size, args.size, args.rounds)
-    base = times['float']
-    print(format_table([(name, f"{t * 1000:.1f}", f"{t / base:.2f}x")
-                        for name, t in times.items()],
-                       [f"{args.model}, batch {args.batch_size}, {args.size}x{args.size}",
-                        'median step (ms)', 'vs float']))
+    times = train_step_rounds(args.model, args.batch_size, args.size, args.rounds)
+    base = np.array(times['float'])
+    rows = []
+    for name, t in times.items():
+        t = np.array(t)
+        low, high = np.percentile(t / base, [25, 75])
+        rows.append((name, f"{np.median(t) * 1000:.1f}", f"{np.median(t) / np.median(base):.2f}x",
+                     f"{low:.2f}-{high:.2f}x"))
+    print(format_table(rows, [f"{args.model}, batch {args.batch_size}, {args.size}x{args.size}",
+                              'median step (ms)', 'vs float', 'per-round ratio, quartiles']))
 
 
 if __name__ == '__main__':
