@@ -401,19 +401,57 @@ def test_yolov3_deploys_gluoncv_decoding(tmp_path):
     assert report['passed'] and report['detector'] == 'Yolov3DetectionOutput'
 
 
-def test_centernet_is_refused_clearly(tmp_path):
-    """CenterNet's peak-search decoding has no ncnn layer: one error naming it, nothing
-    written."""
-    net = model_zoo.get_model('center_net_resnet18_v1b_voc', pretrained=False,
-                              pretrained_base=False)
+def test_centernet_exports_its_heads_and_decodes_as_gluoncv(tmp_path):
+    """CenterNet's peak-search decoding has no ncnn layer: the model stops at the heads
+    (heatmap after its sigmoid, sizes, offsets), int8 bit-exact with packing off, and
+    ``centernet_decode`` on ncnn's heads gives GluonCV's own detections."""
+    mx.random.seed(0)
+    rs = np.random.RandomState(0)
+    with mx.name.NameManager():
+        net = model_zoo.get_model('center_net_resnet18_v1b_voc', pretrained=False,
+                                  pretrained_base=False)
     net.initialize()
-    data = mx.nd.array(np.random.RandomState(0).normal(0, 1, (1, 3, 64, 64)))
+    data = mx.nd.array(rs.normal(0, 1, (2, 3, 64, 64)))
     net(data)
+    _settle_bn(net, data)
+    _randomize_bn(net, rs)
+    # heads of a chosen spread whatever the random backbone's scale: peaks that vary from
+    # cell to cell (a few confident), positive box sizes, small offsets
+    for head, spread, bias in zip(net.heads, (1.5, 0.5, 0.2), (-2.5, 4.0, 0.5)):
+        conv, seen = list(head)[-1], []
+        hook = conv.register_forward_hook(lambda _, i, out: seen.append(out.asnumpy()))
+        conv.bias.set_data(mx.nd.zeros(conv.bias.shape))
+        net(data)
+        hook.detach()
+        conv.weight.set_data(conv.weight.data() * (spread / (seen[0].std() + 1e-12)))
+        conv.bias.set_data(mx.nd.full(conv.bias.shape, bias))
     qat.convert_model(net)
     qat.calibrate(net, [data], method='max')
-    with pytest.raises(ExportError, match="CenterNet's decoding .* has no ncnn layer"):
-        qat.export(net, str(tmp_path / 'out'), (3, 64, 64))
-    assert not (tmp_path / 'out').exists() or not os.listdir(tmp_path / 'out')
+    qat.freeze_bn(net)
+    paths = qat.export(net, str(tmp_path), (3, 64, 64))
+    with open(paths['manifest']) as handle:
+        outputs = json.load(handle)['outputs']
+    assert len(outputs) == 3
+    report = qat.verify(net, str(tmp_path), [data], packing=False)
+    assert report['passed'] and report['int8']['max_lsb'] == 0, \
+        qat.deploy.format_report(report)
+    model = NcnnModel(paths['int8_param'], paths['int8_bin'], **EXACT_OPTIONS)
+    with qat.modes.deployed(net):
+        ids, scores, boxes = (a.asnumpy() for a in net(data))
+    ids, scores = ids.reshape(len(data), -1, 1), scores.reshape(len(data), -1, 1)  # (B, K)
+    found = []
+    for k, sample in enumerate(data.asnumpy()):
+        heads = model.run(sample, outputs)
+        rows = D.centernet_decode(*(heads[name] for name in outputs), topk=net.topk,
+                                  scale=net.scale, width=64, height=64)
+        keep = scores[k, :, 0] > THRESHOLD
+        gluoncv = np.concatenate([ids[k, keep] + 1, scores[k, keep], boxes[k, keep] / 64],
+                                 axis=1)
+        found.append(D.match(gluoncv, rows[rows[:, 1] > THRESHOLD], THRESHOLD))
+    found = D.merge_matches(found)
+    assert found['reference'] >= 3, found  # not vacuous
+    assert found['matched'] == found['reference'] == found['measured'], found
+    assert found['min_iou'] >= 0.999 and found['max_score_lsb'] <= 0.01, found
 
 
 def test_detector_thresholds_and_report_file(tmp_path):

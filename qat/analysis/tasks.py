@@ -2,7 +2,7 @@
 
 * ``Classification``: the network output (class scores) is compared; the score is top-1 (%)
   against (N,) class labels.
-* ``Detection`` (GluonCV's SSD and YOLOv3): the raw head outputs are compared (the
+* ``Detection`` (GluonCV's SSD, YOLOv3 and CenterNet): the raw head outputs are compared (the
   prediction convolutions that the decoding reads: the decoded boxes of two nets cannot be
   compared element by element, and the heads are what the int8 model computes); the score
   is VOC07 mAP (%, GluonCV's metric) of the decoded detections against label rows
@@ -62,13 +62,17 @@ def add_detections(metric, ids, scores, boxes, labels):
 
 def head_blocks(net):
     """The blocks whose outputs a GluonCV detector decodes: SSD's class and box predictors,
-    YOLOv3's prediction convolutions (in output order); None for other nets."""
+    YOLOv3's prediction convolutions (in output order), CenterNet's heatmap, size and offset
+    heads; None for other nets."""
+    from gluoncv.model_zoo.center_net.center_net import CenterNet
     from gluoncv.model_zoo.ssd import SSD
     from gluoncv.model_zoo.yolo import YOLOV3
     if isinstance(net, SSD):
         return list(net.class_predictors) + list(net.box_predictors)
     if isinstance(net, YOLOV3):
         return [output.prediction for output in net.yolo_outputs]
+    if isinstance(net, CenterNet):
+        return list(net.heads)
     return None
 
 
@@ -96,7 +100,9 @@ class Detection:
                 hook.detach()
         compared = np.concatenate([seen[k].asnumpy().reshape(len(x), -1)
                                    for k in range(len(self.heads))], axis=1)
-        return compared, (ids.asnumpy(), scores.asnumpy(), boxes.asnumpy())
+        count = len(x)  # (CenterNet's ids and scores are (B, K): GluonCV's metric takes 3-D)
+        return compared, (ids.asnumpy().reshape(count, -1, 1),
+                          scores.asnumpy().reshape(count, -1, 1), boxes.asnumpy())
 
     def score(self, decoded, labels):
         metric = voc07_metric(self.classes)

@@ -346,6 +346,33 @@ def fp32_layer(kind, params, inputs):
     return FP32_LAYERS[kind]([np.asarray(x, F32) for x in inputs], params)
 
 
+def centernet_decode(heatmap, wh, reg, topk=100, scale=4.0, width=None, height=None):
+    """GluonCV's CenterNet decoding of one sample's heads (what an app does after the ncnn
+    model, which stops at them): heatmap (C, H, W) after its sigmoid, wh and reg (2, H, W).
+    Peaks: the heatmap where it equals its 3x3 max pooling (zero elsewhere); the ``topk``
+    highest over classes and cells; each box centred on its cell plus the offset, sized by
+    wh, times ``scale`` (the output stride). Rows ``[label, score, x1, y1, x2, y2]`` (label
+    1..C), corners divided by the input ``width`` / ``height`` when given."""
+    heatmap = np.asarray(heatmap, F32)
+    classes, rows, cols = heatmap.shape
+    padded = np.pad(heatmap, ((0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
+    pooled = np.max([padded[:, dy:dy + rows, dx:dx + cols] for dy in range(3)
+                     for dx in range(3)], axis=0)
+    peaks = np.where(pooled == heatmap, heatmap, F32(0)).reshape(-1)
+    order = np.argsort(-peaks, kind='stable')[:topk]
+    label, cell = order // (rows * cols), order % (rows * cols)
+    y, x = cell // cols, cell % cols
+    wh = np.asarray(wh, F32).reshape(2, -1)[:, cell]
+    reg = np.asarray(reg, F32).reshape(2, -1)[:, cell]
+    cx, cy = x.astype(F32) + reg[0], y.astype(F32) + reg[1]
+    boxes = np.stack([cx - wh[0] / 2, cy - wh[1] / 2, cx + wh[0] / 2, cy + wh[1] / 2],
+                     axis=1) * F32(scale)
+    if width is not None:
+        boxes = boxes / np.array([width, height, width, height], F32)
+    return np.concatenate([(label + 1)[:, None].astype(F32), peaks[order][:, None],
+                           boxes.astype(F32)], axis=1)
+
+
 def detector_layer(manifest):
     """The manifest entry of the export's detection layer, or None."""
     return next((layer for layer in manifest['layers'] if layer['kind'] in DECODERS), None)

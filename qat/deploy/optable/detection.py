@@ -3,7 +3,7 @@
 A detector is traced in its inference form. Its *raw predictions* are the last nodes that
 carry learned values (the cut); every op node that no raw prediction needs is the decoding
 (anchor generation, box decoding, class decoding, NMS, the final slices), and that whole part
-of the graph becomes one ncnn layer reading the raw predictions:
+of the graph becomes ncnn's detection layer reading the raw predictions:
 
 * SSD (a ``_contrib_box_decode`` node: GluonCV's ``SSD``): the raw class predictions
   (A, K) go through ncnn's Softmax over the K = classes + 1 scores (GluonCV's
@@ -11,17 +11,24 @@ of the graph becomes one ncnn layer reading the raw predictions:
   become a MemoryData of shape (2, A * 4): row 0 the priors as corners normalized by the
   input width / height, row 1 the box coder's stds (GluonCV's (0.1, 0.1, 0.2, 0.2)) as
   per-prior variances; then ``DetectionOutput(location (A, 4), confidence, priors)``.
-* YOLOv3 (GluonCV's ``YOLOOutputV3`` blocks): ``Yolov3DetectionOutput`` over the raw
-  prediction convs (A * (5 + C), H, W) of every output, whose channel layout (per anchor:
-  x, y, w, h, objectness, classes) is ncnn's; the anchors as ``biases`` (pixels), one mask
-  entry per anchor in output order, the strides as ``anchors_scale``.
+* YOLOv3 (GluonCV's ``YOLOOutputV3`` blocks), by default (``yolo_decoder``
+  'DetectionOutput'): each prediction conv (A * (5 + C), H, W) laid out as one row per
+  (anchor, cell), sigmoids and the class scores ``sigmoid(class) * sigmoid(objectness)`` in
+  fp32 ncnn layers, priors carrying the cells, anchors and strides, and DetectionOutput:
+  GluonCV's decoding (every class of a box, NMS per class). With 'Yolov3DetectionOutput':
+  ncnn's own YOLOv3 layer over the prediction convs (anchors as ``biases``, one mask entry
+  per anchor, strides as ``anchors_scale``), which keeps each box's best class and suppresses
+  across classes.
+* CenterNet (GluonCV's ``CenterNet``): its peak search (max pooling compared with the
+  heatmap, top-k, gathers) has no ncnn layer, so the model stops at the heads: the heatmap
+  after its sigmoid, the sizes and the offsets become the model's three outputs, decoded by
+  the application as ``qat.deploy.detection.centernet_decode`` does.
 
-Both output rows ``[label, score, x1, y1, x2, y2]`` with label 1..C (GluonCV's class id + 1)
-and corners relative to the input (0..1), like the models of ncnn's examples. Thresholds
-come from the net (box_nms' ``overlap_thresh``, ``valid_thresh``, ``topk``, the post-NMS
-slice) unless ``export(..., detection={...})`` overrides them (``DETECTION_OPTIONS``). ncnn
-decodes as its layers do, not as GluonCV: SSD's NMS per class as GluonCV, YOLOv3's over all
-classes with the best class of each box only.
+The SSD and YOLOv3 models output rows ``[label, score, x1, y1, x2, y2]`` with label 1..C
+(GluonCV's class id + 1) and corners relative to the input (0..1), like the models of ncnn's
+examples. Thresholds come from the net (box_nms' ``overlap_thresh``, ``valid_thresh``,
+``topk``, the post-NMS slice) unless ``export(..., detection={...})`` overrides them
+(``DETECTION_OPTIONS``, ``yolo_decoder``).
 """
 import mxnet as mx
 import numpy as np
@@ -329,15 +336,41 @@ def _refuse_minimal_opset(t):
                               f"becomes ncnn's DetectionOutput")
 
 
-def _refuse_centernet(t):
-    """GluonCV's CenterNet decodes with a peak search over its heatmap (max pooling compared
-    with the heatmap, top-k, gathers): ncnn has no layer for it. One clear error."""
+def _centernet_heads(t):
+    """GluonCV's CenterNet (None for other nets): its decoding (a peak search over the
+    heatmap: 3x3 max pooling compared with the heatmap, top-k, gathers) has no ncnn layer,
+    so the export stops at the heads, as ncnn's own CenterNet-style examples do: the model's
+    outputs are the heatmap after its sigmoid, the box sizes and the centre offsets, and
+    ``qat.deploy.detection.centernet_decode`` decodes them as GluonCV does."""
     from gluoncv.model_zoo.center_net.center_net import CenterNet
-    if isinstance(t.net, CenterNet):
-        raise ExportError(f"cannot export {t.net.name}: CenterNet's decoding (heatmap peaks "
-                          f"by max pooling, top-k, gathers) has no ncnn layer; ncnn's own "
-                          f"CenterNet-style examples decode the heads in C++ (only SSD and "
-                          f"YOLOv3 export with ncnn's detection layers)")
+    if not isinstance(t.net, CenterNet):
+        return None
+    if t.net.flip_test:
+        raise ExportError(f"cannot export {t.net.name}: CenterNet with flip_test (two passes "
+                          f"averaged); build it with flip_test=False")
+    heads = list(t.net.heads)
+    if len(heads) != 3:
+        raise ExportError(f"cannot export {t.net.name}: expected CenterNet's three heads "
+                          f"(heatmap, wh, reg), found {len(heads)}")
+    convs = []
+    for head in heads:
+        last = list(head)[-1]
+        found = [i for i, n in enumerate(t.nodes) if n['op'] == 'Convolution'
+                 and n['name'].startswith(last.prefix)]
+        if len(found) != 1:
+            raise ExportError(f"cannot export CenterNet head {head.name}: expected one last "
+                              f"convolution, found {len(found)}")
+        convs.append(found[0])
+    sigmoid = [i for i in t.consumers.get(convs[0], []) if t.nodes[i]['op'] == 'sigmoid']
+    while not sigmoid and len(t.consumers.get(convs[0], [])) == 1:  # (the dequantize)
+        convs[0] = t.consumers[convs[0]][0]
+        sigmoid = [i for i in t.consumers.get(convs[0], []) if t.nodes[i]['op'] == 'sigmoid']
+    if len(sigmoid) != 1:
+        raise ExportError(f"cannot export {t.net.name}: no sigmoid after the heatmap head")
+    cut = [sigmoid[0]] + convs[1:]
+    region = _decoding_region(t, cut, "CenterNet's decoding")
+    return {'kind': 'CenterNet', 'family': 'centernet', 'region': region, 'heads': cut,
+            'params': {'topk': int(t.net.topk), 'scale': float(t.net.scale)}}
 
 
 # ---- the pattern ----------------------------------------------------------------------------
@@ -350,9 +383,8 @@ def _analyse(t):
             raise refuse(t, t.nodes[decode[1]], "more than one box_decode")
         if not decode:
             _refuse_minimal_opset(t)
-            _refuse_centernet(t)
         found = _analyse_ssd(t, decode[0]) if decode else \
-            _analyse_yolo(t, outputs) if outputs else None
+            _analyse_yolo(t, outputs) if outputs else _centernet_heads(t)
         if found is not None:
             found['last'] = max(found['region'])
         elif t.detection_options:
@@ -368,7 +400,10 @@ def match_detection(t, index, node):
     found = _analyse(t)
     if found is None or index not in found['region']:
         return False
-    if index == found['last']:
+    if index == found['last'] and found['family'] == 'centernet':
+        for head, cut in zip(t.heads, found['heads']):  # (ids, scores, boxes) -> the heads
+            t.blob[head] = t.blob[cut]
+    elif index == found['last']:
         layer = (_emit_ssd if found['family'] == 'ssd' else _emit_yolo)(t, found, index)
         layer.shape = None  # one row per detection: known only at run time
         for head in t.heads:
