@@ -8,9 +8,9 @@ latency of the exported detectors at their trained size and at larger inputs.
 
 Per recipe (``recipes/<name>.yaml``): one run of the recipe as it is (float pre-training,
 PTQ at W8A8 and W4A4, QAT at W8A8, export, ncnn verify and the ncnn model's mAP on the whole
-validation split, and the QAT net's decoded as ncnn decodes, which it should equal; GluonCV's
-own decoding differs for YOLOv3), then one QAT run at W4A4 from its float parameters (the
-same QAT schedule).
+validation split, and the QAT net's decoded as ncnn decodes, which it should equal: GluonCV's
+own decoding, since YOLOv3 deploys through DetectionOutput too), then one QAT run at W4A4 from
+its float parameters (the same QAT schedule).
 Latency: the exported model at the trained size, and the QAT W8A8 net exported again at each
 ``--sizes`` input (same weights and ranges), each timed on one validation canvas, fp32 and
 int8 interleaved (median ms). Runs are resumed: a second call reuses finished runs.
