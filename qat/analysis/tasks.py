@@ -12,8 +12,9 @@ Without labels the score is the agreement with float, ``agreement``: 100 x the m
 per-sample cosine similarity of the compared outputs (a budget of 0.1 points keeps the
 cosine >= 0.999).
 
-A task runs the net imperatively (inside ``qat.modes.deployed``): the heads are read with
-forward hooks. ``task_for(net)`` picks the task of a net.
+A task runs inside ``qat.modes.deployed``, imperatively when its ``imperative`` says so (a
+detector's heads are read with forward hooks). ``task_for(net)`` picks the task of a net;
+``scorer`` is the score both with and without labels.
 """
 import numpy as np
 
