@@ -393,10 +393,19 @@ static MXReturnValue scalar_shape(const std::unordered_map<std::string, std::str
   return MX_SUCCESS;
 }
 
+// ema is declared written (it is only read): MXNet's BatchNorm updates it in its backward
+// pass without declaring the write, so only a writer here is ordered after that update
+static MXReturnValue tracked_scale_mutate(
+    const std::unordered_map<std::string, std::string>& attrs, std::vector<int>* input_indices) {
+  input_indices->push_back(0);
+  return MX_SUCCESS;
+}
+
 REGISTER_OP(qat_tracked_scale)
 .setParseAttrs(tracked_scale_attrs)
 .setInferType(float_types)
 .setInferShape(scalar_shape)
+.setMutateInputs(tracked_scale_mutate)
 .setForward(tracked_scale_forward, "cpu");
 
 // ranges.ema_update's input of the tracker's BatchNorm: [range + 0, 1] as (1, 2); ``anchor``
