@@ -196,15 +196,21 @@ def _yolo_outputs(t):
     return list(blocks.values())
 
 
+def _only_convolution(t, block, what):
+    """The one Convolution node of ``block`` (by its name prefix); an ExportError naming
+    ``what`` otherwise."""
+    found = [i for i, n in enumerate(t.nodes) if n['op'] == 'Convolution'
+             and n['name'].startswith(block.prefix)]
+    if len(found) != 1:
+        raise ExportError(f"cannot export {what}: expected one convolution, found "
+                          f"{len(found)}")
+    return found[0]
+
+
 def _analyse_yolo(t, outputs):
     convs, biases, strides = [], [], []
     for block in outputs:
-        found = [i for i, n in enumerate(t.nodes) if n['op'] == 'Convolution'
-                 and n['name'].startswith(block.prefix)]
-        if len(found) != 1:
-            raise ExportError(f"cannot export YOLOv3 output {block.name}: expected one "
-                              f"prediction convolution, found {len(found)}")
-        convs.append(found[0])
+        convs.append(_only_convolution(t, block, f"YOLOv3 output {block.name}'s prediction"))
         biases.extend(block.anchors.data().asnumpy().reshape(-1).tolist())
         strides.append(float(block._stride))
     per_output = {block._num_anchors for block in outputs}
@@ -352,15 +358,8 @@ def _centernet_heads(t):
     if len(heads) != 3:
         raise ExportError(f"cannot export {t.net.name}: expected CenterNet's three heads "
                           f"(heatmap, wh, reg), found {len(heads)}")
-    convs = []
-    for head in heads:
-        last = list(head)[-1]
-        found = [i for i, n in enumerate(t.nodes) if n['op'] == 'Convolution'
-                 and n['name'].startswith(last.prefix)]
-        if len(found) != 1:
-            raise ExportError(f"cannot export CenterNet head {head.name}: expected one last "
-                              f"convolution, found {len(found)}")
-        convs.append(found[0])
+    convs = [_only_convolution(t, list(head)[-1], f"CenterNet head {head.name}'s last layer")
+             for head in heads]
     sigmoid = [i for i in t.consumers.get(convs[0], []) if t.nodes[i]['op'] == 'sigmoid']
     while not sigmoid and len(t.consumers.get(convs[0], [])) == 1:  # (the dequantize)
         convs[0] = t.consumers[convs[0]][0]
