@@ -14,11 +14,8 @@ ncnn model.
 import logging
 import math
 
-import numpy as np
-
 from ..batches import batches_and_labels
 from ..errors import UserError
-from ..metrics import top1
 from ..modes import deployed, quantized_only
 from ..nn import quant_blocks
 from ..report import format_table, label_axis, pyplot, save_figure, write_report
@@ -51,12 +48,6 @@ def _snapshot(block):
 def _restore(block, state):
     block.set_mode(quantize=state[0])
     block.config = state[1]
-
-
-def accuracy(net, batches, labels):
-    """Top-1 accuracy (%) of ``net`` as deployed on NDArray ``batches`` with ``labels``."""
-    with deployed(net, imperative=False):
-        return 100.0 * top1(np.concatenate([net(x).asnumpy() for x in batches]), labels)
 
 
 def mixed_precision(net, data, budget, max_layers=None, action='float', ranking=None,

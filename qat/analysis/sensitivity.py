@@ -12,7 +12,6 @@ Both write a Markdown table and a PNG plot (``qat.report.write_report``); the me
 import logging
 import math
 
-import numpy as np
 
 from ..batches import batches_and_labels
 from ..metrics import ErrorStats

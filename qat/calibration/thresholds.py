@@ -280,7 +280,6 @@ def _kl_rows(h, cum, ts, levels, eps):
         clipped[rows[:, 0], ts - 1] += cum[bins] - cum[ts]
         terms = clipped * np.log(clipped / expanded)
     return [np.add.reduce(terms[row, :t]) for row, t in enumerate(ts)]  # = np.sum, leaner
-    return ts, divergences
 
 
 def kl(hist, bits=8, signed=None, eps=KL_EPS):
