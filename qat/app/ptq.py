@@ -6,9 +6,12 @@ model file read by ``qat.importers``: ``x-symbol.json``, ``x.onnx``, ``x.prototx
 ``x.param``, with ``--weights`` when its weights file is not the one next to it), reads
 calibration images from a folder or a list file, preprocesses them as ncnn does
 (``(pixel - mean) * norm`` after a resize to ``--shape``, in ``--pixel`` order), converts
-the model, calibrates it with ``--method`` and writes the table and the ncnn fp32/int8 models
-(and Caffe) through ``qat.deploy.export``. Layers matching ``--exclude`` stay fp32 (no table
-lines: ncnn's mixed precision).
+the model, calibrates it with ``--method`` (several: each tried, the one whose outputs agree
+best with float kept, ``qat.analysis.selection``) and writes the table and the ncnn
+fp32/int8 models (and Caffe) through ``qat.deploy.export``. Layers matching ``--exclude``
+stay fp32 (no table lines: ncnn's mixed precision). A GluonCV detector exports with ncnn's
+detection layers (``--confidence-threshold``), a zoo SSD's backbone rebuilt first so that
+it is quantized too.
 
 Only single-input models are supported (ncnn2table's comma-separated lists for several
 inputs are refused with a clear error): calibration and export feed one input blob, 'data'.
