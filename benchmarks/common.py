@@ -2,7 +2,8 @@
 and the interleaved median timing of ``qat.timing``."""
 import argparse
 
-from qat.timing import interleaved_medians, stopwatch  # noqa: F401  (the benchmarks use them)
+# (the benchmarks use them)
+from qat.timing import interleaved_medians, interleaved_times, stopwatch  # noqa: F401
 
 # (GluonCV name, input size) of the deploy and agreement benchmarks
 ZOO = (('resnet18_v1', 224), ('mobilenet1.0', 224), ('mobilenetv2_1.0', 224),

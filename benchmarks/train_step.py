@@ -17,7 +17,7 @@ from qat import QuantConfig, calibrate, convert_model
 from qat.app.models import build
 from qat.report import format_table
 
-from .common import parser, stopwatch
+from .common import interleaved_times, parser, stopwatch
 
 
 def _train_step_fn(net, batch, labels):
@@ -53,14 +53,7 @@ def train_step_rounds(model='cifar_resnet20_v1', batch_size=64, size=32, rounds=
             calibrate(net, [batch], method='max')  # starts the learned ranges too
         net.hybridize(static_alloc=True, static_shape=True)
         steps[name] = stopwatch(_train_step_fn(net, batch, labels))
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    times = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            times[name].append(step())
-    return times
+    return interleaved_times(steps, rounds, warmup)
 
 
 def train_step_times(*args, **kwargs):

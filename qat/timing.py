@@ -13,9 +13,10 @@ def stopwatch(function, *args):
     return run
 
 
-def interleaved_medians(runs, rounds, warmup=1):
-    """{key: median seconds} of ``runs`` ({key: function() -> the seconds it measured}):
-    ``warmup`` untimed rounds, then ``rounds`` rounds calling every function once in turn."""
+def interleaved_times(runs, rounds, warmup=1):
+    """{key: [seconds of each round]} of ``runs`` ({key: function() -> the seconds it
+    measured}): ``warmup`` untimed rounds, then ``rounds`` rounds calling every function once
+    in turn."""
     for _ in range(warmup):
         for run in runs.values():
             run()
@@ -23,4 +24,10 @@ def interleaved_medians(runs, rounds, warmup=1):
     for _ in range(rounds):
         for key, run in runs.items():
             times[key].append(run())
-    return {key: statistics.median(values) for key, values in times.items()}
+    return times
+
+
+def interleaved_medians(runs, rounds, warmup=1):
+    """{key: median seconds} of ``interleaved_times``."""
+    return {key: statistics.median(values)
+            for key, values in interleaved_times(runs, rounds, warmup).items()}
