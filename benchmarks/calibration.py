@@ -3,18 +3,19 @@ float forward of the same net on the same images, and how time and memory grow w
 number of images.
 
     python -m benchmarks.calibration [--model resnet18_v1] [--size 224] [--images 100]
-                                     [--methods max aciq kl] [--rounds 3] [--threads 2]
-                                     [--batch-size 16] [--scaling 25 50 100 200]
+                                     [--methods max aciq kl] [--engines mxnet ncnn]
+                                     [--rounds 3] [--threads 2] [--batch-size 16]
+                                     [--scaling 25 50 100 200]
 
 Random images (seeded, JPEG, 200-400 pixels a side) are written to a temporary folder and the
 net is random-initialized (``qat calibrate`` without ``--params``). Each round runs every
-method's command (a fresh process: imports, model build, conversion, decoding, calibration,
+method's command with every ``--engine`` of ``--engines`` (a fresh process: imports, model build, conversion, decoding, calibration,
 export) and the float forward (this process: the hybridized float net over the same
 preprocessed batches, decoding excluded) in turn, so machine noise hits them alike. Figures:
 images / seconds, medians over the rounds with the min-max spread; "step" is the command's own
 "done in" time of the calibration step; "vs float" divides by the float forward's rate in the
 same round. Peak memory is the command process's peak resident set (``wait4``). ``--scaling``
-runs the first method (and ``kl`` if listed) once per image count.
+runs the first method (and ``kl`` if listed) once per image count and engine.
 """
 import os
 import re
@@ -47,11 +48,11 @@ def write_images(folder, count, seed=0):
     return folder
 
 
-def command(model, size, folder, images, method, threads, batch_size, output):
+def command(model, size, folder, images, method, threads, batch_size, output, engine='mxnet'):
     return [sys.executable, '-m', 'qat.cli', 'calibrate', '--model', model, '--images', folder,
             '--num-images', str(images), '--shape', f"{size},{size},3", '--mean', MEAN,
             '--norm', NORM, '--method', method, '--threads', str(threads),
-            '--batch-size', str(batch_size), '--output', output]
+            '--batch-size', str(batch_size), '--engine', engine, '--output', output]
 
 
 def run_command(argv):
@@ -103,23 +104,29 @@ def _spread(values, digits=1):
             f"({min(values):.{digits}f}-{max(values):.{digits}f})")
 
 
-def speed(model, size, folder, images, methods, rounds, threads, batch_size, work, out=print):
-    """The per-method table: whole command and calibration step img/s, vs the float forward."""
+def speed(model, size, folder, images, methods, rounds, threads, batch_size, work, out=print,
+          engines=('mxnet',)):
+    """The per-method (and engine) table: whole command and calibration step img/s, vs the
+    float forward."""
     forward = Forward(model, size, folder, images, threads, batch_size)
-    runs = {method: [] for method in methods}
+    kinds = [(method, engine) for engine in engines for method in methods]
+    runs = {kind: [] for kind in kinds}
     floats = []
     for number in range(rounds):
         floats.append(images / forward.seconds())
-        for method in methods:
+        for method, engine in kinds:
             wall, step, peak = run_command(command(model, size, folder, images, method, threads,
-                                                   batch_size, os.path.join(work, method)))
-            runs[method].append((images / wall, images / step, peak, floats[-1]))
+                                                   batch_size,
+                                                   os.path.join(work, f"{method}-{engine}"),
+                                                   engine))
+            runs[method, engine].append((images / wall, images / step, peak, floats[-1]))
         out(f"round {number + 1}/{rounds}: float {floats[-1]:.1f} img/s, " + ', '.join(
-            f"{method} {runs[method][-1][0]:.1f}" for method in methods))
+            f"{method}/{engine} {runs[method, engine][-1][0]:.1f}" for method, engine in kinds))
     rows = [['float forward (hybridized, this process)', _spread(floats), '', '1.00', '', '']]
-    for method in methods:
-        whole, step, peak, reference = zip(*runs[method])
-        rows.append([f"qat calibrate --method {method}", _spread(whole), _spread(step),
+    for method, engine in kinds:
+        whole, step, peak, reference = zip(*runs[method, engine])
+        rows.append([f"qat calibrate --method {method} --engine {engine}", _spread(whole),
+                     _spread(step),
                      _spread([w / f for w, f in zip(whole, reference)], 2),
                      _spread([s / f for s, f in zip(step, reference)], 2), _spread(peak, 0)])
     from qat.report import format_table
@@ -129,18 +136,21 @@ def speed(model, size, folder, images, methods, rounds, threads, batch_size, wor
                 'step vs float', 'peak MB']))
 
 
-def scaling(model, size, folder, counts, methods, threads, batch_size, work):
+def scaling(model, size, folder, counts, methods, threads, batch_size, work,
+            engines=('mxnet',)):
     """Whole command seconds, step seconds and peak memory per number of images."""
     rows = []
-    for method in methods:
-        for images in counts:
-            wall, step, peak = run_command(command(model, size, folder, images, method, threads,
-                                                   batch_size, os.path.join(work, method)))
-            rows.append([method, images, f"{wall:.1f}", f"{step:.1f}", f"{images / step:.1f}",
-                         f"{peak:.0f}"])
+    for engine in engines:
+        for method in methods:
+            for images in counts:
+                wall, step, peak = run_command(command(
+                    model, size, folder, images, method, threads, batch_size,
+                    os.path.join(work, f"{method}-{engine}"), engine))
+                rows.append([method, engine, images, f"{wall:.1f}", f"{step:.1f}",
+                             f"{images / step:.1f}", f"{peak:.0f}"])
     from qat.report import format_table
-    return format_table(rows, ['method', 'images', 'whole command s', 'step s', 'step img/s',
-                               'peak MB'])
+    return format_table(rows, ['method', 'engine', 'images', 'whole command s', 'step s',
+                               'step img/s', 'peak MB'])
 
 
 def main(argv=None):
@@ -149,6 +159,8 @@ def main(argv=None):
     arguments.add_argument('--size', type=int, default=224, help='input size (pixels)')
     arguments.add_argument('--images', type=int, default=100, help='calibration images')
     arguments.add_argument('--methods', nargs='+', default=['max', 'aciq', 'kl'])
+    arguments.add_argument('--engines', nargs='+', default=['mxnet', 'ncnn'],
+                           choices=['mxnet', 'ncnn'], help='qat calibrate --engine values')
     arguments.add_argument('--rounds', type=int, default=3, help='interleaved rounds')
     arguments.add_argument('--threads', type=int, default=2)
     arguments.add_argument('--batch-size', type=int, default=16)
@@ -159,12 +171,12 @@ def main(argv=None):
         folder = write_images(os.path.join(work, 'images'),
                               max([args.images] + list(args.scaling)))
         print(speed(args.model, args.size, folder, args.images, args.methods, args.rounds,
-                    args.threads, args.batch_size, work))
+                    args.threads, args.batch_size, work, engines=args.engines))
         if args.scaling:
             kinds = list(dict.fromkeys([args.methods[0]] + [m for m in args.methods
                                                             if m == 'kl']))
             print('\n' + scaling(args.model, args.size, folder, args.scaling, kinds,
-                                 args.threads, args.batch_size, work))
+                                 args.threads, args.batch_size, work, engines=args.engines))
 
 
 if __name__ == '__main__':

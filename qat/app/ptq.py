@@ -30,7 +30,7 @@ from mxnet.gluon import nn
 
 from . import models
 from ..analysis import comparison, selection, tasks
-from ..calibration import METHODS, calibrate, easyquant
+from ..calibration import ENGINES, METHODS, calibrate, easyquant
 from ..config import BITS, QuantScheme
 from ..convert import convert_model
 from ..deploy import WINOGRAD_POLICIES, export, format_report, verify
@@ -299,6 +299,12 @@ def add_arguments(parser):
                             f"and the one whose outputs (a detector's raw heads) agree best "
                             f"with float on the first {selection.SCORED_SAMPLES} images is "
                             f"kept (<name>-methods.md)")
+    quant.add_argument('--engine', default='mxnet', metavar='ENGINE',
+                       help="what computes the float activations calibration reads (default "
+                            "mxnet): mxnet, the converted net in MXNet; ncnn, its exported "
+                            "fp32 ncnn model in the ncnn runtime (--threads), one image at a "
+                            "time (the activations the int8 model's layers read; faster on "
+                            "a CPU). EasyQuant's search itself runs in MXNet")
     quant.add_argument('--bits', type=int, default=8, help='weight and input bits (2..8)')
     quant.add_argument('--weight-bits', type=int, help='weight bits (default --bits)')
     quant.add_argument('--input-bits', type=int, help='input bits (default --bits)')
@@ -381,6 +387,9 @@ def _run(args, out):
         _several_inputs('--images', ' --images '.join(args.images))
     if args.winograd not in WINOGRAD_POLICIES:
         raise UsageError(f"--winograd {args.winograd}: valid: {sorted(WINOGRAD_POLICIES)}")
+    if args.engine not in ENGINES:
+        raise UsageError(f"--engine {args.engine}: unknown calibration engine; valid: "
+                         f"{', '.join(sorted(ENGINES))}")
     lowest = {'threads': 1, 'batch_size': 1, 'num_images': 1, 'compare': 0, 'verify': 0}
     for option, low in lowest.items():
         value = getattr(args, option)
@@ -437,14 +446,15 @@ def _run(args, out):
     data = ImageBatches(paths, preprocess, args.batch_size,
                         workers=args.threads or min(4, os.cpu_count() or 1), progress=out)
     out(f"[2/4] calibrating with {args.method} on {len(paths)} images "
-        f"({len(data)} batches of {args.batch_size})")
+        f"({len(data)} batches of {args.batch_size}), engine {args.engine}")
     started = time.perf_counter()
     choice = None
+    engine = {'engine': args.engine, 'threads': args.threads}
     if len(methods) == 1:
-        calibrate(net, data, methods[0], progress=lambda m: out('      ' + m))
+        calibrate(net, data, methods[0], progress=lambda m: out('      ' + m), **engine)
     else:
         choice = selection.choose_method(net, data, methods,
-                                         progress=lambda m: out('      ' + m))
+                                         progress=lambda m: out('      ' + m), **engine)
         out(selection.format_choice(choice))
     out(f"      done in {time.perf_counter() - started:.1f} s")
     latency = None

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Callable, Mapping
 
-from . import observers
+from . import engines, observers
 from . import thresholds as th
 from ..errors import NonFiniteError, UserError
 from ..modes import check_ranges
@@ -112,7 +112,7 @@ def check_options(name, options):
 
 
 def set_ranges(net, data, method='ema', num_batches=None, log_every=observers.LOG_EVERY,
-               **options):
+               engine='mxnet', threads=None, **options):
     """Set the input range of every quantized block of ``net`` from float activations.
 
     data: iterable of input batches (NDArray, or (data, label) tuples); re-iterable (e.g. a
@@ -121,9 +121,13 @@ def set_ranges(net, data, method='ema', num_batches=None, log_every=observers.LO
     log_every: log.info progress every this many batches (0: never).
     options: the method's options (see ``METHODS[method].options``), e.g. ``bins=2048``,
     ``percentile=99.99``, ``distribution='laplace'``.
+    engine: what computes the float activations (``engines.ENGINES``): 'mxnet', the net
+    itself, or 'ncnn', its exported fp32 ncnn model in the ncnn runtime with ``threads``
+    threads (default: ncnn's own).
     Each block's bits and signedness come from its ``config``. Deterministic: the same data
     and settings give identical thresholds. Returns {block name: threshold}."""
     spec = check_options(method, options)
+    engines.check_engine(engine, threads)
     if spec.search:
         raise UserError(f"{method!r} is a scale search, not a range method: use "
                          f"qat.calibrate")
@@ -137,7 +141,8 @@ def set_ranges(net, data, method='ema', num_batches=None, log_every=observers.LO
     summary = spec.histogram and not spec.needs_counts(settings)
     ranges, histograms, count = observers.collect(net, blocks, data, num_batches, log_every,
                                                   method, bins if spec.histogram else None,
-                                                  summary=summary)
+                                                  summary=summary, engine=engine,
+                                                  threads=threads)
     thresholds = {}
     for block in blocks:
         if not ranges[block]:
@@ -155,5 +160,6 @@ def set_ranges(net, data, method='ema', num_batches=None, log_every=observers.LO
         block.set_input_threshold(threshold)
         thresholds[block.name] = threshold
     check_ranges(net)
-    log.info("calibrated %d layers on %d batches (%s)", len(thresholds), count, method)
+    log.info("calibrated %d layers on %d batches (%s, %s)", len(thresholds), count, method,
+             engine)
     return thresholds

@@ -15,6 +15,9 @@ threshold formulas are in ``thresholds``; the counting in ``kernels``, one read 
 input, in threads while the graph computes the next batch), so ``data`` must then be
 re-iterable and give the same batches both times. A method that reads only the maximum and
 the sizes (ACIQ's Gaussian range rule) takes one pass (``summary``).
+
+With ``engine='ncnn'`` the activations come from the exported fp32 ncnn model run by the
+ncnn runtime instead (``engines.NcnnTaps``, the same interface); the reductions are the same.
 """
 import logging
 from collections.abc import Iterator
@@ -24,7 +27,7 @@ import mxnet as mx
 import numpy as np
 from mxnet import nd
 
-from . import kernels
+from . import engines, kernels
 from . import thresholds as th
 from .. import ops
 from ..errors import UserError
@@ -222,13 +225,17 @@ def _sizes(taps, passing, observed):
     return sizes
 
 
-def collect(net, blocks, data, num_batches, log_every, method, bins=None, summary=False):
+def collect(net, blocks, data, num_batches, log_every, method, bins=None, summary=False,
+            engine='mxnet', threads=None):
     """Pass 1: per-batch ranges {block: [float]}. If ``bins``: pass 2 too, histograms
     {block: Histogram} over [0, max range]; with ``summary`` instead of pass 2, {block:
-    ``thresholds.Summary``} (the maximum and the sizes, no counts). Returns (ranges,
-    histograms or summaries or None, batches)."""
+    ``thresholds.Summary``} (the maximum and the sizes, no counts). ``engine``: what computes
+    the activations (``engines.ENGINES``: 'mxnet', or 'ncnn' with ``threads``). Returns
+    (ranges, histograms or summaries or None, batches)."""
     observed = {block: [] for block in blocks}
-    taps = _Taps(net, blocks)
+    engines.check_engine(engine, threads)
+    taps = _Taps(net, blocks) if engine == 'mxnet' else \
+        engines.NcnnTaps(net, blocks, threads)
     if not taps.usable:
         log.info("calibration runs the net block by block: %s", taps.reason)
     passes = 2 if bins and not summary else 1
@@ -236,7 +243,8 @@ def collect(net, blocks, data, num_batches, log_every, method, bins=None, summar
     with temporary_mode(net, imperative=not taps.usable, quantize=False):
         first = _Pass(data, num_batches, log_every, f"calibration ({method}) pass 1/{passes}")
         if taps.usable and summary:
-            sizes.update(_sizes(taps, first, observed))
+            sizes.update(taps.run_sizes(first, observed) if engine == 'ncnn'
+                         else _sizes(taps, first, observed))
         elif taps.usable:
             taps.run_ranges(first, observed)
         else:
@@ -284,13 +292,16 @@ def collect(net, blocks, data, num_batches, log_every, method, bins=None, summar
 
 
 def collect_histograms(net, data, bins=th.DEFAULT_BINS, num_batches=None,
-                       log_every=LOG_EVERY):
+                       log_every=LOG_EVERY, engine='mxnet', threads=None):
     """{block name: ``thresholds.Histogram``} of the float inputs of every quantized
-    block (two passes over the re-iterable ``data``); the net is left as it was."""
+    block (two passes over the re-iterable ``data``; ``engine`` as in ``collect``); the net
+    is left as it was."""
     blocks = quantized(net)
+    engines.check_engine(engine, threads)
     check_reiterable(data, 'collect_histograms')
     th.Histogram(1.0, bins)  # validates bins before any pass
-    _, histograms, _ = collect(net, blocks, data, num_batches, log_every, 'histograms', bins)
+    _, histograms, _ = collect(net, blocks, data, num_batches, log_every, 'histograms', bins,
+                               engine=engine, threads=threads)
     return {block.name: hist for block, hist in histograms.items()}
 
 
