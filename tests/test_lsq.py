@@ -12,6 +12,7 @@ import qat
 from qat import native, reference
 from qat.config import QuantConfig, QuantScheme
 from qat.nn import quant_blocks
+from qat.nn.learned import LearnedRangeOptimizer, with_learned_ranges
 from tests.helpers import sgd_step
 
 UNITS, FEATURES, BATCH = 5, 12, 6
@@ -386,3 +387,105 @@ def test_distillation_trains_from_the_float_net(tmp_path):
     assert qat_losses[-1] < qat_losses[0]
     assert result['qat'] > 60
     assert gluon  # the labels are not used: see distill_losses
+
+
+# ----- the update of learned ranges: Adam on log T ------------------------------------------
+def _lsq_conv_net(seed=0):
+    mx.random.seed(seed)
+    rng = np.random.RandomState(seed)
+    net = _conv_net()
+    net.initialize(mx.init.Xavier())
+    x = mx.nd.array(rng.normal(0, 1, (8, 3, 10, 10)))
+    net(x)
+    qat.convert_model(net, config=QuantScheme(QuantConfig(weight_bits=4, input_bits=4,
+                                                          range_tracker='lsq')))
+    qat.calibrate(net, [x], method='max')
+    return net, x, mx.nd.array(rng.randint(0, 4, 8))
+
+
+def _thresholds(net):
+    return {p.name: p.data().asnumpy().copy() for p in net.collect_params().values()
+            if 'learned_threshold' in p.name}
+
+
+def test_learned_ranges_get_adam_on_log_t_and_the_rest_the_base_optimizer():
+    """One step: every threshold moves as Adam on log T (numpy reference), by at most
+    ``range_lr`` relatively; every other parameter exactly as the plain optimizer moves it."""
+    lr, range_lr = 0.05, 0.01
+    plain_net, x, labels = _lsq_conv_net()
+    ours_net, _, _ = _lsq_conv_net()
+    plain = mx.gluon.Trainer(plain_net.collect_params(), 'sgd',
+                             {'learning_rate': lr, 'momentum': 0.9, 'wd': 1e-4})
+    optimizer = with_learned_ranges(
+        mx.optimizer.create('sgd', learning_rate=lr, momentum=0.9, wd=1e-4), ours_net,
+        range_lr)
+    assert isinstance(optimizer, LearnedRangeOptimizer)
+    assert optimizer.ranges == set(_thresholds(ours_net))
+    ours = mx.gluon.Trainer(ours_net.collect_params(), optimizer)
+    start = _thresholds(ours_net)
+    sgd_step(plain_net, plain, x, labels)
+    sgd_step(ours_net, ours, x, labels)
+    grads = {p.name: p.grad().asnumpy() for p in ours_net.collect_params().values()
+             if p.name in start}
+    for a, b in zip(plain_net.collect_params().values(), ours_net.collect_params().values()):
+        if b.name not in start and b.grad_req != 'null':
+            assert np.array_equal(a.data().asnumpy(), b.data().asnumpy()), b.name
+    moved = 0
+    for name, before in start.items():
+        after = ours_net.collect_params()[name].data().asnumpy()
+        g = np.float32(grads[name] / 8) * before  # dL/dlog T, the batch mean
+        m, v = 0.1 * g, 0.001 * g * g
+        expected = before * np.exp(-range_lr * (m / 0.1) / (np.sqrt(v / 0.001) + 1e-8))
+        np.testing.assert_allclose(after, expected, rtol=2e-6, err_msg=name)
+        assert (after > 0).all() and (np.abs(np.log(after / before)) <= range_lr * 1.0001).all()
+        moved += int((after != before).any())
+    assert moved == len(start)
+
+
+def test_learned_ranges_stay_positive_under_huge_gradients_and_unset_ones_stay_unset():
+    net, x, labels = _lsq_conv_net()
+    block = quant_blocks(net)[1][1]
+    block.learned_threshold.set_data(mx.nd.zeros((1,)))  # not started
+    optimizer = with_learned_ranges(mx.optimizer.create('sgd', learning_rate=10.0), net, 0.01)
+    trainer = mx.gluon.Trainer(net.collect_params(), optimizer)
+    start = _thresholds(net)
+    for _ in range(20):
+        sgd_step(net, trainer, x * 100, labels)  # loss and gradients far out of scale
+    for name, after in _thresholds(net).items():
+        before = start[name]
+        assert np.isfinite(after).all(), name
+        assert np.array_equal(after == 0, before == 0), name
+        ratio = after[before > 0] / before[before > 0]
+        assert (ratio > 0).all() and (np.abs(np.log(ratio)) <= 20 * 0.01 * 1.0001).all(), name
+
+
+def test_learned_range_optimizer_resumes_from_saved_states(tmp_path):
+    """Saved and loaded (as a checkpoint does), the trainer continues exactly."""
+    def run(steps, resume_at=None):
+        net, x, labels = _lsq_conv_net()
+        make = lambda: mx.gluon.Trainer(net.collect_params(), with_learned_ranges(
+            mx.optimizer.create('sgd', learning_rate=0.05, momentum=0.9), net))
+        trainer = make()
+        for step in range(steps):
+            if step == resume_at:
+                trainer.save_states(str(tmp_path / 'states'))
+                trainer = make()
+                trainer.load_states(str(tmp_path / 'states'))
+            sgd_step(net, trainer, x, labels)
+        return _thresholds(net)
+    straight, resumed = run(4), run(4, resume_at=2)  # (names differ: two nets)
+    assert len(straight) == len(resumed)
+    for (name, ours), theirs in zip(straight.items(), resumed.values()):
+        assert np.array_equal(ours, theirs), name
+
+
+def test_a_net_without_learned_ranges_keeps_its_optimizer():
+    net, _, _ = _lsq_conv_net()
+    plain = mx.optimizer.create('sgd', learning_rate=0.1)
+    ema_net = _conv_net()
+    ema_net.initialize()
+    ema_net(mx.nd.zeros((1, 3, 10, 10)))
+    qat.convert_model(ema_net, config=QuantConfig(range_tracker='ema'))
+    assert with_learned_ranges(plain, ema_net) is plain
+    with pytest.raises(ValueError, match='range_lr'):
+        with_learned_ranges(plain, net, 0)

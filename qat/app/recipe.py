@@ -227,6 +227,10 @@ SCHEMA = {
                                '(null: at the end)', at_least(0)),
         'freeze_ranges_epoch': Key(None, 'int?', 'epoch from which activation ranges are '
                                    'frozen (null: at the end)', at_least(0)),
+        'range_lr': Key(1e-3, 'float?', 'learned ranges (LSQ): Adam on log T at this '
+                        'rate, following the schedule (each step moves a range by about '
+                        'this fraction at most); null: the stage\'s optimizer and `lr`, as '
+                        'the weights (plain LSQ)', positive()),
         'distill': Key(0.0, 'float', 'knowledge distillation from the float net '
                        '(`float.params`) at this temperature T: the loss is T^2 times the '
                        'cross-entropy of the softened outputs to the float net\'s, no label '
@@ -339,7 +343,8 @@ def _optional(coerce):
 
 
 TYPES = {
-    'int': _int, 'int?': _optional(_int), 'float': _float, 'bool': _bool, 'str': _str,
+    'int': _int, 'int?': _optional(_int), 'float': _float, 'float?': _optional(_float),
+    'bool': _bool, 'str': _str,
     'path': _str, 'ints': _list_of(_int, 'integers'), 'floats': _list_of(_float, 'numbers'),
     'strs': _list_of(_str, 'strings'), 'dict': _dict,
 }

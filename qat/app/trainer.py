@@ -23,6 +23,7 @@ from ..convert import load_parameters
 from ..errors import NonFiniteError
 from ..metrics import accuracy
 from ..nn import quant_blocks
+from ..nn.learned import with_learned_ranges
 from ..report import progress
 from .data import batches, epoch_order, iterate
 
@@ -257,8 +258,11 @@ class Trainer:
         steps = math.ceil(len(self.shard(0)) / run['batch_size'])
         params = {name: section[name] for name in OPTIMIZERS[section['optimizer']]}
         # Distributed: the Trainer updates locally and gradients go through our own keys.
-        trainer = gluon.Trainer(net.collect_params(), section['optimizer'],
-                                dict(params, learning_rate=section['lr']),
+        optimizer = mx.optimizer.create(section['optimizer'], learning_rate=section['lr'],
+                                        **params)
+        if section.get('range_lr'):
+            optimizer = with_learned_ranges(optimizer, net, section['range_lr'])
+        trainer = gluon.Trainer(net.collect_params(), optimizer,
                                 kvstore=None if devices.distributed else devices.kvstore,
                                 update_on_kvstore=False)
         trained = [p for p in net.collect_params().values() if p.grad_req != 'null']
