@@ -4,7 +4,7 @@ recipe trainer on the bundled digits; and 6-bit vs 8-bit weights on the 3x3 stri
 (ncnn2table's Winograd rule).
 
     python -m benchmarks.narrow [--nets resnet20 compact] [--seeds 0 1 2] [--bits 8 4 3 2]
-                                [--out checkpoints/bench-narrow]
+                                [--variants ema lsq] [--out checkpoints/bench-narrow]
 
 Nets (``NETS``): ``resnet20`` is ``recipes/digits.yaml`` as it is (cifar_resnet20_v1 at
 16x16, 3 QAT epochs, its schedule): the default recipe path, measured the way the earlier
@@ -100,8 +100,9 @@ def equalized_float(folder, path):
     return accuracy(net, validation_batches(recipe, preprocess))
 
 
-def narrow_table(net, seeds, bits, out_dir, out=print):
-    """(rows {name: [per-seed top-1]}, Markdown table) of one net of ``NETS``."""
+def narrow_table(net, seeds, bits, out_dir, variants=('ema', 'lsq'), out=print):
+    """(rows {name: [per-seed top-1]}, Markdown table) of one net of ``NETS``, with the QAT
+    ``variants`` (tags of ``VARIANTS``: ema, lsq)."""
     common = common_overrides(os.path.join(out_dir, net), overrides=NETS[net])
     rows, methods = {}, {}
     for seed in seeds:
@@ -120,6 +121,8 @@ def narrow_table(net, seeds, bits, out_dir, out=print):
                 rows.setdefault(f'W{b}A{b} PTQ (best method), equalized', []).append(top1)
         for name, extra in VARIANTS.items():
             tag = 'lsq' if 'lsq' in extra[0] else 'ema'
+            if tag not in variants:
+                continue
             for b in bits:
                 rows.setdefault(f'W{b}A{b} {name}', []).append(
                     qat_run(BENCH_RECIPE, common, base, seed, b, f'qat-{tag}',
@@ -152,10 +155,13 @@ def _against_earlier(rows, bits):
     table = [['earlier MXNet design'] + [f"{EARLIER[b][0]:.2f} / {EARLIER[b][1]:.2f}"
                                          for b in bits]]
     for name in VARIANTS:
+        if f'W{bits[0]}A{bits[0]} {name}' not in rows:
+            continue
         table.append([f'ours, {name}'] + [f"{ours('PTQ (best method)', b):.2f} / "
                                           f"{ours(name, b):.2f}" for b in bits])
-    table.append(['ours, the recipe defaults'] + [f"{ours('PTQ (best method)', b):.2f} / "
-                                                  f"{ours(DEFAULT[b], b):.2f}" for b in bits])
+    if all(f'W{b}A{b} {DEFAULT[b]}' in rows for b in bits):
+        table.append(['ours, the recipe defaults'] + [f"{ours('PTQ (best method)', b):.2f} / "
+                                                      f"{ours(DEFAULT[b], b):.2f}" for b in bits])
     return format_table(table, ['PTQ / QAT top-1 (%)'] + [f'W{b}A{b}' for b in bits])
 
 
@@ -164,10 +170,12 @@ def main(argv=None):
     arguments.add_argument('--nets', nargs='+', default=list(NETS), choices=list(NETS))
     arguments.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     arguments.add_argument('--bits', type=int, nargs='+', default=[8, 4, 3, 2])
+    arguments.add_argument('--variants', nargs='+', default=['ema', 'lsq'],
+                           choices=['ema', 'lsq'], help='QAT range variants to run')
     arguments.add_argument('--out', default='checkpoints/bench-narrow', help='run folders')
     args = arguments.parse_args(argv)
     for net in args.nets:
-        print(narrow_table(net, args.seeds, args.bits, args.out)[1])
+        print(narrow_table(net, args.seeds, args.bits, args.out, args.variants)[1])
 
 
 if __name__ == '__main__':

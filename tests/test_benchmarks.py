@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIONS = {
     'train_step': ['--model', '--batch-size', '--size', '--rounds'],
     'accuracy': ['--seeds', '--bits', '--out', '--set'],
-    'narrow': ['--nets', '--seeds', '--bits', '--out'],
+    'narrow': ['--nets', '--seeds', '--bits', '--variants', '--out'],
     'ptq': ['--model', '--size', '--epochs', '--seed'],
     'deploy': ['--repeats', '--threads', '--models'],
     'agreement': ['--samples', '--models'],
