@@ -255,3 +255,20 @@ def test_command_bad_engine(tmp_path, images, capsys):
     assert lines == ["qat calibrate: error: --engine foo: unknown calibration engine; valid: "
                      "mxnet, ncnn"]
     assert not (tmp_path / 'x').exists()
+
+
+def test_a_detector_calibrates_on_its_ncnn_model():
+    """A GluonCV SSD (exported with ncnn's DetectionOutput): the heads' and backbone's inputs
+    come from its fp32 ncnn model."""
+    from tests.test_detection import tiny_ssd
+    mx.random.seed(0)
+    net = tiny_ssd()
+    net.initialize(mx.init.Xavier())
+    data = _batches(2, batch=2, size=64)
+    net(data[0])
+    qat.convert_model(net)
+    ours = qat.calibrate(net, data, 'max')
+    theirs = qat.calibrate(net, data, 'max', engine='ncnn', threads=1)
+    assert ours.keys() == theirs.keys()
+    for name, value in ours.items():
+        assert abs(theirs[name] - value) <= RELATIVE * value, name

@@ -55,6 +55,30 @@ def check_engine(engine, threads=None):
     return engine
 
 
+# ncnn's wheel bundles its own libgomp (MXNet links the system's), which reads the wait policy
+# when it is loaded: the first ``import ncnn`` of the process. Its default, spinning at every
+# barrier, makes a 2-thread ncnn run 2-25x slower when another process takes a core (measured:
+# resnet18_v1 at 224, 2 threads, one core busy: 2-25 img/s spinning, 51 passive, 55 on one
+# thread); passive waiting costs little on an idle machine.
+NCNN_WAIT_POLICY = 'PASSIVE'
+
+
+def import_ncnn():
+    """The ``ncnn`` module; when this imports it first, its OpenMP threads wait passively
+    (``OMP_WAIT_POLICY``, unless the environment sets it: then the user's choice holds).
+    The environment is left as it was (MXNet's OpenMP, already loaded, is not affected)."""
+    import sys
+    if 'ncnn' in sys.modules or 'OMP_WAIT_POLICY' in os.environ:
+        import ncnn
+        return ncnn
+    os.environ['OMP_WAIT_POLICY'] = NCNN_WAIT_POLICY
+    try:
+        import ncnn
+    finally:
+        del os.environ['OMP_WAIT_POLICY']
+    return ncnn
+
+
 def _ncnn_options():
     """ncnn options of the calibration model: verify's exact-comparison options (fp16
     storage and arithmetic off: fp32 activations), packing layout on (the runtime's fast
@@ -83,7 +107,7 @@ class NcnnTaps:
 
     # ----- the model ---------------------------------------------------------------------
     def _build(self, shape):
-        import ncnn
+        ncnn = import_ncnn()
         from ..deploy import ncnn as ncnn_files
         from ..deploy.graph import block_index, trace
         try:

