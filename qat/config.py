@@ -33,7 +33,8 @@ class QuantConfig:
     weight_bits / input_bits: 2..8 (signed codes in [-(2^(b-1)-1), 2^(b-1)-1]).
     weight_granularity: 'channel' = one scale per output channel for plain convs and Dense,
         one per group for grouped and depthwise convs (what ncnn stores); 'tensor' = one scale.
-    input_signed: True is what ncnn runs; False (codes in [0, 2^b-1]) is simulation only.
+    input_signed: True: codes in [-(2^(b-1)-1), 2^(b-1)-1]; False: codes in [0, 2^b-1], twice
+        the levels for non-negative inputs (after a ReLU); exported up to 7 bits (they fit int8).
     fake_bn: fold a following BatchNorm into the conv during training (Jacob et al. 2018).
     range_momentum: EMA momentum of the per-batch max |x| used as the input range.
     range_tracker: 'ema' (bias-corrected EMA, updated in training), 'max' (running max,

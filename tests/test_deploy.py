@@ -269,6 +269,35 @@ def test_narrow_inputs_get_a_clip_so_ncnn_saturates_like_the_simulation(tmp_path
     assert report['fp32']['max_relative_error'] <= FP32_RELATIVE
 
 
+
+@pytest.mark.parametrize('bits', [2, 4, 7])
+def test_unsigned_narrow_inputs_export_and_run_exactly_in_ncnn(tmp_path, bits):
+    """Unsigned codes (0 .. 2^b - 1, b <= 7) fit ncnn's int8: the Clip in front saturates at 0
+    and at the top code, and the int8 output equals the simulation exactly, negative inputs
+    included (the first conv sees signed data)."""
+    net = _small()
+    for _, block in qat.quant_blocks(net):
+        block.config = qat.QuantConfig(weight_bits=4, input_bits=bits, input_signed=False)
+    data = mx.nd.array(np.random.RandomState(1).normal(0, 1, (8, 3, 6, 6)))
+    qat.calibrate(net, [data[:2] * 0.3])  # a small range: most inputs saturate
+    export(net, str(tmp_path), (3, 6, 6))
+    clips = [layer for layer in ncnn_files.read_param(str(tmp_path / 'model-int8.param'))
+             if layer[0] == 'Clip']
+    assert len(clips) == 2
+    report = verify(net, str(tmp_path), [data], packing=False)
+    assert report['int8']['max_abs_error'] == 0.0
+
+
+def test_unsigned_8_bit_inputs_do_not_fit_int8(tmp_path):
+    net = _small()
+    for _, block in qat.quant_blocks(net):
+        block.config = qat.QuantConfig(input_signed=False)
+    qat.calibrate(net, [mx.nd.ones((2, 3, 6, 6))])
+    with pytest.raises(ExportError, match=r"small_conv0: unsigned 8-bit input codes \(0...255\) "
+                                          r"do not fit ncnn's int8"):
+        export(net, str(tmp_path), (3, 6, 6))
+    assert os.listdir(tmp_path) == []
+
 def _digits_net():
     net = nn.HybridSequential(prefix='digits_')
     with net.name_scope():

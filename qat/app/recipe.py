@@ -185,8 +185,9 @@ SCHEMA = {
         'weight_granularity': Key('channel', 'str', 'weight scales per output `channel` (per '
                                   'group for grouped convs) or per `tensor`',
                                   one_of(GRANULARITIES)),
-        'input_signed': Key(True, 'bool', 'signed activation codes (what ncnn runs; false is '
-                            'simulation only)'),
+        'input_signed': Key(True, 'bool', 'signed activation codes; false: unsigned '
+                            '(0..2^b-1, twice the levels after a ReLU; exported up to 7 '
+                            'bits)'),
         'fake_bn': Key(True, 'bool', 'fold each BatchNorm into its conv while training'),
         'range_momentum': Key(0.9, 'float', 'EMA momentum of the activation ranges',
                               fraction()),

@@ -176,17 +176,18 @@ def trace(net, input_shape, input_names=('data',), detection=None):
 
 def _clip_narrow_inputs(graph):
     """ncnn saturates every int8 input at +-127; a layer simulated with fewer input bits
-    saturates at qmax, so it gets a Clip to [-qmax/s_in, qmax/s_in] in front (exact: the
-    clipped value times s_in rounds to qmax)."""
+    saturates at its codes' bounds, so it gets a Clip to [lo/s_in, hi/s_in] in front (exact:
+    the clipped value times s_in rounds to the bound; unsigned codes: lo = 0)."""
     for position in range(len(graph.layers) - 1, -1, -1):
         layer = graph.layers[position]
         quant = layer.quant
-        if quant is None or quant.input_scale is None or quant.input_bits == 8:
+        if quant is None or quant.input_scale is None or \
+                (quant.input_bits == 8 and quant.input_signed):
             continue
-        _, high = ops.qrange(quant.input_bits)
-        limit = float(np.float32(high) / quant.input_scale)
+        low, high = ops.qrange(quant.input_bits, quant.input_signed)
+        limits = [float(np.float32(bound) / quant.input_scale) for bound in (low, high)]
         clip = Layer('Clip', layer.name + '_clip_input', [layer.inputs[0]],
-                     {'low': -limit, 'high': limit, 'int8_only': True})
+                     {'low': limits[0], 'high': limits[1], 'int8_only': True})
         layer.inputs = [clip.name] + layer.inputs[1:]
         graph.layers.insert(position, clip)
 

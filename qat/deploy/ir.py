@@ -95,6 +95,7 @@ class Quant:
     weight_codes: np.ndarray
     input_bits: Optional[int] = 8
     weight_bits: int = 8
+    input_signed: bool = True  # False: codes 0 .. 2^b - 1 (b <= 7, they fit int8)
 
     @property
     def int8(self):

@@ -44,9 +44,10 @@ def _quant(block, weight, bias):
         # Weight-only quantization: ncnn runs it in fp32 with the dequantized weights.
         return Quant(None, s_w.asnumpy().astype(np.float32), codes.asnumpy().astype(np.int8),
                      None, cfg.weight_bits), weight, bias
-    if not cfg.input_signed:
-        raise ExportError(f"{block.name}: unsigned input quantization cannot run in ncnn "
-                          f"(int8 is signed, -127..127); use QuantConfig(input_signed=True)")
+    if not cfg.input_signed and cfg.input_bits > 7:
+        raise ExportError(f"{block.name}: unsigned {cfg.input_bits}-bit input codes (0..."
+                          f"{2 ** cfg.input_bits - 1}) do not fit ncnn's int8 (-127..127); use "
+                          f"QuantConfig(input_signed=True) or input_bits <= 7")
     s_in = block.input_scale()
     if s_in is None:
         raise ExportError(f"{block.name}: input range is unset (never calibrated or trained "
@@ -54,7 +55,8 @@ def _quant(block, weight, bias):
     quant = Quant(input_scale=s_in,
                   weight_scales=s_w.asnumpy().astype(np.float32),
                   weight_codes=codes.asnumpy().astype(np.int8),
-                  input_bits=cfg.input_bits, weight_bits=cfg.weight_bits)
+                  input_bits=cfg.input_bits, weight_bits=cfg.weight_bits,
+                  input_signed=cfg.input_signed)
     return quant, weight, bias
 
 
