@@ -9,13 +9,14 @@ number of images.
 
 Random images (seeded, JPEG, 200-400 pixels a side) are written to a temporary folder and the
 net is random-initialized (``qat calibrate`` without ``--params``). Each round runs every
-method's command with every ``--engine`` of ``--engines`` (a fresh process: imports, model build, conversion, decoding, calibration,
-export) and the float forward (this process: the hybridized float net over the same
-preprocessed batches, decoding excluded) in turn, so machine noise hits them alike. Figures:
-images / seconds, medians over the rounds with the min-max spread; "step" is the command's own
-"done in" time of the calibration step; "vs float" divides by the float forward's rate in the
-same round. Peak memory is the command process's peak resident set (``wait4``). ``--scaling``
-runs the first method (and ``kl`` if listed) once per image count and engine.
+method's command with every ``--engine`` of ``--engines`` (a fresh process: imports, model
+build, conversion, decoding, calibration, export) and the float forward (this process: the
+hybridized float net over the same preprocessed batches, decoding excluded) in turn, so machine
+noise hits them alike. Figures: images / seconds, medians over the rounds with the min-max
+spread; "step" is the command's own "done in" time of the calibration step; "vs float" divides
+by the float forward's rate in the same round. Peak memory is the command process's peak
+resident set (``wait4``). ``--scaling`` runs the first method (and ``kl`` if listed) once per
+image count and engine.
 """
 import os
 import re

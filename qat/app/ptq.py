@@ -304,7 +304,8 @@ def add_arguments(parser):
                             "mxnet): mxnet, the converted net in MXNet; ncnn, its exported "
                             "fp32 ncnn model in the ncnn runtime (--threads), one image at a "
                             "time (the activations the int8 model's layers read; faster on "
-                            "a CPU). EasyQuant's search itself runs in MXNet")
+                            "an idle CPU, as fast under load). EasyQuant's search itself "
+                            "runs in MXNet")
     quant.add_argument('--bits', type=int, default=8, help='weight and input bits (2..8)')
     quant.add_argument('--weight-bits', type=int, help='weight bits (default --bits)')
     quant.add_argument('--input-bits', type=int, help='input bits (default --bits)')

@@ -2,8 +2,9 @@
 the float activations of a few batches.
 
 ``calibrate`` runs any method of the one registry ``METHODS`` (``methods``); the statistics
-are collected by ``observers`` (from MXNet, or the exported fp32 ncnn model: ``engines``) and reduced by the pure numpy functions of ``thresholds``;
-``easyquant`` is the scale search.
+are collected by ``observers`` (from MXNet, or from the exported fp32 ncnn model:
+``engines``) and reduced by the pure numpy functions of ``thresholds``; ``easyquant`` is the
+scale search.
 """
 from . import easyquant, thresholds
 from ..modes import init_learned_thresholds
@@ -46,5 +47,5 @@ def calibrate(net, data, method='ema', num_batches=None, log_every=LOG_EVERY, pr
     return found
 
 
-__all__ = ['ENGINES', 'METHODS', 'Method', 'calibrate', 'collect_histograms', 'easyquant', 'set_ranges',
-           'thresholds']
+__all__ = ['ENGINES', 'METHODS', 'Method', 'calibrate', 'collect_histograms', 'easyquant',
+           'set_ranges', 'thresholds']

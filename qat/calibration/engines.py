@@ -25,11 +25,16 @@ tolerances).
 """
 import logging
 import os
+import sys
 import tempfile
 
 import numpy as np
 from mxnet import nd
 
+from . import kernels
+from ..deploy import ncnn as ncnn_files
+from ..deploy.graph import block_index, trace
+from ..deploy.verify import EXACT_OPTIONS
 from ..errors import UserError
 
 log = logging.getLogger(__name__)
@@ -67,7 +72,6 @@ def import_ncnn():
     """The ``ncnn`` module; when this imports it first, its OpenMP threads wait passively
     (``OMP_WAIT_POLICY``, unless the environment sets it: then the user's choice holds).
     The environment is left as it was (MXNet's OpenMP, already loaded, is not affected)."""
-    import sys
     if 'ncnn' in sys.modules or 'OMP_WAIT_POLICY' in os.environ:
         import ncnn
         return ncnn
@@ -83,7 +87,6 @@ def _ncnn_options():
     """ncnn options of the calibration model: verify's exact-comparison options (fp16
     storage and arithmetic off: fp32 activations), packing layout on (the runtime's fast
     path; it does not change fp32 values beyond rounding)."""
-    from ..deploy.verify import EXACT_OPTIONS
     return dict(EXACT_OPTIONS, use_packing_layout=True)
 
 
@@ -108,8 +111,6 @@ class NcnnTaps:
     # ----- the model ---------------------------------------------------------------------
     def _build(self, shape):
         ncnn = import_ncnn()
-        from ..deploy import ncnn as ncnn_files
-        from ..deploy.graph import block_index, trace
         try:
             graph = trace(self.net, tuple(int(d) for d in shape)).float_graph()
             param, weights = ncnn_files.render(graph, int8=False)
@@ -156,8 +157,8 @@ class NcnnTaps:
                  "threads)", len(graph.layers), len(self.blobs), self.threads or 'default')
 
     def _batches(self, passing):
-        """Per batch of ``passing``: a list, per image, of {blob: (mat, array)} (the ncnn
-        Mat kept alive with the array viewing it)."""
+        """Per batch of ``passing``: an iterator over its images, each {blob: (mat,
+        array)} (the ncnn Mat kept alive with the array viewing it), computed one by one."""
         for x in passing:
             samples = x.asnumpy() if isinstance(x, nd.NDArray) else np.asarray(x)
             if samples.ndim != 4:
@@ -221,7 +222,6 @@ class NcnnTaps:
 
     def run_histograms(self, passing, histograms):
         """Add every call's input to ``histograms[block]`` (blocks not in it are skipped)."""
-        from . import kernels
         for images in self._batches(passing):
             for values in images:
                 for block, _, blob in self.calls:
