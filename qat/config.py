@@ -146,6 +146,11 @@ class QuantScheme:
         the convs ncnn may run with int8 Winograd F(4,3); ncnn2table's rule is 6 (its weight
         scale 31/absmax, so that Winograd's transformed weights stay within int8). None: no
         rule. It applies on top of the first-layer rule, by_type and default, not to by_name.
+    unsigned_after_relu: unsigned input codes (0..2^b-1: twice the levels) for the layers of
+        7 input bits or fewer whose input is >= 0 by construction (after a ReLU, a sigmoid,
+        and through pooling, flatten, concat, sums and products of such: read from the
+        traced graph by ``convert_model``); exported exactly (the codes fit int8). On top of
+        the same rules as winograd_weight_bits, not by_name.
     Precedence: by_name, then the first-layer rule, then by_type, then default.
     """
     default: QuantConfig = QuantConfig()
@@ -154,6 +159,7 @@ class QuantScheme:
     by_type: dict = field(default_factory=dict)
     exclude: tuple = ()
     winograd_weight_bits: int = None
+    unsigned_after_relu: bool = False
 
     def __post_init__(self):
         for where, value in [('default', self.default)] + [
@@ -168,16 +174,19 @@ class QuantScheme:
         if self.winograd_weight_bits is not None:
             self.default.updated(weight_bits=self.winograd_weight_bits)  # validates
 
-    def config_for(self, block, path, first=False):
-        """The QuantConfig of ``block`` at ``path`` (``first``: it is the net's first layer),
-        or None when it stays float."""
+    def config_for(self, block, path, first=False, non_negative=False):
+        """The QuantConfig of ``block`` at ``path`` (``first``: it is the net's first layer;
+        ``non_negative``: its input is >= 0 by construction), or None when it stays float."""
         for pattern, config in self.by_name.items():
             if _glob(block, path, pattern):
                 return config
         config = self._rules_config(block, first)
-        if config is not None and self.winograd_weight_bits is not None \
-                and winograd_candidate(block):
-            return config.updated(weight_bits=self.winograd_weight_bits)
+        if config is None:
+            return None
+        if self.winograd_weight_bits is not None and winograd_candidate(block):
+            config = config.updated(weight_bits=self.winograd_weight_bits)
+        if self.unsigned_after_relu and non_negative and config.input_bits <= 7:
+            config = config.updated(input_signed=False)
         return config
 
     def _rules_config(self, block, first):
@@ -200,7 +209,8 @@ class QuantScheme:
         ``exclude`` (patterns) and ``layers`` ({pattern: {field: value} or None}). Errors
         are ValueError naming ``<origin>.<key>``."""
         names = {f.name for f in fields(QuantConfig)}
-        extra = {'first_layer_bits', 'exclude', 'layers', 'winograd_weight_bits'}
+        extra = {'first_layer_bits', 'exclude', 'layers', 'winograd_weight_bits',
+                 'unsigned_after_relu'}
         unknown = sorted(set(values) - names - extra)
         if unknown:
             raise UserError(f"{origin}.{unknown[0]}: unknown key; valid: "
@@ -229,4 +239,5 @@ class QuantScheme:
                     raise UserError(f"{origin}.{key}: {err}") from None
         return cls(default, by_name, values.get('first_layer_bits'),
                    exclude=tuple(values.get('exclude') or ()),
-                   winograd_weight_bits=values.get('winograd_weight_bits'))
+                   winograd_weight_bits=values.get('winograd_weight_bits'),
+                   unsigned_after_relu=bool(values.get('unsigned_after_relu', False)))

@@ -47,15 +47,23 @@ def _replace_child(parent, key, old, new):
             object.__setattr__(parent, attr, new)
 
 
-def conv_bn_pairs(net, input_names=('data',)):
-    """{conv block: bn block} for every Conv2D whose only consumer is a BatchNorm(axis=1),
-    found from the traced dataflow of ``net`` (both nodes named uniquely, so that the names
-    identify the blocks)."""
+def traced_graph(net, input_names=('data',)):
+    """The ``SymbolGraph`` of ``net``, or None (with a warning) when it cannot be traced."""
     try:
-        graph = SymbolGraph(trace_symbol(net, input_names), net, input_names)
+        return SymbolGraph(trace_symbol(net, input_names), net, input_names)
     except Exception as err:  # a non-hybridizable net: no structural pairing possible
         log.warning("could not trace %s symbolically (%s: %s); conv+BN pairs will not get "
-                    "fake batchnorm", net.name, type(err).__name__, err)
+                    "fake batchnorm and every input stays signed", net.name,
+                    type(err).__name__, err)
+        return None
+
+
+def conv_bn_pairs(net, input_names=('data',), graph=None):
+    """{conv block: bn block} for every Conv2D whose only consumer is a BatchNorm(axis=1),
+    found from the traced dataflow of ``net`` (``graph``: its ``traced_graph``, traced when
+    None; both nodes named uniquely, so that the names identify the blocks)."""
+    graph = graph or traced_graph(net, input_names)
+    if graph is None:
         return {}
     pairs = {}
     for index, node in enumerate(graph.nodes):
@@ -71,6 +79,20 @@ def conv_bn_pairs(net, input_names=('data',)):
         if len(convs) == 1 and len(bns) == 1 and convs[0].act is None:
             pairs[convs[0]] = bns[0]
     return pairs
+
+
+def non_negative_inputs(graph):
+    """The Conv2D / Dense blocks of the traced ``graph`` whose input is >= 0 at every call
+    (after a ReLU, a sigmoid, ...: ``SymbolGraph.non_negative``)."""
+    positive, verdict = graph.non_negative(), {}
+    for node in graph.nodes:
+        if node['op'] not in ('Convolution', 'FullyConnected'):
+            continue
+        source = node['inputs'][0][0]
+        for block in graph.blocks_of(node['name']):
+            if isinstance(block, (nn.Conv2D, nn.Dense)):
+                verdict[block] = verdict.get(block, True) and source in positive
+    return {block for block, ok in verdict.items() if ok}
 
 
 def first_layer(net):
@@ -151,8 +173,12 @@ class _Conversion:
         self.pair_converter = converters.get(CONV_BN)
         # The pairs also tell the stand-alone BatchNorm converter which BNs to leave alone: a
         # conv's BN is folded (fake BN), or left float and folded at export.
-        self.pairs = conv_bn_pairs(net, input_names) if isinstance(net, HybridBlock) \
-            and (self.pair_converter is not None or nn.BatchNorm in converters) else {}
+        wants_pairs = self.pair_converter is not None or nn.BatchNorm in converters
+        graph = traced_graph(net, input_names) if isinstance(net, HybridBlock) and (
+            wants_pairs or scheme.unsigned_after_relu) else None
+        self.pairs = conv_bn_pairs(net, graph=graph) if graph is not None and wants_pairs \
+            else {}
+        self.non_negative = non_negative_inputs(graph) if graph is not None else set()
         self.paired_bns = set(self.pairs.values())
         self.folded = {}  # bn block -> the quantized block that absorbed it
         # float block -> what its slots hold now (itself when left float). A block registered
@@ -196,7 +222,8 @@ class _Conversion:
             log.info("%s: layout %s is not supported: left float", child.name,
                      child._kwargs.get('layout'))
             return None
-        config = self.scheme.config_for(child, path, child is self.first)
+        config = self.scheme.config_for(child, path, child is self.first,
+                                        non_negative=child in self.non_negative)
         if config is None:
             return None
         bn = self.pairs.get(child) if self.pair_converter is not None else None

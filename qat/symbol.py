@@ -42,6 +42,20 @@ def outputs_block(net, outputs, input_name='data'):
                                     params=net.collect_params())
 
 
+# Ops whose output is >= 0 (``SymbolGraph.non_negative``), and those that keep their data
+# inputs' sign (every input >= 0 gives an output >= 0).
+NON_NEGATIVE_ACTS = ('relu', 'sigmoid', 'softrelu')
+NON_NEGATIVE_OPS = ('relu', 'sigmoid', 'hard_sigmoid', 'softmax', 'square', 'abs', 'exp')
+KEEPS_SIGN = ('Pooling', 'Flatten', 'Reshape', 'reshape', 'transpose', 'expand_dims',
+              'squeeze', 'Dropout', 'Concat', 'concat', 'elemwise_add', 'broadcast_add',
+              '_plus', 'add_n', 'ElementWiseSum', 'elemwise_mul', 'broadcast_mul', '_mul',
+              'identity', '_copy', 'BlockGrad', 'slice', 'slice_axis', 'SliceChannel',
+              'split', 'UpSampling', 'Crop', 'max', 'mean', 'sum', 'broadcast_like', 'tile',
+              'repeat', 'SwapAxis', 'swapaxes', 'Cast', 'amp_cast')
+# keep the sign when their scalar is >= 0
+SCALAR_KEEPS_SIGN = ('_plus_scalar', '_mul_scalar', '_div_scalar', '_maximum_scalar')
+
+
 class SymbolGraph:
     """The parsed graph of ``symbol`` (usually ``trace_symbol(net, input_names)``).
 
@@ -138,6 +152,30 @@ class SymbolGraph:
         """The innermost block whose prefix node ``name`` starts with (None if none does)."""
         owners = [b for b in self._blocks if b.prefix and name.startswith(b.prefix)]
         return max(owners, key=lambda b: len(b.prefix), default=None)
+
+    def non_negative(self):
+        """The indices of the nodes whose output is >= 0 whatever the input: a ReLU, a
+        sigmoid, a clip from >= 0, and the ops in ``KEEPS_SIGN`` whose data inputs all are."""
+        found = set()
+        for index, node in enumerate(self.nodes):  # topological: inputs come first
+            op, attrs = node['op'], node.get('attrs', {})
+            if op == 'Activation':
+                positive = attrs.get('act_type') in NON_NEGATIVE_ACTS
+            elif op == 'clip':
+                positive = float(attrs.get('a_min', '-1')) >= 0
+            elif op == 'LeakyReLU':
+                positive = attrs.get('act_type') in ('leaky', None) and \
+                    float(attrs.get('slope', '0.25')) == 0
+            else:
+                positive = op in NON_NEGATIVE_OPS
+            keeps = op in KEEPS_SIGN or (op in SCALAR_KEEPS_SIGN
+                                         and float(attrs.get('scalar', '-1')) >= 0)
+            if not positive and keeps:
+                sources = self.data_inputs(node)
+                positive = bool(sources) and all(source in found for source in sources)
+            if positive:
+                found.add(index)
+        return found
 
     def blocks_of(self, name):
         """The descendant blocks whose op is named exactly ``name`` (``<prefix>fwd``); more

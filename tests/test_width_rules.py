@@ -74,3 +74,87 @@ def test_six_bit_codes_reach_the_int8_file_and_verify_exactly(tmp_path, monkeypa
     np.testing.assert_allclose(scales[six[0]], expected, rtol=1e-6)  # ncnn2table's 31/absmax
     assert qat.verify(net, str(tmp_path), data, packing=False)['passed']
     assert qat.verify(net, str(tmp_path), data)['int8']['within_1lsb'] == 1.0
+
+
+# ----- unsigned codes where the input cannot be negative -------------------------------------
+class _Branches(nn.HybridBlock):
+    """What feeds each conv: the image, a BN (signed), a ReLU, a max pool of a ReLU, a sum of
+    two ReLUs, a swish x * sigmoid(x) (signed), a squeeze-excitation relu * sigmoid, a
+    clip(0, 6) and a LeakyReLU (signed); then the dense after a global pool of a ReLU."""
+
+    def __init__(self):
+        super().__init__(prefix='b_')
+        with self.name_scope():
+            self.stem = nn.Conv2D(8, 3, padding=1, in_channels=3, prefix='stem_')
+            self.bn = nn.BatchNorm(prefix='bn_')
+            self.names = ['after_bn', 'after_relu', 'after_pool', 'after_sum', 'after_swish',
+                          'after_se', 'after_clip', 'after_leaky']
+            for name in self.names:
+                setattr(self, name, nn.Conv2D(8, 1, in_channels=8, prefix=name + '_'))
+            self.dense = nn.Dense(4, in_units=8, prefix='dense_')
+
+    def hybrid_forward(self, F, x):
+        y = self.bn(self.stem(x))
+        r = F.relu(y)
+        outs = [self.after_bn(y), self.after_relu(r),
+                self.after_pool(F.Pooling(r, kernel=(3, 3), pad=(1, 1), pool_type='max')),
+                self.after_sum(r + F.Activation(y, act_type='relu')),
+                self.after_swish(y * F.sigmoid(y)), self.after_se(r * F.sigmoid(y)),
+                self.after_clip(F.clip(y, 0, 6)), self.after_leaky(F.LeakyReLU(y, slope=0.1))]
+        total = F.add_n(*outs)
+        return self.dense(F.flatten(F.Pooling(F.relu(total), global_pool=True,
+                                              pool_type='avg')))
+
+
+UNSIGNED = {'after_relu', 'after_pool', 'after_sum', 'after_se', 'after_clip', 'dense'}
+
+
+def _branches():
+    net = _Branches()
+    net.initialize(mx.init.Xavier())
+    net(mx.nd.zeros((1,) + SHAPE))
+    return net
+
+
+@pytest.mark.parametrize('bits', [4, 7])
+def test_unsigned_after_relu_picks_the_inputs_that_cannot_be_negative(bits):
+    net = _branches()
+    qat.convert_model(net, config=QuantScheme(QuantConfig(weight_bits=bits, input_bits=bits),
+                                              unsigned_after_relu=True))
+    signed = {block.name[len('b_'):]: block.config.input_signed
+              for _, block in quant_blocks(net)}
+    assert {name for name, value in signed.items() if not value} == UNSIGNED
+    assert signed['stem'] and signed['after_bn'] and signed['after_swish']
+
+
+def test_unsigned_after_relu_leaves_8_bit_layers_and_the_default_signed():
+    for scheme in (QuantScheme(unsigned_after_relu=True),
+                   QuantScheme(QuantConfig(weight_bits=4, input_bits=4))):
+        net = _branches()
+        qat.convert_model(net, config=scheme)
+        assert all(block.config.input_signed for _, block in quant_blocks(net))
+    assert QuantScheme.from_dict({'unsigned_after_relu': True}).unsigned_after_relu
+
+
+def test_unsigned_after_relu_exports_and_verifies_exactly(tmp_path):
+    net = _branches()
+    qat.convert_model(net, config=QuantScheme(QuantConfig(weight_bits=4, input_bits=4),
+                                              first_layer_bits=8, unsigned_after_relu=True))
+    data = [mx.nd.array(np.random.RandomState(0).normal(0, 1, (4,) + SHAPE))]
+    qat.calibrate(net, data, method='max')
+    unsigned = sum(not b.config.input_signed for _, b in quant_blocks(net))
+    assert unsigned == len(UNSIGNED)
+    qat.export(net, str(tmp_path), SHAPE)
+    report = qat.verify(net, str(tmp_path), data, packing=False)
+    assert report['passed'] and report['int8']['max_abs_error'] == 0.0
+
+
+def test_mixed_precision_promotes_an_unsigned_layer_to_signed_8_bits():
+    from qat.analysis.mixed_precision import _to_8_bits
+    net = _branches()
+    qat.convert_model(net, config=QuantScheme(QuantConfig(weight_bits=4, input_bits=4),
+                                              unsigned_after_relu=True))
+    block = dict((b.name, b) for _, b in quant_blocks(net))['b_after_relu']
+    assert not block.config.input_signed
+    _to_8_bits(block)
+    assert (block.config.input_bits, block.config.input_signed) == (8, True)

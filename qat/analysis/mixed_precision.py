@@ -33,8 +33,10 @@ def _to_float(block):
 
 
 def _to_8_bits(block):
-    """8-bit weights and inputs (the input range is kept as calibrated)."""
-    block.config = block.config.updated(weight_bits=PROMOTED_BITS, input_bits=PROMOTED_BITS)
+    """8-bit weights and inputs (the input range is kept as calibrated), signed: unsigned
+    8-bit codes would not fit ncnn's int8 (the range of a >= 0 input is the same)."""
+    block.config = block.config.updated(weight_bits=PROMOTED_BITS, input_bits=PROMOTED_BITS,
+                                        input_signed=True)
 
 
 # action -> how a sensitive layer is promoted

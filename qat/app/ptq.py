@@ -314,6 +314,9 @@ def add_arguments(parser):
     quant.add_argument('--winograd-weight-bits', type=int,
                        help="weight bits of every 3x3 stride-1 conv (ncnn2table's rule: 6, so "
                             "that ncnn's int8 Winograd stays exact); default: as the others")
+    quant.add_argument('--unsigned-after-relu', action='store_true',
+                       help='unsigned input codes (twice the levels) for the layers of 7 input '
+                            'bits or fewer whose input is >= 0 (after a ReLU, ...)')
     quant.add_argument('--weight-granularity', '--granularity', dest='weight_granularity',
                        default='channel', choices=('channel', 'tensor'),
                        help='weight scales per output channel (per group) or per tensor')
@@ -356,6 +359,7 @@ def quant_scheme(args):
         'weight_bits': args.weight_bits or args.bits, 'input_bits': args.input_bits or args.bits,
         'weight_granularity': args.weight_granularity, 'first_layer_bits': args.first_layer_bits,
         'winograd_weight_bits': args.winograd_weight_bits,
+        'unsigned_after_relu': args.unsigned_after_relu,
         'exclude': args.exclude}, origin='qat calibrate')
 
 

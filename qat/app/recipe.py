@@ -200,6 +200,10 @@ SCHEMA = {
         'winograd_weight_bits': Key(None, 'int?', 'weight bits of every 3x3 stride-1 conv (the '
                                     'convs ncnn may run with int8 Winograd; ncnn2table uses 6); '
                                     'null: no rule', BITS),
+        'unsigned_after_relu': Key(False, 'bool', 'unsigned input codes (`0..2^b-1`, twice '
+                                   'the levels) for the layers of 7 input bits or fewer whose '
+                                   'input is >= 0 by construction (after a ReLU, a sigmoid, '
+                                   'through pooling, concat, sums of such); exported exactly'),
         'exclude': Key([], 'strs', 'glob patterns of block names or paths left float'),
         'layers': Key({}, 'dict', 'per-layer overrides: `{glob pattern of block name or path: '
                       '{QuantConfig field: value}}`, or `null` for a layer left float; the '
