@@ -4,7 +4,7 @@ recipe trainer on the bundled digits; and 6-bit vs 8-bit weights on the 3x3 stri
 (ncnn2table's Winograd rule).
 
     python -m benchmarks.narrow [--nets resnet20 compact] [--seeds 0 1 2] [--bits 8 4 3 2]
-                                [--variants ema lsq] [--out checkpoints/bench-narrow]
+                                [--variants ema lsq lsq-unsigned] [--out checkpoints/bench-narrow]
 
 Nets (``NETS``): ``resnet20`` is ``recipes/digits.yaml`` as it is (cifar_resnet20_v1 at
 16x16, 3 QAT epochs, its schedule): the default recipe path, measured the way the earlier
@@ -54,11 +54,15 @@ QAT_SETTINGS = {
 # inputs (qat.equalize): one input channel of a depthwise conv of mobilenet0.25 ranges 14x
 # the median channel in seed 2, and its W3A3 QAT stayed at 22 % without it (90 % with).
 EQUALIZE = {'compact'}
-# QAT variant -> its range settings
+# QAT variant -> (tag of its runs, its range settings)
 VARIANTS = {
-    'QAT, EMA ranges': ['quantize.range_tracker=ema', 'calibrate.method=ema'],
-    'QAT, LSQ': ['quantize.range_tracker=lsq', 'calibrate.method=mse'],
+    'QAT, EMA ranges': ('ema', ['quantize.range_tracker=ema', 'calibrate.method=ema']),
+    'QAT, LSQ': ('lsq', ['quantize.range_tracker=lsq', 'calibrate.method=mse']),
+    'QAT, LSQ, unsigned after ReLU': ('lsq-unsigned', [
+        'quantize.range_tracker=lsq', 'calibrate.method=mse',
+        'quantize.unsigned_after_relu=true']),
 }
+TAGS = [tag for tag, _ in VARIANTS.values()]
 # The recipes' default (range_tracker 'auto', mse calibration) at each width: LSQ up to
 # AUTO_LSQ_BITS, EMA tracking (from the mse start) above.
 DEFAULT = {bits: 'QAT, LSQ' if bits <= AUTO_LSQ_BITS else 'QAT, EMA ranges' for bits in range(2, 9)}
@@ -100,9 +104,9 @@ def equalized_float(folder, path):
     return accuracy(net, validation_batches(recipe, preprocess))
 
 
-def narrow_table(net, seeds, bits, out_dir, variants=('ema', 'lsq'), out=print):
+def narrow_table(net, seeds, bits, out_dir, variants=TAGS, out=print):
     """(rows {name: [per-seed top-1]}, Markdown table) of one net of ``NETS``, with the QAT
-    ``variants`` (tags of ``VARIANTS``: ema, lsq)."""
+    ``variants`` (tags of ``VARIANTS``)."""
     common = common_overrides(os.path.join(out_dir, net), overrides=NETS[net])
     rows, methods = {}, {}
     for seed in seeds:
@@ -119,8 +123,7 @@ def narrow_table(net, seeds, bits, out_dir, variants=('ema', 'lsq'), out=print):
             qat_extra.append(f'model.checkpoint={path}')
             for b, (top1, method) in best_ptq(base['folder'], bits, path).items():
                 rows.setdefault(f'W{b}A{b} PTQ (best method), equalized', []).append(top1)
-        for name, extra in VARIANTS.items():
-            tag = 'lsq' if 'lsq' in extra[0] else 'ema'
+        for name, (tag, extra) in VARIANTS.items():
             if tag not in variants:
                 continue
             for b in bits:
@@ -170,8 +173,8 @@ def main(argv=None):
     arguments.add_argument('--nets', nargs='+', default=list(NETS), choices=list(NETS))
     arguments.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     arguments.add_argument('--bits', type=int, nargs='+', default=[8, 4, 3, 2])
-    arguments.add_argument('--variants', nargs='+', default=['ema', 'lsq'],
-                           choices=['ema', 'lsq'], help='QAT range variants to run')
+    arguments.add_argument('--variants', nargs='+', default=TAGS, choices=TAGS,
+                           help='QAT range variants to run')
     arguments.add_argument('--out', default='checkpoints/bench-narrow', help='run folders')
     args = arguments.parse_args(argv)
     for net in args.nets:
