@@ -54,15 +54,16 @@ QAT_SETTINGS = {
 # inputs (qat.equalize): one input channel of a depthwise conv of mobilenet0.25 ranges 14x
 # the median channel in seed 2, and its W3A3 QAT stayed at 22 % without it (90 % with).
 EQUALIZE = {'compact'}
-# QAT variant -> (tag of its runs, its range settings)
+# QAT variant -> (tag of its runs, its range settings, the most bits it changes anything at)
 VARIANTS = {
-    'QAT, EMA ranges': ('ema', ['quantize.range_tracker=ema', 'calibrate.method=ema']),
-    'QAT, LSQ': ('lsq', ['quantize.range_tracker=lsq', 'calibrate.method=mse']),
+    'QAT, EMA ranges': ('ema', ['quantize.range_tracker=ema', 'calibrate.method=ema'], 8),
+    'QAT, LSQ': ('lsq', ['quantize.range_tracker=lsq', 'calibrate.method=mse'], 8),
+    # unsigned codes are for 7 bits or fewer (8-bit unsigned codes do not fit int8)
     'QAT, LSQ, unsigned after ReLU': ('lsq-unsigned', [
         'quantize.range_tracker=lsq', 'calibrate.method=mse',
-        'quantize.unsigned_after_relu=true']),
+        'quantize.unsigned_after_relu=true'], 7),
 }
-TAGS = [tag for tag, _ in VARIANTS.values()]
+TAGS = [tag for tag, *_ in VARIANTS.values()]
 # The recipes' default (range_tracker 'auto', mse calibration) at each width: LSQ up to
 # AUTO_LSQ_BITS, EMA tracking (from the mse start) above.
 DEFAULT = {bits: 'QAT, LSQ' if bits <= AUTO_LSQ_BITS else 'QAT, EMA ranges' for bits in range(2, 9)}
@@ -123,10 +124,10 @@ def narrow_table(net, seeds, bits, out_dir, variants=TAGS, out=print):
             qat_extra.append(f'model.checkpoint={path}')
             for b, (top1, method) in best_ptq(base['folder'], bits, path).items():
                 rows.setdefault(f'W{b}A{b} PTQ (best method), equalized', []).append(top1)
-        for name, (tag, extra) in VARIANTS.items():
+        for name, (tag, extra, most_bits) in VARIANTS.items():
             if tag not in variants:
                 continue
-            for b in bits:
+            for b in [b for b in bits if b <= most_bits]:
                 rows.setdefault(f'W{b}A{b} {name}', []).append(
                     qat_run(BENCH_RECIPE, common, base, seed, b, f'qat-{tag}',
                             qat_extra + extra))

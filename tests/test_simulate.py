@@ -46,6 +46,27 @@ def test_every_axis_changes_what_it_names(run_folder):
     assert 0 <= row['top1'] <= 100
 
 
+
+def test_signed_after_relu_is_the_schemes_rule(run_folder, tmp_path):
+    """``--input-signed after-relu`` simulates what ``quantize.unsigned_after_relu`` deploys:
+    the same top-1 as a recipe with the rule set."""
+    import yaml
+    from qat.app.recipe import load
+    folder, _ = run_folder
+    rows = simulate.simulate(folder, {'bits': ['3'], 'input_signed': ['yes', 'after-relu']},
+                             show_progress=False, out=lambda line: None)[1:]
+    assert [row['input_signed'] for row in rows] == ['yes', 'after ReLU']
+    recipe = load(os.path.join(folder, 'recipe.yaml'), check_files=False,
+                  overrides=['quantize.unsigned_after_relu=true'])
+    path = tmp_path / 'rule.yaml'
+    path.write_text(yaml.safe_dump(recipe))
+    with_rule = simulate.simulate(str(path), {'bits': ['3']},
+                                  params=os.path.join(folder, 'float.params'),
+                                  show_progress=False, out=lambda line: None)[1]
+    assert with_rule['input_signed'] == 'after ReLU'
+    assert with_rule['top1'] == rows[1]['top1']
+    assert rows[1]['top1'] != rows[0]['top1']  # the rule changed the 3-bit net
+
 def test_a_recipe_file_takes_the_float_weights_from_params(run_folder):
     folder, recipe = run_folder
     rows = simulate.simulate(recipe, {'bits': ['8']}, params=os.path.join(folder, 'float.params'),

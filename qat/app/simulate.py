@@ -37,7 +37,7 @@ BIT_VALUES = tuple(str(b) for b in range(BITS[0], BITS[1] + 1))
 FIRST_LAYER = ('recipe', 'same', 'float') + BIT_VALUES
 BN_MODES = ('fold', 'keep')
 GRANULARITIES = ('channel', 'tensor')
-SIGNED = ('yes', 'no')
+SIGNED = ('yes', 'no', 'after-relu')
 
 
 def _default(**changes):
@@ -46,6 +46,16 @@ def _default(**changes):
         return replace(scheme, default=scheme.default.updated(
             **{key: convert(value) for key, convert in changes.items()}))
     return apply
+
+
+def _signed(scheme, value, net):
+    """yes / no: every layer's input codes signed / unsigned; after-relu: unsigned where the
+    input cannot be negative (``QuantScheme.unsigned_after_relu``), else signed."""
+    if value == 'after-relu':
+        return replace(scheme, default=scheme.default.updated(input_signed=True),
+                       unsigned_after_relu=True)
+    return replace(scheme, default=scheme.default.updated(input_signed=value == 'yes'),
+                   unsigned_after_relu=False)
 
 
 def _first_layer(scheme, value, net):
@@ -66,7 +76,7 @@ AXES = {
     'weight_bits': (BIT_VALUES, _default(weight_bits=int)),
     'input_bits': (BIT_VALUES, _default(input_bits=int)),
     'granularity': (GRANULARITIES, _default(weight_granularity=str)),
-    'input_signed': (SIGNED, _default(input_signed=lambda v: v == 'yes')),
+    'input_signed': (SIGNED, _signed),
     'bn': (BN_MODES, _default(fake_bn=lambda v: v == 'fold')),
     'first_layer': (FIRST_LAYER, _first_layer),
     'method': (tuple(sorted(METHODS)), None),
@@ -177,7 +187,8 @@ def simulate(source, grid, params=None, out=print, show_progress=True):
         row = {'scheme': ' '.join(f"{axis}={value}" for axis, value in choice.items()) or
                'recipe', 'weight_bits': cfg.weight_bits, 'input_bits': cfg.input_bits,
                'granularity': cfg.weight_granularity,
-               'input_signed': 'yes' if cfg.input_signed else 'no',
+               'input_signed': 'after ReLU' if scheme.unsigned_after_relu
+               else ('yes' if cfg.input_signed else 'no'),
                'bn': 'fold' if cfg.fake_bn else 'keep',
                'first_layer': 'float' if choice.get('first_layer') == 'float'
                else (str(first) if first is not None else 'same'),
