@@ -13,8 +13,9 @@ where post-training W4A4 already loses points, with a longer QAT (``QAT_SETTINGS
 epochs, distillation from the float net at T = 4) that starts from the float net with its
 depthwise-conv inputs range-equalized (``EQUALIZE``, ``qat.equalize``: the same function,
 its top-1 is the ``float, equalized`` row). The QAT variants (``VARIANTS``) differ only in
-the range settings; the recipes' default (``auto``) is LSQ at 4 bits and below, EMA above
-(``DEFAULT``). PTQ is the best of ``PTQ_METHODS`` per width (``qat simulate`` on the float
+the range settings; ``recipes/digits.yaml``'s default (``auto``, unsigned after ReLU) is LSQ
+with unsigned codes after ReLUs at 4 bits and below, EMA above (``DEFAULT``); the compact net's
+runs are signed unless the variant says otherwise. PTQ is the best of ``PTQ_METHODS`` per width (``qat simulate`` on the float
 run, and on the equalized float net). Runs are resumed: a second call reuses finished runs
 (in ``--out``) and continues killed ones.
 """
@@ -41,7 +42,7 @@ NETS = {
     'resnet20': [],
     'compact': ['model.name=mobilenet0.25', 'preprocess.size=[32,32]', 'float.epochs=15',
                 'qat.epochs=15', 'qat.lr=0.01', 'qat.freeze_bn_epoch=0',
-                'qat.freeze_ranges_epoch=null'],
+                'qat.freeze_ranges_epoch=null', 'quantize.unsigned_after_relu=false'],
 }
 # net -> recipe overrides of its QAT runs only (the float runs stay the ones above). On the
 # compact net (seed 0, W3A3, LSQ; one run each) 40 epochs instead of 15 gained 1.7 points,
@@ -56,17 +57,21 @@ QAT_SETTINGS = {
 EQUALIZE = {'compact'}
 # QAT variant -> (tag of its runs, its range settings, the most bits it changes anything at)
 VARIANTS = {
-    'QAT, EMA ranges': ('ema', ['quantize.range_tracker=ema', 'calibrate.method=ema'], 8),
-    'QAT, LSQ': ('lsq', ['quantize.range_tracker=lsq', 'calibrate.method=mse'], 8),
+    'QAT, EMA ranges': ('ema', ['quantize.range_tracker=ema', 'calibrate.method=ema',
+                                'quantize.unsigned_after_relu=false'], 8),
+    'QAT, LSQ': ('lsq', ['quantize.range_tracker=lsq', 'calibrate.method=mse',
+                         'quantize.unsigned_after_relu=false'], 8),
     # unsigned codes are for 7 bits or fewer (8-bit unsigned codes do not fit int8)
     'QAT, LSQ, unsigned after ReLU': ('lsq-unsigned', [
         'quantize.range_tracker=lsq', 'calibrate.method=mse',
         'quantize.unsigned_after_relu=true'], 7),
 }
 TAGS = [tag for tag, *_ in VARIANTS.values()]
-# The recipes' default (range_tracker 'auto', mse calibration) at each width: LSQ up to
+# digits.yaml's default (range_tracker 'auto', mse calibration, unsigned after ReLU) at each
+# width: LSQ (and unsigned codes after ReLUs) up to
 # AUTO_LSQ_BITS, EMA tracking (from the mse start) above.
-DEFAULT = {bits: 'QAT, LSQ' if bits <= AUTO_LSQ_BITS else 'QAT, EMA ranges' for bits in range(2, 9)}
+DEFAULT = {bits: 'QAT, LSQ, unsigned after ReLU' if bits <= AUTO_LSQ_BITS
+           else 'QAT, EMA ranges' for bits in range(2, 9)}
 PTQ_METHODS = ('ema', 'kl', 'mse', 'percentile', 'aciq')
 # The earlier MXNet design on digits / resnet20 at 16x16, 3 QAT epochs, mean of 3 seeds
 # (issue 15's table: its PTQ / QAT).

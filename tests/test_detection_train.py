@@ -231,7 +231,13 @@ def test_tiny_detection_recipe_through_export_and_verify(tmp_path):
     with open(os.path.join(again, 'verify.json')) as handle:
         again_report = json.load(handle)
     assert again_report['detector'] == 'DetectionOutput' and again_report['passed']
-    assert again_report['int8']['detections'] == found
+    # the same matching; the score differences are float32 rounding (~1e-8) and may move by
+    # an ulp between the trainer's net and the reloaded one
+    again_found = again_report['int8']['detections']
+    assert {k: v for k, v in again_found.items() if not k.startswith('max_score')} == \
+        {k: v for k, v in found.items() if not k.startswith('max_score')}
+    assert again_found['max_score_diff'] == pytest.approx(found['max_score_diff'], abs=1e-7)
+    assert again_found['max_score_lsb'] == pytest.approx(found['max_score_lsb'], abs=1e-5)
 
 
 @pytest.mark.slow
