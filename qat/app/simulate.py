@@ -187,8 +187,9 @@ def simulate(source, grid, params=None, out=print, show_progress=True):
         row = {'scheme': ' '.join(f"{axis}={value}" for axis, value in choice.items()) or
                'recipe', 'weight_bits': cfg.weight_bits, 'input_bits': cfg.input_bits,
                'granularity': cfg.weight_granularity,
+               # the rule gives unsigned codes at 7 bits or fewer only
                'input_signed': 'after ReLU' if scheme.unsigned_after_relu
-               else ('yes' if cfg.input_signed else 'no'),
+               and cfg.input_bits <= 7 else ('yes' if cfg.input_signed else 'no'),
                'bn': 'fold' if cfg.fake_bn else 'keep',
                'first_layer': 'float' if choice.get('first_layer') == 'float'
                else (str(first) if first is not None else 'same'),
