@@ -13,7 +13,7 @@ its gradient, and a threshold not started (0) stays 0. ``lr_T`` follows the sche
 training's learning rate (``lr_T = range_lr * lr / lr_0``).
 """
 import mxnet as mx
-from mxnet import nd
+import numpy as np
 
 from . import quant_blocks
 
@@ -74,8 +74,8 @@ class LearnedRangeOptimizer(mx.optimizer.Optimizer):
         return self.param_dict[index].name in self.ranges
 
     def create_state_multi_precision(self, index, weight):
-        if self._is_range(index):
-            return [nd.zeros_like(weight), nd.zeros_like(weight), 0]  # m, v, steps
+        if self._is_range(index):  # m, v, steps; numpy: a few values each
+            return [np.zeros(weight.shape, np.float32), np.zeros(weight.shape, np.float32), 0]
         return self.base.create_state_multi_precision(index, weight)
 
     def update_multi_precision(self, index, weight, grad, state):
@@ -94,15 +94,18 @@ class LearnedRangeOptimizer(mx.optimizer.Optimizer):
                 self._update_range(weight[k], grad[k], state[k])
 
     def _update_range(self, threshold, grad, state):
+        # In numpy (float32): a threshold is one value or one per channel, and a dozen tiny
+        # MXNet ops per threshold cost more than the training step of a small net.
         m, v = state[0], state[1]
         state[2] += 1
-        g = grad * self.rescale_grad * threshold  # dL/dlog T
-        m[:] = self.beta1 * m + (1 - self.beta1) * g
-        v[:] = self.beta2 * v + (1 - self.beta2) * nd.square(g)
-        m_hat = m / (1 - self.beta1 ** state[2])
-        v_hat = v / (1 - self.beta2 ** state[2])
-        lr = self.range_lr * self.lr / self.start_lr
-        threshold[:] = threshold * nd.exp(-lr * m_hat / (nd.sqrt(v_hat) + self.epsilon))
+        t, f32 = threshold.asnumpy(), np.float32
+        g = grad.asnumpy() * f32(self.rescale_grad) * t  # dL/dlog T
+        m[:] = f32(self.beta1) * m + f32(1 - self.beta1) * g
+        v[:] = f32(self.beta2) * v + f32(1 - self.beta2) * np.square(g)
+        m_hat = m / f32(1 - self.beta1 ** state[2])
+        v_hat = v / f32(1 - self.beta2 ** state[2])
+        lr = f32(self.range_lr * self.lr / self.start_lr)
+        threshold[:] = t * np.exp(-lr * m_hat / (np.sqrt(v_hat) + f32(self.epsilon)))
 
 
 def with_learned_ranges(optimizer, net, range_lr=RANGE_LR):
