@@ -14,7 +14,6 @@ measured ~1e-6 relative on the ranges):
     within 1e-3 relative of that histogram's minimum (a few of ~20k elements changing bins can
     tip which of two near-equal minima wins; measured excess ~1e-4).
 """
-import argparse
 import os
 
 import mxnet as mx
@@ -23,7 +22,6 @@ import pytest
 from mxnet.gluon import nn
 
 import qat
-from qat.app import ptq
 from qat.calibration import ENGINES, METHODS, observers
 from qat.calibration import thresholds as th
 from qat.deploy import export
@@ -34,6 +32,7 @@ from qat.errors import UserError
 from qat.modes import temporary_mode
 from tests.helpers import randomize_bn
 from tests.test_observers import _Twice
+from tests.test_ptq_cli import run_cli
 
 RELATIVE = 1e-4   # max, ema, aciq: on the threshold (and the scale)
 BINS = 1.0        # histogram methods: bins of limit / bins
@@ -213,16 +212,6 @@ def _flat_net():
 
 
 # ----- the command ----------------------------------------------------------------------------
-def _run(argv, capsys):
-    args = ptq.add_arguments(argparse.ArgumentParser()).parse_args(argv)
-    try:
-        status = ptq.run(args)
-    except SystemExit as exit_:
-        status = exit_.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
-
-
 def _argv(images, out, *extra):
     return ['--model', 'tests.test_ptq_cli:tiny_net', '--images', str(images),
             '--shape', '12,12,3', '--mean', '127.5,127.5,127.5',
@@ -233,7 +222,7 @@ def _argv(images, out, *extra):
 def test_command_engine_ncnn_tables(tmp_path, images, capsys):
     tables = {}
     for run, engine in (('a', 'ncnn'), ('b', 'ncnn'), ('c', 'mxnet')):
-        status, stdout, stderr = _run(_argv(images, tmp_path / run, '--engine', engine,
+        status, stdout, stderr = run_cli(_argv(images, tmp_path / run, '--engine', engine,
                                             '--threads', '1', '--method', 'max'), capsys)
         assert status == 0, stderr
         assert f"batches of 4), engine {engine}" in stdout
@@ -249,7 +238,7 @@ def test_command_engine_ncnn_tables(tmp_path, images, capsys):
 
 
 def test_command_bad_engine(tmp_path, images, capsys):
-    status, _, stderr = _run(_argv(images, tmp_path / 'x', '--engine', 'foo'), capsys)
+    status, _, stderr = run_cli(_argv(images, tmp_path / 'x', '--engine', 'foo'), capsys)
     assert status == 2
     lines = stderr.strip().splitlines()
     assert lines == ["qat calibrate: error: --engine foo: unknown calibration engine; valid: "

@@ -30,6 +30,12 @@ def learned_range_names(net):
     return names
 
 
+def _forwarded(name):
+    """A property read from and written to ``self.base``'s attribute ``name``."""
+    return property(lambda self: getattr(self.base, name),
+                    lambda self, value: setattr(self.base, name, value))
+
+
 class LearnedRangeOptimizer(mx.optimizer.Optimizer):
     """``base`` (an ``mx.optimizer.Optimizer``) for every parameter but those named in
     ``ranges``, which get Adam on their logarithm at ``range_lr`` (see the module). Give it to
@@ -47,21 +53,8 @@ class LearnedRangeOptimizer(mx.optimizer.Optimizer):
         self.beta1, self.beta2, self.epsilon = beta1, beta2, epsilon
 
     # the Trainer sets these on its optimizer; the base one is the one that uses them
-    @property
-    def param_dict(self):
-        return self.base.param_dict
-
-    @param_dict.setter
-    def param_dict(self, value):
-        self.base.param_dict = value
-
-    @property
-    def rescale_grad(self):
-        return self.base.rescale_grad
-
-    @rescale_grad.setter
-    def rescale_grad(self, value):
-        self.base.rescale_grad = value
+    param_dict = _forwarded('param_dict')
+    rescale_grad = _forwarded('rescale_grad')
 
     def __getstate__(self):
         return dict(self.__dict__)  # the base drops its own param_dict
