@@ -15,6 +15,7 @@ from .calibration import METHODS as CALIBRATION_METHODS, calibrate
 from .deploy import export, verify
 from .nn import (FoldedBatchNorm, QBatchNorm, QConv2D, QConv2DBatchNorm, QDense, QuantBlock,
                  quant_blocks)
+from .nn.learned import with_learned_ranges
 
 __version__ = '0.1.0'
 __all__ = ['QuantConfig', 'QuantScheme', 'CONVERTERS', 'check_ranges', 'conv_bn_pairs',
@@ -22,4 +23,4 @@ __all__ = ['QuantConfig', 'QuantScheme', 'CONVERTERS', 'check_ranges', 'conv_bn_
            'freeze_bn', 'freeze_ranges', 'init_learned_thresholds', 'load_parameters', 'quant_blocks', 'quantize_input',
            'save_parameters', 'temporary_mode', 'to_float', 'CALIBRATION_METHODS', 'calibrate',
            'FoldedBatchNorm', 'QBatchNorm', 'QConv2D', 'QConv2DBatchNorm', 'QDense', 'QuantBlock',
-           'export', 'verify']
+           'export', 'verify', 'with_learned_ranges']
