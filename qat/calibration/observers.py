@@ -119,6 +119,28 @@ class _Taps:
             for (block, _), value in zip(self.calls, vector.asnumpy().tolist()):
                 observed[block].append(value)
 
+    def run_sizes(self, passing, observed):
+        """``run_ranges``, returning {block: [elements seen, largest elements per sample]}
+        too (ACIQ's one-pass statistics). The graph's input shapes are inferred once per
+        batch shape."""
+        sizes = {block: [0, 0] for block, _ in self.calls}
+        shapes = {}
+
+        def measured(batches):
+            for x in batches:
+                if x.shape not in shapes:
+                    _, out, _ = mx.sym.Group([s for _, s in self.calls]).infer_shape(
+                        data=x.shape)
+                    shapes[x.shape] = out
+                for (block, _), shape in zip(self.calls, shapes[x.shape]):
+                    size = int(np.prod(shape))
+                    sizes[block][0] += size
+                    sizes[block][1] = max(sizes[block][1], size // max(shape[0], 1))
+                yield x
+
+        self.run_ranges(measured(passing), observed)
+        return sizes
+
     def run_histograms(self, passing, histograms):
         """Add every call's input to ``histograms[block]`` (blocks not in it are skipped)."""
         calls = [(block, x) for block, x in self.calls if block in histograms]
@@ -204,27 +226,6 @@ def _device_histogram(x, limit, bins, signed):
     return counts, top
 
 
-def _sizes(taps, passing, observed):
-    """Pass 1 with each block's (elements seen, largest elements per sample) too: ACIQ's
-    one-pass statistics. The graph's input shapes are inferred once per batch shape."""
-    sizes = {block: [0, 0] for block, _ in taps.calls}
-    shapes = {}
-
-    def measured(batches):
-        for x in batches:
-            if x.shape not in shapes:
-                _, out, _ = mx.sym.Group([s for _, s in taps.calls]).infer_shape(data=x.shape)
-                shapes[x.shape] = out
-            for (block, _), shape in zip(taps.calls, shapes[x.shape]):
-                size = int(np.prod(shape))
-                sizes[block][0] += size
-                sizes[block][1] = max(sizes[block][1], size // max(shape[0], 1))
-            yield x
-
-    taps.run_ranges(measured(passing), observed)
-    return sizes
-
-
 def collect(net, blocks, data, num_batches, log_every, method, bins=None, summary=False,
             engine='mxnet', threads=None):
     """Pass 1: per-batch ranges {block: [float]}. If ``bins``: pass 2 too, histograms
@@ -243,8 +244,7 @@ def collect(net, blocks, data, num_batches, log_every, method, bins=None, summar
     with temporary_mode(net, imperative=not taps.usable, quantize=False):
         first = _Pass(data, num_batches, log_every, f"calibration ({method}) pass 1/{passes}")
         if taps.usable and summary:
-            sizes.update(taps.run_sizes(first, observed) if engine == 'ncnn'
-                         else _sizes(taps, first, observed))
+            sizes.update(taps.run_sizes(first, observed))
         elif taps.usable:
             taps.run_ranges(first, observed)
         else:
